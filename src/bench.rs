@@ -1,0 +1,158 @@
+//! `janus bench`: times the pieces of both pipelines on one checkpoint and prints JSON.
+
+use crate::ModelArgs;
+use anyhow::Result;
+use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::understand::{Conversation, UnderstandingModel};
+use janus_pipeline::{Message, Role, SamplingParams};
+use serde_json::json;
+use std::time::Instant;
+
+/// Options of `janus bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Decode steps timed for understanding.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Generation steps timed (576 = one whole image; fewer extrapolates s/image from the median step).
+    #[arg(long, default_value_t = 576)]
+    gen_steps: usize,
+    /// Skip the understanding half.
+    #[arg(long)]
+    skip_understanding: bool,
+    /// Skip the generation half.
+    #[arg(long)]
+    skip_generation: bool,
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+/// A deterministic 640×360 test image (a gradient), so the bench needs no input file.
+fn test_image() -> image::RgbImage {
+    image::RgbImage::from_fn(640, 360, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let opts = args.model.options()?;
+    let mut out = json!({
+        "model": args.model.model.display().to_string(),
+        "device": args.model.device,
+        "dtype": args.model.dtype,
+        "weight_dtype": args.model.weight_dtype.clone().unwrap_or_else(|| args.model.dtype.clone()),
+        "threads": std::env::var("RAYON_NUM_THREADS").ok().and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        "simd": janus_kernels::simd_level(),
+    });
+    if !args.skip_understanding {
+        let t = Instant::now();
+        let m = UnderstandingModel::load(&args.model.model, &opts)?;
+        let load_s = secs(t);
+        let conv = Conversation {
+            messages: vec![Message {
+                role: Role::User,
+                content: "<image_placeholder>\nDescribe this image in detail. What is shown, and what colours dominate?".into(),
+            }],
+            images: vec![test_image()],
+        };
+        let params = SamplingParams {
+            max_new_tokens: args.decode_tokens + 1,
+            min_new_tokens: args.decode_tokens + 1,
+            ..Default::default()
+        };
+        let prepared = m.prepare(&conv, params)?;
+        let t = Instant::now();
+        m.image_features(&prepared.images)?;
+        let vision_s = secs(t);
+        let (embeds, pads) = m.embed_batch(std::slice::from_ref(&prepared))?;
+        let t = Instant::now();
+        m.prefill(&embeds, pads)?;
+        let prefill_s = secs(t);
+        let (mut batch, _) = m.start(vec![prepared.clone()])?;
+        let t = Instant::now();
+        let mut n = 0;
+        while n < args.decode_tokens && !batch.is_done() {
+            m.step(&mut batch)?;
+            n += 1;
+        }
+        let decode_s = secs(t);
+        out["understanding"] = json!({
+            "load_s": round(load_s, 3),
+            "vision_s": round(vision_s, 3),
+            "prompt_tokens": prepared.ids.len(),
+            "prefill_s": round(prefill_s, 3),
+            "decode_tokens": n,
+            "decode_tok_per_s": round(n as f64 / decode_s, 2),
+        });
+        eprintln!("{}", serde_json::to_string(&out["understanding"])?);
+    }
+    if !args.skip_generation {
+        let t = Instant::now();
+        let m = GenerationModel::load(&args.model.model, &opts)?;
+        let load_s = secs(t);
+        let params = GenerateParams {
+            n: 1,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let mut job = m.start("A red apple on a wooden table, studio light.", &params)?;
+        let prefill_s = secs(t);
+        let steps = args.gen_steps.min(job.total_steps());
+        let mut times = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let t = Instant::now();
+            m.step(&mut job)?;
+            times.push(secs(t));
+        }
+        let total_steps_s: f64 = times.iter().sum();
+        let median_step = median(&mut times);
+        let tokens: Vec<Vec<u32>> = if job.is_done() {
+            job.tokens.clone()
+        } else {
+            vec![(0..job.total_steps() as u32)
+                .map(|i| (i * 7919) % 16384)
+                .collect()]
+        };
+        let t = Instant::now();
+        m.decode(&tokens)?;
+        let vq_s = secs(t);
+        let measured = steps == job.total_steps();
+        let per_image = if measured {
+            prefill_s + total_steps_s + vq_s
+        } else {
+            prefill_s + median_step * job.total_steps() as f64 + vq_s
+        };
+        out["generation"] = json!({
+            "load_s": round(load_s, 3),
+            "prompt_tokens": job.prompt_tokens,
+            "prefill_s": round(prefill_s, 3),
+            "steps_timed": steps,
+            "median_step_ms": round(median_step * 1e3, 2),
+            "mean_step_ms": round(total_steps_s / steps.max(1) as f64 * 1e3, 2),
+            "s_per_image": round(per_image, 2),
+            "s_per_image_measured": measured,
+        });
+        out["vq_decode_s"] = json!(round(vq_s, 3));
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
