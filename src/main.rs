@@ -2,6 +2,11 @@
 
 mod bench;
 
+/// Large tensors are allocated and freed every op; the system allocator returns them to the OS
+/// each time (page faults on every reuse), mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use janus_pipeline::generate::{GenerateParams, GenerationModel};
