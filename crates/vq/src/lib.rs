@@ -4,8 +4,27 @@
 //! trips and tests) goes the other way. Codebook rows are L2-normalised before lookup because the
 //! model was trained with `codebook_l2_norm=True`: skipping it gives washed-out images.
 
+pub mod ops;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use ops::{Conv3x3, GroupNormAct};
+
+/// A convolution: the banded 3×3 kernel for stride-1 3×3 layers, candle's otherwise.
+#[derive(Debug, Clone)]
+enum Conv2d {
+    K3(Conv3x3),
+    Generic(candle_nn::Conv2d),
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::K3(c) => c.forward(x),
+            Self::Generic(c) => c.forward(x),
+        }
+    }
+}
 
 /// VQ model shape (the `params` of `gen_vision_config`).
 #[derive(Debug, Clone, PartialEq)]
@@ -43,10 +62,12 @@ impl VqConfig {
     }
 }
 
-fn group_norm(vb: VarBuilder, c: usize) -> Result<GroupNorm> {
+/// `Normalize` of the reference: GroupNorm(32, eps 1e-6), here fused with the swish that always
+/// follows it in ResnetBlocks and before `conv_out`.
+fn group_norm(vb: VarBuilder, c: usize, silu: bool) -> Result<GroupNormAct> {
     let w = vb.get(c, "weight")?.to_dtype(DType::F32)?;
     let b = vb.get(c, "bias")?.to_dtype(DType::F32)?;
-    GroupNorm::new(w, b, c, 32, 1e-6)
+    GroupNormAct::new(w, b, 32, 1e-6, silu)
 }
 
 fn conv(
@@ -59,19 +80,22 @@ fn conv(
 ) -> Result<Conv2d> {
     let w = vb.get((cout, cin, k, k), "weight")?.to_dtype(DType::F32)?;
     let b = vb.get(cout, "bias")?.to_dtype(DType::F32)?;
+    if k == 3 && stride == 1 && pad == 1 {
+        return Ok(Conv2d::K3(Conv3x3::new(w, b)?));
+    }
     let cfg = Conv2dConfig {
         padding: pad,
         stride,
         ..Default::default()
     };
-    Ok(Conv2d::new(w, Some(b), cfg))
+    Ok(Conv2d::Generic(candle_nn::Conv2d::new(w, Some(b), cfg)))
 }
 
 #[derive(Debug, Clone)]
 struct ResnetBlock {
-    norm1: GroupNorm,
+    norm1: GroupNormAct,
     conv1: Conv2d,
-    norm2: GroupNorm,
+    norm2: GroupNormAct,
     conv2: Conv2d,
     nin_shortcut: Option<Conv2d>,
 }
@@ -79,9 +103,9 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn load(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
         Ok(Self {
-            norm1: group_norm(vb.pp("norm1"), cin)?,
+            norm1: group_norm(vb.pp("norm1"), cin, true)?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            norm2: group_norm(vb.pp("norm2"), cout)?,
+            norm2: group_norm(vb.pp("norm2"), cout, true)?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             nin_shortcut: if cin != cout {
                 Some(conv(vb.pp("nin_shortcut"), cin, cout, 1, 1, 0)?)
@@ -92,12 +116,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         match &self.nin_shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -108,7 +128,7 @@ impl ResnetBlock {
 /// Single-head spatial self-attention with 1×1 convs (applied as matmuls).
 #[derive(Debug, Clone)]
 struct AttnBlock {
-    norm: GroupNorm,
+    norm: GroupNormAct,
     qkv_w: Tensor,
     qkv_b: Tensor,
     proj_w: Tensor,
@@ -130,7 +150,7 @@ impl AttnBlock {
         let (v, vb_) = get("v")?;
         let (p, pb) = get("proj_out")?;
         Ok(Self {
-            norm: group_norm(vb.pp("norm"), c)?,
+            norm: group_norm(vb.pp("norm"), c, false)?,
             qkv_w: Tensor::cat(&[q, k, v], 0)?,
             qkv_b: Tensor::cat(&[qb, kb, vb_], 0)?,
             proj_w: p,
@@ -178,7 +198,7 @@ pub struct Decoder {
     conv_in: Conv2d,
     mid: (ResnetBlock, AttnBlock, ResnetBlock),
     levels: Vec<Level>,
-    norm_out: GroupNorm,
+    norm_out: GroupNormAct,
     conv_out: Conv2d,
 }
 
@@ -224,7 +244,7 @@ impl Decoder {
             conv_in,
             mid,
             levels,
-            norm_out: group_norm(vb.pp("norm_out"), block_in)?,
+            norm_out: group_norm(vb.pp("norm_out"), block_in, true)?,
             conv_out: conv(vb.pp("conv_out"), block_in, 3, 3, 1, 1)?,
         })
     }
@@ -246,7 +266,7 @@ impl Decoder {
                 h = up.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
             }
         }
-        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward(&h)?;
         self.conv_out.forward(&h)
     }
 }
@@ -257,7 +277,7 @@ pub struct Encoder {
     conv_in: Conv2d,
     levels: Vec<Level>,
     mid: (ResnetBlock, AttnBlock, ResnetBlock),
-    norm_out: GroupNorm,
+    norm_out: GroupNormAct,
     conv_out: Conv2d,
 }
 
@@ -313,7 +333,7 @@ impl Encoder {
             conv_in,
             levels,
             mid,
-            norm_out: group_norm(vb.pp("norm_out"), block_in)?,
+            norm_out: group_norm(vb.pp("norm_out"), block_in, true)?,
             conv_out: conv(vb.pp("conv_out"), block_in, cfg.z_channels, 3, 1, 1)?,
         })
     }
@@ -336,7 +356,7 @@ impl Encoder {
         h = self.mid.0.forward(&h)?;
         h = self.mid.1.forward(&h)?;
         h = self.mid.2.forward(&h)?;
-        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward(&h)?;
         self.conv_out.forward(&h)
     }
 }
