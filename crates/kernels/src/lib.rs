@@ -15,6 +15,8 @@
 //!   k-blocks. The next weight block is prefetched while the tiles run, so DRAM and FMAs
 //!   overlap.
 
+pub mod attention;
+
 use rayon::prelude::*;
 use std::sync::OnceLock;
 

@@ -7,6 +7,7 @@
 //! The KV cache is batched and handles left-padded rows: each row's positions count from its
 //! first real token and its pad slots are masked, so rows of different lengths share a forward.
 
+pub mod attention;
 pub mod linear;
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
@@ -303,17 +304,7 @@ impl Attention {
         } else {
             (k, v)
         };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let dt = q.dtype();
-        // Scores and softmax in f32 (the eager reference upcasts too).
-        let q32 = q.to_dtype(DType::F32)?;
-        let k32 = k.to_dtype(DType::F32)?;
-        let mut att = (q32.matmul(&k32.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            att = att.broadcast_add(mask)?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dt)?;
+        let y = attention::sdpa(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask)?;
         let y = y.transpose(1, 2)?.reshape((b, n, nh * hd))?;
         self.o_proj.forward(&y)
     }

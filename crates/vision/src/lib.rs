@@ -100,14 +100,7 @@ impl Block {
             .squeeze(2)?
             .transpose(1, 2)?
             .contiguous()?;
-        let dt = q.dtype();
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * scale)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dt)?;
+        let y = janus_llm::attention::sdpa(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
         let y = y.transpose(1, 2)?.reshape((b, n, w))?;
         let x = (x + self.proj.forward(&y)?)?;
         let h = self.norm2.forward(&x)?;

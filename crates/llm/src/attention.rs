@@ -1,0 +1,118 @@
+//! Scaled-dot-product attention: `janus_kernels::attention` on the CPU (heads in parallel,
+//! KV-cache views read in place), candle ops elsewhere.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+fn cpu_f32(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+/// The f32 data of a CPU storage from the layout's start offset.
+fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(s) => Ok(&s.as_slice::<f32>()?[l.start_offset()..]),
+        _ => candle_core::bail!("CPU storage expected"),
+    }
+}
+
+/// `softmax(q kᵀ · scale + mask) v` for `q` `[b, h, sq, d]`, `k`/`v` `[b, h, sk, d]` (views of a
+/// larger cache along `sk` allowed), `mask` additive `[b, 1, sq, sk]`. Returns `[b, h, sq, d]`.
+pub fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, h, sq, d) = q.dims4()?;
+    let sk = k.dim(2)?;
+    let kv_stride = |t: &Tensor| {
+        let s = t.stride();
+        (s[3] == 1 && s[2] == d && s[0] == h * s[1] && t.dim(0).ok() == Some(b)).then_some(s[1])
+    };
+    let fast = cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && mask.is_none_or(cpu_f32);
+    if let (true, Some(ks), Some(vs)) = (fast, kv_stride(k), kv_stride(v)) {
+        if ks == vs {
+            let q = q.contiguous()?;
+            let mask = mask.map(|m| m.contiguous()).transpose()?;
+            let shape = janus_kernels::attention::AttnShape {
+                heads: b * h,
+                q_len: sq,
+                kv_len: sk,
+                dim: d,
+                kv_head_stride: ks,
+                heads_per_mask: h,
+            };
+            let mut out = vec![0f32; b * h * sq * d];
+            let (qg, ql) = q.storage_and_layout();
+            let (kg, kl) = k.storage_and_layout();
+            let (vg, vl) = v.storage_and_layout();
+            let mg = mask.as_ref().map(|m| m.storage_and_layout());
+            let md = match &mg {
+                Some((g, l)) => Some(&cpu_slice(g, l)?[..b * sq * sk]),
+                None => None,
+            };
+            janus_kernels::attention::attention(
+                cpu_slice(&qg, ql)?,
+                cpu_slice(&kg, kl)?,
+                cpu_slice(&vg, vl)?,
+                shape,
+                scale as f32,
+                md,
+                &mut out,
+            );
+            return Tensor::from_vec(out, (b, h, sq, d), q.device());
+        }
+    }
+    // Generic path: scores and softmax in f32 (the eager reference upcasts too).
+    let dt = q.dtype();
+    let mut att = (q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        * scale)?;
+    if let Some(mask) = mask {
+        att = att.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    }
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    att.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_path_equals_generic_on_cache_views() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev).unwrap();
+        let kc = Tensor::randn(0f32, 1.0, (2, 3, 10, 8), &dev).unwrap();
+        let vc = Tensor::randn(0f32, 1.0, (2, 3, 10, 8), &dev).unwrap();
+        let (k, v) = (kc.narrow(2, 0, 6).unwrap(), vc.narrow(2, 0, 6).unwrap());
+        let mask = Tensor::from_vec(
+            (0..2 * 4 * 6)
+                .map(|i| if i % 5 == 0 { -1e30f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+            (2, 1, 4, 6),
+            &dev,
+        )
+        .unwrap();
+        let fast = sdpa(&q, &k, &v, 0.3, Some(&mask)).unwrap();
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * 0.3)
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&att)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        let d = (fast - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+}
