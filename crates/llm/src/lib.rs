@@ -189,6 +189,63 @@ impl KvCache {
         Ok(())
     }
 
+    /// Appends the rows of `other` after this cache's rows, so two batches decode as one.
+    /// The shorter side is left-padded to the longer length (its pads grow by the difference,
+    /// so its positions are unchanged and the new slots are masked).
+    pub fn merge(&mut self, other: KvCache) -> Result<()> {
+        if other.pads.is_empty() {
+            return Ok(());
+        }
+        if self.pads.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if self.layers.len() != other.layers.len() {
+            candle_core::bail!(
+                "merging caches of {} and {} layers",
+                self.layers.len(),
+                other.layers.len()
+            );
+        }
+        let len = self.len.max(other.len);
+        let cap = len.max(16).max(self.capacity);
+        let widen = |t: &Tensor, old: usize| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            let data = t.narrow(2, 0, old)?;
+            if old == len {
+                return Ok(data);
+            }
+            let pad = Tensor::zeros((b, h, len - old, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&pad, &data], 2)
+        };
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            let (Some(a), Some(b)) = (mine.as_ref(), theirs) else {
+                candle_core::bail!("merging a cache that has not been filled");
+            };
+            let mut merged = Vec::with_capacity(2);
+            for (x, y) in [(&a.k, &b.k), (&a.v, &b.v)] {
+                let both = Tensor::cat(&[widen(x, self.len)?, widen(y, other.len)?], 0)?;
+                let (rows, h, _, d) = both.dims4()?;
+                let full = Tensor::zeros((rows, h, cap, d), both.dtype(), both.device())?;
+                full.slice_set(&both.contiguous()?, 2, 0)?;
+                merged.push(full);
+            }
+            let v = merged.pop().expect("two");
+            let k = merged.pop().expect("two");
+            *mine = Some(LayerKv { k, v });
+        }
+        let (da, db) = (len - self.len, len - other.len);
+        self.pads = self
+            .pads
+            .iter()
+            .map(|p| p + da)
+            .chain(other.pads.iter().map(|p| p + db))
+            .collect();
+        self.len = len;
+        self.capacity = cap;
+        Ok(())
+    }
+
     /// Appends `k`, `v` (`[b, h, n, d]`) for layer `li` at slot `self.len` and returns the
     /// filled views `[b, h, len + n, d]`. Growth doubles capacity so appends are amortised O(n).
     fn append(&mut self, li: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -688,6 +745,55 @@ mod tests {
                 .unwrap();
             assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
         }
+    }
+
+    /// Two caches of different lengths merged into one batch decode exactly like each alone.
+    #[test]
+    fn merged_caches_decode_like_separate_ones() {
+        let m = model();
+        let dev = Device::Cpu;
+        let ids_a = Tensor::new(&[[3u32, 7, 11, 13, 17]], &dev).unwrap();
+        let ids_b = Tensor::new(&[[5u32, 9]], &dev).unwrap();
+        let mut ca = m.new_cache(vec![0]);
+        m.forward(&m.embed(&ids_a).unwrap(), &mut ca).unwrap();
+        let mut cb = m.new_cache(vec![0]);
+        m.forward(&m.embed(&ids_b).unwrap(), &mut cb).unwrap();
+        let (mut sa, mut sb) = (ca.clone(), cb.clone());
+        // b joins a (b is shorter), then a third copy of a joins (longer than nothing).
+        let mut merged = ca;
+        merged.merge(cb).unwrap();
+        assert_eq!(merged.pads(), &[0, 3]);
+        let step = m
+            .embed(&Tensor::new(&[[4u32], [6]], &dev).unwrap())
+            .unwrap();
+        let hm = m.forward(&step, &mut merged).unwrap();
+        let ha = m
+            .forward(
+                &m.embed(&Tensor::new(&[[4u32]], &dev).unwrap()).unwrap(),
+                &mut sa,
+            )
+            .unwrap();
+        let hb = m
+            .forward(
+                &m.embed(&Tensor::new(&[[6u32]], &dev).unwrap()).unwrap(),
+                &mut sb,
+            )
+            .unwrap();
+        for (r, alone) in [(0, &ha), (1, &hb)] {
+            let d = (hm.i(r).unwrap() - alone.i(0).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap();
+            assert!(
+                d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5,
+                "row {r}"
+            );
+        }
+        // The shorter side may also be `self`.
+        let mut short = sb.clone();
+        short.merge(sa.clone()).unwrap();
+        assert_eq!(short.pads(), &[3, 0]);
+        assert_eq!(short.len(), sa.len());
     }
 
     #[test]

@@ -97,7 +97,30 @@ pub struct GenJob {
     total: usize,
 }
 
+/// The pieces of a [`GenJob`], for joining a [`crate::gen_batch::GenBatch`].
+pub(crate) struct JobParts {
+    pub cache: KvCache,
+    pub last_hidden: Tensor,
+    pub samplers: Vec<Sampler>,
+    pub tokens: Vec<Vec<u32>>,
+    pub params: GenerateParams,
+    pub prompt_tokens: usize,
+    pub total: usize,
+}
+
 impl GenJob {
+    pub(crate) fn into_parts(self) -> JobParts {
+        JobParts {
+            cache: self.cache,
+            last_hidden: self.last_hidden,
+            samplers: self.samplers,
+            tokens: self.tokens,
+            params: self.params,
+            prompt_tokens: self.prompt_tokens,
+            total: self.total,
+        }
+    }
+
     /// Steps taken so far (tokens per image).
     pub fn step(&self) -> usize {
         self.tokens.first().map_or(0, Vec::len)
@@ -252,13 +275,25 @@ impl GenerationModel {
         })
     }
 
+    /// `gen_head` logits `[rows, codes]` for final-normed hidden states `[rows, hidden]`.
+    pub(crate) fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.gen_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Feeds one code per row (`codes.len()` = cache rows) through `gen_embed`, `gen_aligner`
+    /// and the LLM; returns the hidden states `[rows, 1, hidden]`.
+    pub(crate) fn forward_codes(&self, codes: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let idx = Tensor::from_vec(codes.to_vec(), codes.len(), &self.device)?;
+        let emb = self
+            .gen_aligner
+            .forward(&self.gen_embed.index_select(&idx, 0)?)?;
+        Ok(self.llm.forward(&emb.unsqueeze(1)?, cache)?)
+    }
+
     /// Guided logits `[n, codes]` (f32) for the job's next step:
     /// `uncond + cfg_weight · (cond − uncond)`.
     pub fn guided_logits(&self, job: &GenJob) -> Result<Tensor> {
-        let logits = self
-            .gen_head
-            .forward(&job.last_hidden)?
-            .to_dtype(DType::F32)?;
+        let logits = self.head_logits(&job.last_hidden)?;
         let (rows, v) = logits.dims2()?;
         let pairs = logits.reshape((rows / 2, 2, v))?;
         let cond = pairs.narrow(1, 0, 1)?.squeeze(1)?;
@@ -295,11 +330,7 @@ impl GenerationModel {
         }
         // Each token feeds both rows of its pair.
         let pair: Vec<u32> = tokens.iter().flat_map(|&t| [t, t]).collect();
-        let idx = Tensor::from_vec(pair, tokens.len() * 2, &self.device)?;
-        let emb = self
-            .gen_aligner
-            .forward(&self.gen_embed.index_select(&idx, 0)?)?;
-        let hidden = self.llm.forward(&emb.unsqueeze(1)?, &mut job.cache)?;
+        let hidden = self.forward_codes(&pair, &mut job.cache)?;
         job.last_hidden = Llm::last(&hidden)?;
         Ok(())
     }

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gen_batch;
 pub mod generate;
 pub mod prompt;
 pub mod sampling;
@@ -21,7 +22,9 @@ pub use generate::{GenJob, GenerateParams, GeneratedImage, GenerationModel};
 pub use janus_imageproc::{decode_rgb, ImageLimits};
 pub use prompt::{Message, Role};
 pub use sampling::SamplingParams;
-pub use understand::{Conversation, FinishReason, TokenEvent, UnderstandBatch, UnderstandingModel};
+pub use understand::{
+    Conversation, FinishReason, StartTimings, TokenEvent, UnderstandBatch, UnderstandingModel,
+};
 
 use std::path::{Path, PathBuf};
 

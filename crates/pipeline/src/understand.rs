@@ -70,6 +70,15 @@ struct Row {
     done: bool,
 }
 
+/// Where the time of [`UnderstandingModel::start_timed`] went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartTimings {
+    /// Token embeddings plus the vision tower and aligner for the batch's images.
+    pub embed: std::time::Duration,
+    /// Language-model prefill (the first token's logits included).
+    pub prefill: std::time::Duration,
+}
+
 /// Rows being decoded together, with their KV cache.
 #[derive(Debug)]
 pub struct UnderstandBatch {
@@ -299,11 +308,23 @@ impl UnderstandingModel {
 
     /// Prefills a batch and samples each row's first token.
     pub fn start(&self, batch: Vec<Prepared>) -> Result<(UnderstandBatch, Vec<TokenEvent>)> {
+        self.start_timed(batch).map(|(b, events, _)| (b, events))
+    }
+
+    /// [`Self::start`], also reporting how long the input embeddings (vision tower and aligner
+    /// included) and the language-model prefill took.
+    pub fn start_timed(
+        &self,
+        batch: Vec<Prepared>,
+    ) -> Result<(UnderstandBatch, Vec<TokenEvent>, StartTimings)> {
         if batch.is_empty() {
             return Err(Error::invalid("batch", "no requests"));
         }
+        let t0 = std::time::Instant::now();
         let (embeds, pads) = self.embed_batch(&batch)?;
+        let t1 = std::time::Instant::now();
         let (cache, logits) = self.prefill(&embeds, pads)?;
+        let t2 = std::time::Instant::now();
         let rows = batch
             .into_iter()
             .enumerate()
@@ -324,7 +345,11 @@ impl UnderstandingModel {
             .collect();
         let mut b = UnderstandBatch { cache, rows };
         let events = self.sample_rows(&mut b, &logits)?;
-        Ok((b, events))
+        let timings = StartTimings {
+            embed: t1 - t0,
+            prefill: t2 - t1,
+        };
+        Ok((b, events, timings))
     }
 
     /// One decode step for every running row.
