@@ -102,3 +102,106 @@ fn generation_batch_equals_requests_alone() {
         assert_eq!(done[id], alone(&m, prompt, p), "request {id}");
     }
 }
+
+/// Continuous batching for understanding: a request that joins a running batch mid-decode, and
+/// one that leaves early (cancelled), leave the others' greedy tokens unchanged.
+#[test]
+fn understanding_rows_join_and_leave_mid_batch() {
+    use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
+    use janus_pipeline::{Message, Role, SamplingParams};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/janus-tiny");
+    let m = UnderstandingModel::load(&dir.join("model"), &LoadOptions::default()).unwrap();
+    let img = |f: &str| {
+        janus_pipeline::decode_rgb(&std::fs::read(dir.join(f)).unwrap(), &Default::default())
+            .unwrap()
+    };
+    let conv = |text: &str, images| Conversation {
+        messages: vec![Message {
+            role: Role::User,
+            content: text.into(),
+        }],
+        images,
+    };
+    let greedy = |n| SamplingParams {
+        max_new_tokens: n,
+        min_new_tokens: n,
+        ..Default::default()
+    };
+    let convs = [
+        (
+            conv(
+                "<image_placeholder>\nWhat is shown in this picture?",
+                vec![img("wide.png")],
+            ),
+            greedy(20),
+        ),
+        (conv("Write a haiku about the sea.", vec![]), greedy(12)),
+        (
+            conv(
+                "Compare <image_placeholder> and <image_placeholder>.",
+                vec![img("tall.png"), img("square.png")],
+            ),
+            greedy(16),
+        ),
+        (conv("This one is cancelled.", vec![]), greedy(30)),
+    ];
+    let alone: Vec<Vec<u32>> = convs
+        .iter()
+        .map(|(c, p)| {
+            let mut toks = Vec::new();
+            m.understand(c, p.clone(), |e| {
+                if let TokenEvent::Token { id, .. } = e {
+                    toks.push(*id)
+                }
+            })
+            .unwrap();
+            toks
+        })
+        .collect();
+    // Request 0 and 3 start together; 1 joins after 3 steps, 2 after 7; 3 is cancelled at step 5.
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); 4];
+    let mut owner: HashMap<usize, usize> = HashMap::new();
+    let record =
+        |events: Vec<TokenEvent>, owner: &HashMap<usize, usize>, got: &mut Vec<Vec<u32>>| {
+            for e in events {
+                if let TokenEvent::Token { row, id, .. } = e {
+                    got[owner[&row]].push(id);
+                }
+            }
+        };
+    let prep = |i: usize| m.prepare(&convs[i].0, convs[i].1.clone()).unwrap();
+    let (mut batch, ev) = m.start(vec![prep(0), prep(3)]).unwrap();
+    owner.insert(0, 0);
+    owner.insert(1, 3);
+    record(ev, &owner, &mut got);
+    let mut max_rows = 0;
+    for step in 1..40 {
+        for (at, req) in [(3, 1), (7, 2)] {
+            if step == at {
+                let (other, ev) = m.start(vec![prep(req)]).unwrap();
+                let mut tmp = HashMap::new();
+                tmp.insert(0, req);
+                record(ev, &tmp, &mut got);
+                let ids = batch.merge(other).unwrap();
+                owner.insert(ids[0].unwrap(), req);
+            }
+        }
+        if step == 5 {
+            let row = *owner.iter().find(|(_, &r)| r == 3).unwrap().0;
+            batch.cancel(row);
+        }
+        max_rows = max_rows.max(batch.rows());
+        record(m.step(&mut batch).unwrap(), &owner, &mut got);
+        if batch.is_done() {
+            break;
+        }
+    }
+    assert!(max_rows >= 3, "requests overlapped in one batch");
+    for i in 0..3 {
+        assert_eq!(got[i], alone[i], "request {i}");
+    }
+    assert!(
+        got[3].len() < alone[3].len() && got[3] == alone[3][..got[3].len()],
+        "cancelled row stopped early"
+    );
+}

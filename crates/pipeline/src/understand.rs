@@ -105,6 +105,44 @@ impl UnderstandBatch {
             }
         }
     }
+
+    /// Rows still in the cache (finished rows leave at the next step or merge).
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Drops finished rows from the cache.
+    fn compact(&mut self) -> Result<()> {
+        if self.rows.iter().any(|r| r.done) {
+            let keep: Vec<usize> = (0..self.rows.len())
+                .filter(|&i| !self.rows[i].done)
+                .collect();
+            self.cache.select_rows(&keep)?;
+            self.rows = keep.iter().map(|&i| self.rows[i].clone()).collect();
+        }
+        Ok(())
+    }
+
+    /// Continuous batching: appends the running rows of `other` (a freshly started batch) so
+    /// both decode in the same forward from the next step on. Returns the ids `other`'s rows
+    /// get here, indexed by their id in `other`; ids of this batch's rows are unchanged.
+    pub fn merge(&mut self, mut other: UnderstandBatch) -> Result<Vec<Option<usize>>> {
+        self.compact()?;
+        other.compact()?;
+        let base = self.rows.iter().map(|r| r.id + 1).max().unwrap_or(0);
+        let max_other = other.rows.iter().map(|r| r.id + 1).max().unwrap_or(0);
+        let mut ids = vec![None; max_other];
+        if other.rows.is_empty() {
+            return Ok(ids);
+        }
+        self.cache.merge(other.cache)?;
+        for mut r in other.rows {
+            ids[r.id] = Some(base + r.id);
+            r.id += base;
+            self.rows.push(r);
+        }
+        Ok(ids)
+    }
 }
 
 /// The understanding half of a Janus checkpoint.
@@ -355,13 +393,7 @@ impl UnderstandingModel {
     /// One decode step for every running row.
     pub fn step(&self, batch: &mut UnderstandBatch) -> Result<Vec<TokenEvent>> {
         // Finished rows leave the cache before the forward.
-        if batch.rows.iter().any(|r| r.done) {
-            let keep: Vec<usize> = (0..batch.rows.len())
-                .filter(|&i| !batch.rows[i].done)
-                .collect();
-            batch.cache.select_rows(&keep)?;
-            batch.rows = keep.iter().map(|&i| batch.rows[i].clone()).collect();
-        }
+        batch.compact()?;
         if batch.rows.is_empty() {
             return Ok(Vec::new());
         }
