@@ -205,3 +205,29 @@ fn understanding_rows_join_and_leave_mid_batch() {
         "cancelled row stopped early"
     );
 }
+
+/// Requests whose prompts have the same length share the unconditional prefill, and their
+/// outputs do not change because of it.
+#[test]
+fn unconditional_prefill_is_reused() {
+    let m = model();
+    let p = GenerateParams {
+        n: 1,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let first = alone(&m, "a cat", &p);
+    assert_eq!(m.uncond_reuses(), 0);
+    // "a dog" tokenizes to as many tokens as "a cat" in this vocabulary: same unconditional row.
+    let (c1, _) = m.tokenizer().encode_generation("a cat").unwrap();
+    let (c2, _) = m.tokenizer().encode_generation("a dog").unwrap();
+    assert_eq!(c1.len(), c2.len());
+    let _ = alone(&m, "a dog", &p);
+    assert_eq!(m.uncond_reuses(), 1);
+    assert_eq!(
+        alone(&m, "a cat", &p),
+        first,
+        "a reused prefill gives the same tokens"
+    );
+    assert_eq!(m.uncond_reuses(), 2);
+}

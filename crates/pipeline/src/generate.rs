@@ -163,7 +163,21 @@ pub struct GenerationModel {
     vq: VqModel,
     context: usize,
     device: Device,
+    uncond: std::sync::Mutex<UncondCache>,
 }
+
+/// Prefilled unconditional rows by prompt length. The unconditional prompt is
+/// `[BOS, pad × (L − 2), <begin_of_image>]`: it depends only on the prompt length, so requests
+/// of equal length share its prefill.
+#[derive(Debug, Default)]
+struct UncondCache {
+    /// `(ids, one-row cache, last hidden [1, hidden])`, most recently used last.
+    entries: Vec<(Vec<u32>, KvCache, Tensor)>,
+    reuses: u64,
+}
+
+/// Unconditional prefills kept (a few prompt lengths cover most traffic).
+const UNCOND_CACHE_ENTRIES: usize = 16;
 
 impl GenerationModel {
     /// Loads the LLM body, `gen_embed`, `gen_aligner`, `gen_head` and the VQ decoder.
@@ -210,7 +224,49 @@ impl GenerationModel {
             vq,
             context,
             device: opts.device.clone(),
+            uncond: Default::default(),
         })
+    }
+
+    /// How many requests reused a cached unconditional prefill.
+    pub fn uncond_reuses(&self) -> u64 {
+        self.uncond.lock().map(|c| c.reuses).unwrap_or(0)
+    }
+
+    /// Prefills the (conditional, unconditional) pair: cache of 2 rows and their last hidden
+    /// states `[2, hidden]`, reusing the unconditional row when its length was seen before.
+    fn prefill_pair(&self, cond: Vec<u32>, uncond: Vec<u32>) -> Result<(KvCache, Tensor)> {
+        let l = cond.len();
+        let cached = self.uncond.lock().ok().and_then(|mut c| {
+            let i = c.entries.iter().position(|(ids, _, _)| *ids == uncond)?;
+            let hit = c.entries.remove(i);
+            let out = (hit.1.clone(), hit.2.clone());
+            c.entries.push(hit);
+            c.reuses += 1;
+            Some(out)
+        });
+        if let Some((ucache, uhidden)) = cached {
+            let ids = Tensor::from_vec(cond, (1, l), &self.device)?;
+            let mut cache = self.llm.new_cache(vec![0]);
+            let hidden = self.llm.forward(&self.llm.embed(&ids)?, &mut cache)?;
+            // `merge` copies into fresh tensors, so the cached row is never written to.
+            cache.merge(ucache)?;
+            return Ok((cache, Tensor::cat(&[&Llm::last(&hidden)?, &uhidden], 0)?));
+        }
+        let ids = Tensor::from_vec([cond, uncond.clone()].concat(), (2, l), &self.device)?;
+        let mut cache = self.llm.new_cache(vec![0, 0]);
+        let hidden = self.llm.forward(&self.llm.embed(&ids)?, &mut cache)?;
+        let last = Llm::last(&hidden)?;
+        let mut urow = cache.clone();
+        urow.select_rows(&[1])?;
+        if let Ok(mut c) = self.uncond.lock() {
+            if c.entries.len() >= UNCOND_CACHE_ENTRIES {
+                c.entries.remove(0);
+            }
+            c.entries
+                .push((uncond, urow, last.narrow(0, 1, 1)?.contiguous()?));
+        }
+        Ok((cache, last))
     }
 
     /// The model configuration.
@@ -221,6 +277,11 @@ impl GenerationModel {
     /// The tokenizer and special ids.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// Context window in tokens (prompt plus image tokens must fit).
+    pub fn context(&self) -> usize {
+        self.context
     }
 
     /// Image tokens per image.
@@ -241,10 +302,7 @@ impl GenerationModel {
             });
         }
         let l = cond.len();
-        let ids = Tensor::from_vec([cond, uncond].concat(), (2, l), &self.device)?;
-        let mut cache = self.llm.new_cache(vec![0, 0]);
-        let hidden = self.llm.forward(&self.llm.embed(&ids)?, &mut cache)?;
-        let last = Llm::last(&hidden)?;
+        let (mut cache, last) = self.prefill_pair(cond, uncond)?;
         // Broadcast the (cond, uncond) pair to n interleaved pairs.
         let rows: Vec<usize> = (0..params.n).flat_map(|_| [0, 1]).collect();
         cache.select_rows(&rows)?;
