@@ -23,7 +23,8 @@ pub use janus_imageproc::{decode_rgb, ImageLimits};
 pub use prompt::{Message, Role};
 pub use sampling::SamplingParams;
 pub use understand::{
-    Conversation, FinishReason, StartTimings, TokenEvent, UnderstandBatch, UnderstandingModel,
+    Conversation, FinishReason, PendingPrefill, StartTimings, TokenEvent, UnderstandBatch,
+    UnderstandingModel,
 };
 
 use std::path::{Path, PathBuf};

@@ -79,6 +79,41 @@ pub struct StartTimings {
     pub prefill: std::time::Duration,
 }
 
+impl Row {
+    fn new(id: usize, p: Prepared) -> Self {
+        Row {
+            id,
+            sampler: Sampler::new(
+                p.params.seed,
+                p.params.temperature,
+                p.params.top_k,
+                p.params.top_p,
+            ),
+            prompt_tokens: p.ids.len(),
+            params: p.params,
+            generated: Vec::new(),
+            emitted: 0,
+            done: false,
+        }
+    }
+}
+
+/// A batch whose prompt is being prefilled in chunks (see [`UnderstandingModel::begin`]).
+#[derive(Debug)]
+pub struct PendingPrefill {
+    embeds: Tensor,
+    cache: KvCache,
+    done: usize,
+    batch: Vec<Prepared>,
+}
+
+impl PendingPrefill {
+    /// Prompt positions prefilled so far and in total.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.done, self.embeds.dim(1).unwrap_or(0))
+    }
+}
+
 /// Rows being decoded together, with their KV cache.
 #[derive(Debug)]
 pub struct UnderstandBatch {
@@ -366,20 +401,7 @@ impl UnderstandingModel {
         let rows = batch
             .into_iter()
             .enumerate()
-            .map(|(id, p)| Row {
-                id,
-                sampler: Sampler::new(
-                    p.params.seed,
-                    p.params.temperature,
-                    p.params.top_k,
-                    p.params.top_p,
-                ),
-                prompt_tokens: p.ids.len(),
-                params: p.params,
-                generated: Vec::new(),
-                emitted: 0,
-                done: false,
-            })
+            .map(|(id, p)| Row::new(id, p))
             .collect();
         let mut b = UnderstandBatch { cache, rows };
         let events = self.sample_rows(&mut b, &logits)?;
@@ -388,6 +410,49 @@ impl UnderstandingModel {
             prefill: t2 - t1,
         };
         Ok((b, events, timings))
+    }
+
+    /// Starts a batch whose prefill runs in pieces ([`Self::prefill_chunk`]), so a scheduler can
+    /// interleave a long prompt with the decode steps of running requests.
+    pub fn begin(&self, batch: Vec<Prepared>) -> Result<PendingPrefill> {
+        if batch.is_empty() {
+            return Err(Error::invalid("batch", "no requests"));
+        }
+        let (embeds, pads) = self.embed_batch(&batch)?;
+        let cache = self.llm.new_cache(pads);
+        Ok(PendingPrefill {
+            embeds,
+            cache,
+            done: 0,
+            batch,
+        })
+    }
+
+    /// Runs up to `max_tokens` more prompt positions of a pending prefill. When the prompt is
+    /// complete, returns the batch ready for [`Self::step`] and the first sampled tokens.
+    pub fn prefill_chunk(
+        &self,
+        pending: &mut PendingPrefill,
+        max_tokens: usize,
+    ) -> Result<Option<(UnderstandBatch, Vec<TokenEvent>)>> {
+        let total = pending.embeds.dim(1)?;
+        let n = max_tokens.max(1).min(total - pending.done);
+        let chunk = pending.embeds.narrow(1, pending.done, n)?;
+        let hidden = self.llm.forward(&chunk, &mut pending.cache)?;
+        pending.done += n;
+        if pending.done < total {
+            return Ok(None);
+        }
+        let logits = self.llm.lm_logits(&Llm::last(&hidden)?)?;
+        let rows = std::mem::take(&mut pending.batch)
+            .into_iter()
+            .enumerate()
+            .map(|(id, p)| Row::new(id, p))
+            .collect();
+        let cache = std::mem::replace(&mut pending.cache, self.llm.new_cache(Vec::new()));
+        let mut b = UnderstandBatch { cache, rows };
+        let events = self.sample_rows(&mut b, &logits)?;
+        Ok(Some((b, events)))
     }
 
     /// One decode step for every running row.
