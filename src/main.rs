@@ -1,23 +1,26 @@
-//! `janus`: the command-line entry point (synthetic checkpoints, benchmarks, local inference).
+//! `janus`: the command-line entry point — the single-machine server (`serve`), the cluster
+//! roles (`serve-understanding`, `serve-generation`, `gateway`), the gRPC client
+//! (`understand`, `generate`, `info`, `health`; local inference with `--model`), synthetic
+//! checkpoints and benchmarks.
 
 mod bench;
+mod client;
+mod local;
+mod serve;
 
 /// Large tensors are allocated and freed every op; the system allocator returns them to the OS
 /// each time (page faults on every reuse), mimalloc keeps them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
-use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
-use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
-use std::io::Write;
+use janus_pipeline::LoadOptions;
 use std::path::PathBuf;
 
-/// Janus-Pro inference: understand images, generate images, benchmark, synthesise checkpoints.
+/// Janus-Pro inference: serve, ask about images, generate images, benchmark, synthesise checkpoints.
 #[derive(Parser, Debug)]
-#[command(name = "janus", version, about)]
+#[command(name = "janus", version, about, after_help = EXIT_CODES)]
 struct Cli {
     /// Worker threads for tensor math (sets RAYON_NUM_THREADS); default: all cores.
     #[arg(long, global = true, env = "JANUS_THREADS")]
@@ -26,7 +29,14 @@ struct Cli {
     command: Command,
 }
 
-/// Where and how to load a checkpoint.
+/// Exit codes, also in README.md.
+const EXIT_CODES: &str =
+    "Exit codes: 0 success; 1 internal or unexpected error; 2 invalid request \
+(INVALID_ARGUMENT, bad image or parameter); 3 model or checkpoint not found; 4 server unreachable \
+or UNAVAILABLE; 5 server overloaded (RESOURCE_EXHAUSTED); 6 deadline exceeded; 7 health check: \
+not serving.";
+
+/// Where and how to load a checkpoint (`bench`).
 #[derive(clap::Args, Debug, Clone)]
 struct ModelArgs {
     /// Checkpoint directory in the DeepSeek layout (config.json, tokenizer.json, weights).
@@ -46,21 +56,28 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn options(&self) -> Result<LoadOptions> {
-        Ok(LoadOptions {
-            device: janus_pipeline::parse_device(&self.device)?,
-            dtype: janus_pipeline::parse_dtype(&self.dtype)?,
-            weight_dtype: self
-                .weight_dtype
-                .as_deref()
-                .map(janus_pipeline::parse_dtype)
-                .transpose()?,
-            max_context: None,
-        })
+        local::load_options(&self.device, &self.dtype, self.weight_dtype.as_deref())
     }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Single machine: the gateway and both services in one process, one public port.
+    Serve(serve::ServeArgs),
+    /// Cluster role: the understanding service alone (janus.v1.Understanding).
+    ServeUnderstanding(janus_understanding::Args),
+    /// Cluster role: the generation service alone (janus.v1.Generation).
+    ServeGeneration(janus_generation::Args),
+    /// Cluster role: the gateway alone (no model; forwards to backends).
+    Gateway(janus_gateway::Args),
+    /// Answer a question about images, streaming the answer to stdout (via the server; locally with --model).
+    Understand(client::UnderstandArgs),
+    /// Generate images from a prompt and write them to a directory (via the server; locally with --model).
+    Generate(client::GenerateArgs),
+    /// Show what the server has loaded (model, dtype, device, limits, counters) for both services.
+    Info(client::InfoArgs),
+    /// Check the server's grpc.health.v1 status (exit 0 when serving, 7 when not).
+    Health(client::HealthArgs),
     /// Write a random-weight checkpoint at real shapes (tiny, pro-1b, pro-7b).
     Synth {
         /// Shape preset: tiny, pro-1b or pro-7b.
@@ -81,53 +98,16 @@ enum Command {
     },
     /// Benchmark understanding and generation on a checkpoint; prints JSON.
     Bench(bench::BenchArgs),
-    /// Answer a question about images, streaming the answer to stdout (runs the model locally).
-    Understand {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Image files, one per <image_placeholder> (prepended to the question if it has none).
-        #[arg(long = "image")]
-        images: Vec<PathBuf>,
-        /// Maximum new tokens.
-        #[arg(long, default_value_t = 512)]
-        max_new_tokens: usize,
-        /// Temperature (0 = greedy).
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Nucleus mass.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// Seed.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// The question.
-        question: String,
-    },
-    /// Generate images from a prompt and write PNGs (runs the model locally).
-    Generate {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Number of images (1–16).
-        #[arg(short, long, default_value_t = 1)]
-        n: usize,
-        /// Classifier-free guidance weight.
-        #[arg(long, default_value_t = 5.0)]
-        cfg_weight: f32,
-        /// Temperature (0 = greedy).
-        #[arg(long, default_value_t = 1.0)]
-        temperature: f32,
-        /// Seed (image i uses seed + i).
-        #[arg(long, default_value_t = 12345)]
-        seed: u64,
-        /// Output directory.
-        #[arg(short, long, default_value = "out")]
-        out: PathBuf,
-        /// The prompt.
-        prompt: String,
-    },
 }
 
+/// mimalloc's `purge_delay` option id (`mi_option_purge_delay` in mimalloc.h).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    // Keep freed memory committed: per-op tensors of tens of MB are freed and reallocated every
+    // layer, and returning them to the OS makes every reuse fault in zeroed pages again.
+    // SAFETY: plain option setter of the allocator, called before any threads exist.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
         // Before any pool is built: rayon and candle read these once.
@@ -136,17 +116,74 @@ fn main() {
     }
     if let Err(e) = run(cli.command) {
         eprintln!("error: {e:#}");
-        let code = match e.downcast_ref::<janus_pipeline::Error>() {
-            Some(pe) if pe.is_client_error() => 2,
-            Some(janus_pipeline::Error::MissingFile { .. }) => 3,
-            _ => 1,
-        };
-        std::process::exit(code);
+        std::process::exit(exit_code(&e));
     }
+}
+
+/// The documented exit code of an error (see [`EXIT_CODES`]).
+fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<client::ExitCode>() {
+            return c.0;
+        }
+        if let Some(s) = cause.downcast_ref::<tonic::Status>() {
+            return client::code_for(s);
+        }
+        if cause.downcast_ref::<tonic::transport::Error>().is_some() {
+            return 4;
+        }
+        if cause
+            .downcast_ref::<janus_service::model_source::ModelSourceError>()
+            .is_some()
+        {
+            return 3;
+        }
+        if let Some(pe) = cause.downcast_ref::<janus_pipeline::Error>() {
+            return match pe {
+                pe if pe.is_client_error() => 2,
+                janus_pipeline::Error::MissingFile { .. } => 3,
+                _ => 1,
+            };
+        }
+    }
+    1
+}
+
+/// A multi-threaded runtime for the async commands.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Serve(args) => {
+            janus_service::init_tracing();
+            runtime()?.block_on(serve::run(args))
+        }
+        Command::ServeUnderstanding(args) => {
+            janus_service::init_tracing();
+            runtime()?.block_on(janus_understanding::run(args))
+        }
+        Command::ServeGeneration(args) => {
+            janus_service::init_tracing();
+            runtime()?.block_on(janus_generation::run(args))
+        }
+        Command::Gateway(args) => {
+            janus_service::init_tracing();
+            runtime()?.block_on(janus_gateway::run(args))
+        }
+        Command::Understand(args) => match args.local.model.clone() {
+            Some(model) => local::understand(&model, &args),
+            None => runtime()?.block_on(client::understand(args)),
+        },
+        Command::Generate(args) => match args.local.model.clone() {
+            Some(model) => local::generate(&model, &args),
+            None => runtime()?.block_on(client::generate(args)),
+        },
+        Command::Info(args) => runtime()?.block_on(client::info(args)),
+        Command::Health(args) => runtime()?.block_on(client::health(args)),
         Command::Synth {
             preset,
             llm_layers,
@@ -167,89 +204,5 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
-        Command::Understand {
-            model,
-            images,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            question,
-        } => {
-            let m = UnderstandingModel::load(&model.model, &model.options()?)?;
-            let mut decoded = Vec::new();
-            for (i, p) in images.iter().enumerate() {
-                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                decoded.push(
-                    janus_pipeline::decode_rgb(&bytes, &Default::default())
-                        .map_err(|source| janus_pipeline::Error::Image { index: i, source })?,
-                );
-            }
-            let mut content = question;
-            if !content.contains("<image_placeholder>") {
-                content = format!("{}{content}", "<image_placeholder>\n".repeat(decoded.len()));
-            }
-            let conv = Conversation {
-                messages: vec![Message {
-                    role: Role::User,
-                    content,
-                }],
-                images: decoded,
-            };
-            let params = SamplingParams {
-                max_new_tokens,
-                temperature,
-                top_p,
-                seed,
-                ..Default::default()
-            };
-            let mut out = std::io::stdout();
-            let (_, reason) = m.understand(&conv, params, |e| {
-                if let TokenEvent::Token { text, .. } = e {
-                    let _ = out.write_all(text.as_bytes());
-                    let _ = out.flush();
-                }
-            })?;
-            println!();
-            eprintln!("finish: {reason:?}");
-            Ok(())
-        }
-        Command::Generate {
-            model,
-            n,
-            cfg_weight,
-            temperature,
-            seed,
-            out,
-            prompt,
-        } => {
-            let m = GenerationModel::load(&model.model, &model.options()?)?;
-            let params = GenerateParams {
-                n,
-                cfg_weight,
-                temperature,
-                seed,
-                ..Default::default()
-            };
-            let images = m.generate(&prompt, &params, |done, total| {
-                if done % 24 == 0 || done == total {
-                    eprint!("\rstep {done}/{total}");
-                }
-            })?;
-            eprintln!();
-            std::fs::create_dir_all(&out)?;
-            for (i, img) in images.iter().enumerate() {
-                let path = out.join(format!("image_{i}.png"));
-                image::RgbImage::from_raw(
-                    img.image.width,
-                    img.image.height,
-                    img.image.data.clone(),
-                )
-                .context("image buffer")?
-                .save(&path)?;
-                println!("{}", path.display());
-            }
-            Ok(())
-        }
     }
 }

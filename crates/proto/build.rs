@@ -1,0 +1,22 @@
+//! Compiles `proto/janus/v1/*.proto` with the vendored protoc (nothing to install).
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let protos: Vec<PathBuf> = ["common", "understanding", "generation"]
+        .iter()
+        .map(|p| root.join(format!("janus/v1/{p}.proto")))
+        .collect();
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // Image payloads as `bytes::Bytes`: the gateway clones requests for retries without copying.
+    config.bytes(["."]);
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .file_descriptor_set_path(out.join("janus_v1_descriptor.bin"))
+        .compile_with_config(config, &protos, &[root])?;
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Request metadata: deadlines (`grpc-timeout`), request ids and trace-context propagation.
+
+use std::time::Duration;
+use tonic::metadata::MetadataMap;
+
+/// Metadata key of the request id.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Keys forwarded from a gateway request to the backend: the request id and W3C trace context.
+pub const PROPAGATED: &[&str] = &[REQUEST_ID, "traceparent", "tracestate", "baggage"];
+
+/// The deadline a client set with `grpc-timeout` (`<1–8 digits><H|M|S|m|u|n>`), if any and valid.
+pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
+    parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// Parses a `grpc-timeout` value.
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A new random request id (32 hex digits).
+pub fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The request id to use: the body's field, else `x-request-id`, else a new one.
+pub fn request_id(body: &str, md: &MetadataMap) -> String {
+    if !body.trim().is_empty() {
+        return body.trim().to_string();
+    }
+    md.get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id)
+}
+
+/// Copies the propagated keys from `from` into `to` and makes sure `x-request-id` is `id`.
+pub fn propagate(from: &MetadataMap, to: &mut MetadataMap, id: &str) {
+    for key in PROPAGATED {
+        if let Some(v) = from.get(*key) {
+            to.insert(*key, v.clone());
+        }
+    }
+    if let Ok(v) = id.parse() {
+        to.insert(REQUEST_ID, v);
+    }
+}
+
+/// Sets `x-request-id` on a response.
+pub fn set_request_id(md: &mut MetadataMap, id: &str) {
+    if let Ok(v) = id.parse() {
+        md.insert(REQUEST_ID, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99999999))
+        );
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut md = MetadataMap::new();
+        assert_eq!(request_id("abc", &md), "abc");
+        let fresh = request_id("", &md);
+        assert_eq!(fresh.len(), 32);
+        md.insert(REQUEST_ID, "from-header".parse().unwrap());
+        md.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(request_id("", &md), "from-header");
+        let mut out = MetadataMap::new();
+        propagate(&md, &mut out, "id-2");
+        assert_eq!(out.get(REQUEST_ID).unwrap(), "id-2");
+        assert!(out.get("traceparent").is_some());
+    }
+}

@@ -1,0 +1,539 @@
+//! The gateway: the one public endpoint. It holds no model; it forwards `janus.v1.Understanding`
+//! and `janus.v1.Generation` calls to configured backends (round-robin or least-outstanding),
+//! health-checks them with `grpc.health.v1` and skips unhealthy ones, streams responses
+//! through, propagates `x-request-id` (generated when absent) and W3C trace context, enforces
+//! `grpc-timeout` deadlines and turns backend failures into clear statuses.
+
+pub mod pool;
+
+use janus_proto::v1 as pb;
+use janus_proto::v1::generation_client::GenerationClient;
+use janus_proto::v1::generation_server::{Generation, GenerationServer};
+use janus_proto::v1::understanding_client::UnderstandingClient;
+use janus_proto::v1::understanding_server::{Understanding, UnderstandingServer};
+use janus_service::stream::{forward, BoxStream};
+use janus_service::{meta, server, status, Lifecycle, Running, ServerOptions};
+pub use pool::Balance;
+use pool::{Backend, Lease, Pool};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_health::pb::health_check_response::ServingStatus as PbServing;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// Balancing and health-checking knobs (shared by `janus-gateway` and `janus serve`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayTuning {
+    /// How a backend is picked for each request.
+    #[arg(long, env = "JANUS_BALANCE", value_enum, default_value_t = Balance::RoundRobin)]
+    pub balance: Balance,
+    /// Seconds between grpc.health.v1 checks of each backend.
+    #[arg(long, env = "JANUS_HEALTH_INTERVAL", default_value_t = 2.0)]
+    pub health_interval: f64,
+    /// Seconds to wait for a TCP/HTTP2 connection to a backend.
+    #[arg(long, env = "JANUS_CONNECT_TIMEOUT", default_value_t = 2.0)]
+    pub connect_timeout: f64,
+}
+
+impl Default for GatewayTuning {
+    fn default() -> Self {
+        Self {
+            balance: Balance::RoundRobin,
+            health_interval: 2.0,
+            connect_timeout: 2.0,
+        }
+    }
+}
+
+/// What the gateway forwards to.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayOptions {
+    /// Understanding backend addresses (`host:port` or `http://host:port`).
+    pub understanding: Vec<String>,
+    /// Generation backend addresses.
+    pub generation: Vec<String>,
+    /// Balancing and health checks.
+    pub tuning: GatewayTuning,
+    /// Message limits and grace period.
+    pub server: ServerOptions,
+}
+
+struct Shared {
+    und: Pool,
+    gen: Pool,
+    max_message_bytes: usize,
+    abort: CancellationToken,
+}
+
+/// The gateway's implementation of both services.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("understanding", &self.shared.und.backends.len())
+            .field("generation", &self.shared.gen.backends.len())
+            .finish()
+    }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the gateway is shutting down")
+}
+
+/// Request-scoped facts the gateway forwards.
+struct Call {
+    deadline: Option<Instant>,
+    request_id: String,
+    metadata: MetadataMap,
+}
+
+impl Call {
+    fn new<T>(req: &Request<T>, body_id: &str) -> Self {
+        let deadline = meta::grpc_timeout(req.metadata()).map(|d| Instant::now() + d);
+        Self {
+            deadline,
+            request_id: meta::request_id(body_id, req.metadata()),
+            metadata: req.metadata().clone(),
+        }
+    }
+
+    /// An outgoing request with propagated metadata and the remaining deadline.
+    fn outgoing<T>(&self, body: T) -> Result<Request<T>, Status> {
+        let mut r = Request::new(body);
+        meta::propagate(&self.metadata, r.metadata_mut(), &self.request_id);
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(status::deadline_status("waiting for a backend"));
+            }
+            r.set_timeout(left);
+        }
+        Ok(r)
+    }
+}
+
+/// A backend's status as the gateway's answer: codes pass through; transport failures become
+/// UNAVAILABLE naming the backend.
+fn from_backend(kind: &str, b: &Backend, s: Status) -> Status {
+    match s.code() {
+        Code::Unavailable => Status::unavailable(format!(
+            "{kind} backend {} is unavailable: {}",
+            b.url,
+            s.message()
+        )),
+        Code::Unknown if is_transport(&s) => Status::unavailable(format!(
+            "{kind} backend {} is unavailable: {}",
+            b.url,
+            s.message()
+        )),
+        _ => {
+            // Keep the code, message and our own metadata (e.g. `janus-field`); drop the
+            // backend's transport headers.
+            let mut md = MetadataMap::new();
+            for key in [status::FIELD_METADATA, meta::REQUEST_ID] {
+                if let Some(v) = s.metadata().get(key) {
+                    md.insert(key, v.clone());
+                }
+            }
+            Status::with_metadata(s.code(), s.message().to_string(), md)
+        }
+    }
+}
+
+fn is_transport(s: &Status) -> bool {
+    let m = s.message().to_ascii_lowercase();
+    m.contains("transport")
+        || m.contains("connect")
+        || m.contains("connection")
+        || m.contains("broken pipe")
+}
+
+impl Gateway {
+    /// A gateway over the configured backends (no connection is made yet).
+    pub fn new(opts: &GatewayOptions, abort: CancellationToken) -> anyhow::Result<Self> {
+        let ct = Duration::from_secs_f64(opts.tuning.connect_timeout.max(0.01));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                und: Pool::new(
+                    janus_proto::UNDERSTANDING_SERVICE,
+                    "understanding",
+                    &opts.understanding,
+                    opts.tuning.balance,
+                    ct,
+                )?,
+                gen: Pool::new(
+                    janus_proto::GENERATION_SERVICE,
+                    "generation",
+                    &opts.generation,
+                    opts.tuning.balance,
+                    ct,
+                )?,
+                max_message_bytes: opts.server.max_message_bytes,
+                abort,
+            }),
+        })
+    }
+
+    /// Tries eligible backends in policy order until one accepts the call. UNAVAILABLE from
+    /// a backend (down, draining) marks it unhealthy and moves on; any other status is the
+    /// answer.
+    async fn dispatch<T, F, Fut>(
+        &self,
+        pool: &Pool,
+        call: &Call,
+        mut attempt: F,
+    ) -> Result<(T, Lease), Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let candidates = pool.candidates();
+        if candidates.is_empty() {
+            return Err(Status::unavailable(pool.unavailable_message()));
+        }
+        let mut last = None;
+        for b in candidates {
+            let lease = Lease::new(b.clone());
+            let fut = attempt(b.channel.clone());
+            let res = match call.deadline {
+                Some(d) => match tokio::time::timeout_at(d, fut).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(status::deadline_status("waiting for a backend")),
+                },
+                None => fut.await,
+            };
+            match res {
+                Ok(v) => return Ok((v, lease)),
+                Err(s) if s.code() == Code::Unavailable => {
+                    b.mark_unhealthy(s.message());
+                    tracing::warn!(request_id = %call.request_id, backend = %b.url, "backend unavailable: {}", s.message());
+                    last = Some(from_backend(pool.kind, &b, s));
+                }
+                Err(s) => return Err(from_backend(pool.kind, &b, s)),
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable(pool.unavailable_message())))
+    }
+
+    /// Streams a backend response through, holding the backend lease until it ends.
+    fn relay<T: Send + 'static>(
+        &self,
+        call: &Call,
+        stream: Streaming<T>,
+        lease: Lease,
+    ) -> Response<BoxStream<T>> {
+        let source = stream.map(move |item| {
+            let _held = &lease;
+            item
+        });
+        let mut resp = Response::new(forward(
+            source,
+            call.deadline,
+            Some(self.shared.abort.clone()),
+            shutting_down,
+        ));
+        meta::set_request_id(resp.metadata_mut(), &call.request_id);
+        resp
+    }
+
+    fn und_client(&self, ch: Channel) -> UnderstandingClient<Channel> {
+        let n = self.shared.max_message_bytes;
+        UnderstandingClient::new(ch)
+            .max_decoding_message_size(n)
+            .max_encoding_message_size(n)
+    }
+
+    fn gen_client(&self, ch: Channel) -> GenerationClient<Channel> {
+        let n = self.shared.max_message_bytes;
+        GenerationClient::new(ch)
+            .max_decoding_message_size(n)
+            .max_encoding_message_size(n)
+    }
+}
+
+#[tonic::async_trait]
+impl Understanding for Gateway {
+    type UnderstandStream = BoxStream<pb::UnderstandResponse>;
+
+    async fn understand(
+        &self,
+        req: Request<pb::UnderstandRequest>,
+    ) -> Result<Response<Self::UnderstandStream>, Status> {
+        let call = Call::new(&req, &req.get_ref().request_id);
+        let mut body = req.into_inner();
+        body.request_id = call.request_id.clone();
+        let (resp, lease) = self
+            .dispatch(&self.shared.und, &call, |ch| {
+                let r = call.outgoing(body.clone());
+                let mut client = self.und_client(ch);
+                async move { client.understand(r?).await }
+            })
+            .await?;
+        Ok(self.relay(&call, resp.into_inner(), lease))
+    }
+
+    async fn info(
+        &self,
+        req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let call = Call::new(&req, "");
+        let (resp, _lease) = self
+            .dispatch(&self.shared.und, &call, |ch| {
+                let r = call.outgoing(pb::InfoRequest {});
+                let mut client = self.und_client(ch);
+                async move { client.info(r?).await }
+            })
+            .await?;
+        Ok(Response::new(resp.into_inner()))
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for Gateway {
+    type GenerateStream = BoxStream<pb::GenerateResponse>;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let call = Call::new(&req, &req.get_ref().request_id);
+        let mut body = req.into_inner();
+        body.request_id = call.request_id.clone();
+        let (resp, lease) = self
+            .dispatch(&self.shared.gen, &call, |ch| {
+                let r = call.outgoing(body.clone());
+                let mut client = self.gen_client(ch);
+                async move { client.generate(r?).await }
+            })
+            .await?;
+        Ok(self.relay(&call, resp.into_inner(), lease))
+    }
+
+    async fn info(
+        &self,
+        req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let call = Call::new(&req, "");
+        let (resp, _lease) = self
+            .dispatch(&self.shared.gen, &call, |ch| {
+                let r = call.outgoing(pb::InfoRequest {});
+                let mut client = self.gen_client(ch);
+                async move { client.info(r?).await }
+            })
+            .await?;
+        Ok(Response::new(resp.into_inner()))
+    }
+}
+
+/// One health check of a backend.
+async fn check(b: &Backend, service: &str, timeout: Duration) -> Result<(), String> {
+    let mut client = HealthClient::new(b.channel.clone());
+    let req = HealthCheckRequest {
+        service: service.to_string(),
+    };
+    match tokio::time::timeout(timeout, client.check(req)).await {
+        Err(_) => Err(format!("health check timed out after {timeout:?}")),
+        Ok(Err(s)) => Err(format!(
+            "health check failed: {} ({:?})",
+            s.message(),
+            s.code()
+        )),
+        Ok(Ok(r)) if r.get_ref().status == PbServing::Serving as i32 => Ok(()),
+        Ok(Ok(r)) => Err(format!(
+            "health status {:?}",
+            PbServing::try_from(r.get_ref().status).unwrap_or(PbServing::Unknown)
+        )),
+    }
+}
+
+/// Checks every backend of a pool once and sets the gateway's health status for the service
+/// (SERVING while any backend is healthy).
+async fn check_round(
+    shared: &Shared,
+    which: fn(&Shared) -> &Pool,
+    health: &HealthReporter,
+    timeout: Duration,
+) {
+    let pool = which(shared);
+    let checks = pool.backends.iter().map(|b| async move {
+        match check(b, pool.service, timeout).await {
+            Ok(()) => b.mark_healthy(),
+            Err(e) => b.mark_unhealthy(&e),
+        }
+    });
+    futures_join(checks).await;
+    let any = pool.backends.iter().any(|b| b.healthy());
+    let st = if any {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status(pool.service, st).await;
+}
+
+/// Repeats [`check_round`] every `interval` until `stop`.
+fn spawn_health_checks(
+    shared: Arc<Shared>,
+    which: fn(&Shared) -> &Pool,
+    health: HealthReporter,
+    interval: Duration,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            tokio::select! {
+                _ = check_round(&shared, which, &health, timeout) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Runs futures concurrently to completion (a tiny `join_all`).
+async fn futures_join<F: Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut pending: Vec<_> = set.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for slot in pending.iter_mut() {
+            if let Some(f) = slot {
+                if f.as_mut().poll(cx).is_ready() {
+                    *slot = None;
+                } else {
+                    done = false;
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Serves both services (forwarded), health and reflection on `listener`.
+pub async fn serve(
+    opts: GatewayOptions,
+    listener: TcpListener,
+    life: Lifecycle,
+) -> anyhow::Result<Running> {
+    let gateway = Gateway::new(&opts, life.abort.clone())?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let n = opts.server.max_message_bytes;
+    let router = server::add_reflection(server::builder().add_service(health_svc))?
+        .add_service(
+            UnderstandingServer::new(gateway.clone())
+                .max_decoding_message_size(n)
+                .max_encoding_message_size(n),
+        )
+        .add_service(
+            GenerationServer::new(gateway.clone())
+                .max_decoding_message_size(n)
+                .max_encoding_message_size(n),
+        );
+    // The gateway itself is up; per-service status follows the backends' health.
+    health.set_service_status("", ServingStatus::Serving).await;
+    let interval = Duration::from_secs_f64(opts.tuning.health_interval.max(0.05));
+    let timeout =
+        Duration::from_secs_f64(opts.tuning.connect_timeout.max(0.05)) + Duration::from_secs(1);
+    // A first round before serving, so health answers are right from the start.
+    tokio::join!(
+        check_round(&gateway.shared, |s| &s.und, &health, timeout),
+        check_round(&gateway.shared, |s| &s.gen, &health, timeout),
+    );
+    spawn_health_checks(
+        gateway.shared.clone(),
+        |s| &s.und,
+        health.clone(),
+        interval,
+        timeout,
+        life.shutdown.clone(),
+    );
+    spawn_health_checks(
+        gateway.shared.clone(),
+        |s| &s.gen,
+        health.clone(),
+        interval,
+        timeout,
+        life.shutdown.clone(),
+    );
+    server::spawn(
+        router,
+        listener,
+        health,
+        vec![
+            janus_proto::UNDERSTANDING_SERVICE,
+            janus_proto::GENERATION_SERVICE,
+        ],
+        opts.server.grace_period,
+        life,
+    )
+}
+
+/// Command-line arguments of `janus-gateway` / `janus gateway`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "JANUS_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Understanding backends, comma-separated host:port or URLs.
+    #[arg(long, env = "JANUS_UNDERSTANDING_BACKENDS", value_delimiter = ',')]
+    pub understanding_backends: Vec<String>,
+    /// Generation backends, comma-separated host:port or URLs.
+    #[arg(long, env = "JANUS_GENERATION_BACKENDS", value_delimiter = ',')]
+    pub generation_backends: Vec<String>,
+    #[command(flatten)]
+    pub tuning: GatewayTuning,
+    #[command(flatten)]
+    pub server: janus_service::flags::ServerFlags,
+}
+
+/// Serves until SIGTERM/ctrl-c, then shuts down gracefully.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.understanding_backends.is_empty() && args.generation_backends.is_empty() {
+        anyhow::bail!("no backends: pass --understanding-backends and/or --generation-backends");
+    }
+    let listener = server::bind(&args.listen).await?;
+    let life = Lifecycle::new();
+    let running = serve(
+        GatewayOptions {
+            understanding: args.understanding_backends,
+            generation: args.generation_backends,
+            tuning: args.tuning,
+            server: args.server.options(),
+        },
+        listener,
+        life.clone(),
+    )
+    .await?;
+    tracing::info!("janus gateway listening on {}", running.local_addr());
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        life.shutdown.cancel();
+    });
+    running.wait().await
+}

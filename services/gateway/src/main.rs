@@ -1,0 +1,20 @@
+//! `janus-gateway`: the public endpoint of a Janus-Pro cluster (no model).
+
+use clap::Parser;
+
+/// Forward janus.v1.Understanding and janus.v1.Generation to health-checked backends.
+#[derive(Parser, Debug)]
+#[command(name = "janus-gateway", version, about)]
+struct Cli {
+    #[command(flatten)]
+    args: janus_gateway::Args,
+}
+
+#[tokio::main]
+async fn main() {
+    janus_service::init_tracing();
+    if let Err(e) = janus_gateway::run(Cli::parse().args).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

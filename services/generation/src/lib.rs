@@ -1,0 +1,201 @@
+//! `janus.v1.Generation` over tonic: validation, queueing, the token loop, previews and image
+//! encoding come from [`janus_engine::GenerationEngine`]; this crate converts the protocol,
+//! maps errors to statuses and assembles the server (health, reflection, limits, shutdown).
+
+mod adapter;
+
+use janus_engine::{GenerationConfig, GenerationEngine, RequestMeta};
+use janus_pipeline::generate::MAX_IMAGES;
+use janus_pipeline::{GenerationModel, LoadOptions};
+use janus_proto::v1 as pb;
+use janus_proto::v1::generation_server::{Generation, GenerationServer};
+use janus_service::stream::{forward, from_engine, BoxStream};
+use janus_service::{meta, server, status, Lifecycle, ModelInfo, Running, ServerOptions};
+use std::path::Path;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+/// Loads the generation half and starts its engine thread (blocking; seconds to minutes).
+pub fn load(
+    dir: &Path,
+    load: &LoadOptions,
+    config: GenerationConfig,
+) -> anyhow::Result<GenerationEngine> {
+    let model = GenerationModel::load(dir, load)?;
+    Ok(GenerationEngine::start(model, config))
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct GenerationService {
+    engine: GenerationEngine,
+    info: ModelInfo,
+    options: ServerOptions,
+}
+
+impl GenerationService {
+    /// A service over a running engine.
+    pub fn new(engine: GenerationEngine, info: ModelInfo, options: ServerOptions) -> Self {
+        Self {
+            engine,
+            info,
+            options,
+        }
+    }
+}
+
+fn no_abort() -> Status {
+    Status::unavailable("the server is shutting down")
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = BoxStream<pb::GenerateResponse>;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let timeout = meta::grpc_timeout(req.metadata());
+        let request_id = meta::request_id(&req.get_ref().request_id, req.metadata());
+        let rmeta = RequestMeta::new(request_id.clone(), timeout);
+        let deadline = rmeta.deadline.map(tokio::time::Instant::from_std);
+        if !adapter::known_format(req.get_ref().output_format) {
+            return Err(status::to_status(&janus_engine::EngineError::invalid(
+                "output_format",
+                format!("unknown value {}", req.get_ref().output_format),
+            )));
+        }
+        let input = adapter::input(req.into_inner());
+        let engine = self.engine.clone();
+        let prepared = tokio::task::spawn_blocking(move || engine.prepare(input));
+        let prepared = match deadline {
+            Some(d) => tokio::time::timeout_at(d, prepared)
+                .await
+                .map_err(|_| status::deadline_status("validating the request"))?,
+            None => prepared.await,
+        };
+        let ticket = prepared
+            .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
+            .map_err(|e| {
+                tracing::info!(%request_id, "generate refused: {e}");
+                status::to_status(&e)
+            })?;
+        let rx = self
+            .engine
+            .submit(ticket, rmeta)
+            .map_err(|e| status::to_status(&e))?;
+        let id = request_id.clone();
+        let events = from_engine(rx, move |e| adapter::event(e, &id));
+        let mut resp = Response::new(forward(events, deadline, None, no_abort));
+        meta::set_request_id(resp.metadata_mut(), &request_id);
+        Ok(resp)
+    }
+
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let m = self.engine.model();
+        let c = self.engine.config();
+        let i = &self.info;
+        Ok(Response::new(pb::InfoResponse {
+            model_id: i.model_id.clone(),
+            model_path: i.model_path.clone(),
+            dtype: i.dtype.clone(),
+            weight_dtype: i.weight_dtype.clone(),
+            device: i.device.clone(),
+            half: pb::ModelHalf::Generation as i32,
+            limits: Some(pb::Limits {
+                max_image_bytes: 0,
+                max_image_pixels: 0,
+                max_new_tokens: 0,
+                context_window: m.context() as u32,
+                max_queue: c.max_queue as u32,
+                max_batch: c.max_batch as u32,
+                max_images: MAX_IMAGES as u32,
+                image_size: self.engine.image_size() as u32,
+                image_tokens: m.image_tokens() as u32,
+                max_message_bytes: self.options.max_message_bytes as u64,
+                tokens_per_input_image: 0,
+            }),
+            stats: Some(janus_service::stats_to_proto(self.engine.stats())),
+            server_version: janus_service::VERSION.to_string(),
+        }))
+    }
+}
+
+/// Serves `janus.v1.Generation`, health and reflection on `listener` until `life.shutdown`.
+/// New requests are refused once shutdown starts; in-flight ones end with UNAVAILABLE when the
+/// grace period is over.
+pub async fn serve(
+    engine: GenerationEngine,
+    info: ModelInfo,
+    options: ServerOptions,
+    listener: TcpListener,
+    life: Lifecycle,
+) -> anyhow::Result<Running> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let n = options.max_message_bytes;
+    let svc = GenerationServer::new(GenerationService::new(
+        engine.clone(),
+        info,
+        options.clone(),
+    ))
+    .max_decoding_message_size(n)
+    .max_encoding_message_size(n);
+    let router =
+        server::add_reflection(server::builder().add_service(health_svc))?.add_service(svc);
+    let names = vec![janus_proto::GENERATION_SERVICE];
+    server::set_serving(&health, &names).await;
+    {
+        let (e, l) = (engine.clone(), life.clone());
+        tokio::spawn(async move {
+            l.shutdown.cancelled().await;
+            e.close();
+            l.abort.cancelled().await;
+            e.abort();
+        });
+    }
+    server::spawn(router, listener, health, names, options.grace_period, life)
+}
+
+/// Command-line arguments of `janus-generation` / `janus serve-generation`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "JANUS_LISTEN", default_value = "127.0.0.1:50053")]
+    pub listen: String,
+    #[command(flatten)]
+    pub model: janus_service::flags::ModelFlags,
+    #[command(flatten)]
+    pub server: janus_service::flags::ServerFlags,
+    #[command(flatten)]
+    pub engine: janus_service::flags::GenerationFlags,
+}
+
+/// Resolves and loads the model, serves until SIGTERM/ctrl-c, then shuts down gracefully.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let resolved = args.model.resolve()?;
+    let opts = args.model.load_options(None)?;
+    let config = args.engine.config();
+    let dir = resolved.path.clone();
+    tracing::info!(model = %resolved.id, path = %dir.display(), device = %args.model.device, "loading the generation half");
+    let engine = tokio::task::spawn_blocking(move || load(&dir, &opts, config)).await??;
+    let listener = server::bind(&args.listen).await?;
+    let life = Lifecycle::new();
+    let running = serve(
+        engine,
+        args.model.info(&resolved.path, None),
+        args.server.options(),
+        listener,
+        life.clone(),
+    )
+    .await?;
+    tracing::info!("janus.v1.Generation listening on {}", running.local_addr());
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        life.shutdown.cancel();
+    });
+    running.wait().await
+}

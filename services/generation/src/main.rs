@@ -1,0 +1,23 @@
+//! `janus-generation`: the generation half as a standalone gRPC server (a cluster role).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clap::Parser;
+
+/// Serve janus.v1.Generation (+ grpc.health.v1 and reflection) on one device.
+#[derive(Parser, Debug)]
+#[command(name = "janus-generation", version, about)]
+struct Cli {
+    #[command(flatten)]
+    args: janus_generation::Args,
+}
+
+#[tokio::main]
+async fn main() {
+    janus_service::init_tracing();
+    if let Err(e) = janus_generation::run(Cli::parse().args).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,128 @@
+//! Local inference (`janus understand|generate --model …`): the model runs in this process.
+
+use crate::client::{Format, GenerateArgs, UnderstandArgs};
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
+use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
+use std::io::Write;
+
+/// Load options from the device/dtype flags.
+pub fn load_options(device: &str, dtype: &str, weight_dtype: Option<&str>) -> Result<LoadOptions> {
+    Ok(LoadOptions {
+        device: janus_pipeline::parse_device(device)?,
+        dtype: janus_pipeline::parse_dtype(dtype)?,
+        weight_dtype: weight_dtype.map(janus_pipeline::parse_dtype).transpose()?,
+        max_context: None,
+    })
+}
+
+fn resolve(model: &str) -> Result<std::path::PathBuf> {
+    Ok(janus_service::model_source::resolve(model)?.path)
+}
+
+/// Runs one conversation locally, streaming the answer to stdout.
+pub fn understand(model: &str, args: &UnderstandArgs) -> Result<()> {
+    let l = &args.local;
+    let opts = load_options(&l.device, &l.dtype, l.weight_dtype.as_deref())?;
+    let m = UnderstandingModel::load(&resolve(model)?, &opts)?;
+    let mut decoded = Vec::new();
+    for (i, p) in args.images.iter().enumerate() {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        decoded.push(
+            janus_pipeline::decode_rgb(&bytes, &Default::default())
+                .map_err(|source| janus_pipeline::Error::Image { index: i, source })?,
+        );
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(Message {
+            role: Role::System,
+            content: s.clone(),
+        });
+    }
+    messages.push(Message {
+        role: Role::User,
+        content: args.content(),
+    });
+    let conv = Conversation {
+        messages,
+        images: decoded,
+    };
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens.unwrap_or(512) as usize,
+        min_new_tokens: args.min_new_tokens.unwrap_or(0) as usize,
+        temperature: args.temperature,
+        top_k: args.top_k as usize,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed.unwrap_or(42),
+        stop: args.stop.clone(),
+    };
+    let mut out = std::io::stdout();
+    let (_, reason) = m.understand(&conv, params, |e| {
+        if let TokenEvent::Token { text, .. } = e {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    println!();
+    eprintln!("finish: {reason:?}");
+    Ok(())
+}
+
+/// Generates images locally and writes them to `--out`.
+pub fn generate(model: &str, args: &GenerateArgs) -> Result<()> {
+    let l = &args.local;
+    let opts = load_options(&l.device, &l.dtype, l.weight_dtype.as_deref())?;
+    let m = GenerationModel::load(&resolve(model)?, &opts)?;
+    let params = GenerateParams {
+        n: args.n as usize,
+        cfg_weight: args.cfg_weight,
+        temperature: args.temperature,
+        top_k: args.top_k as usize,
+        top_p: args.top_p,
+        seed: args.seed.unwrap_or(12345),
+    };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(m.image_tokens() as u64);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let images = m.generate(&args.prompt, &params, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    std::fs::create_dir_all(&args.out)?;
+    for (i, img) in images.iter().enumerate() {
+        let path = match args.format {
+            Format::Tokens => {
+                let p = args.out.join(format!("image_{i}.tokens.json"));
+                std::fs::write(&p, serde_json::to_string(&img.tokens)?)?;
+                p
+            }
+            f => {
+                let ext = if f == Format::Jpeg { "jpg" } else { "png" };
+                let p = args.out.join(format!("image_{i}.{ext}"));
+                image::RgbImage::from_raw(
+                    img.image.width,
+                    img.image.height,
+                    img.image.data.clone(),
+                )
+                .context("image buffer")?
+                .save(&p)?;
+                p
+            }
+        };
+        println!("{} (seed {})", path.display(), img.seed);
+    }
+    Ok(())
+}

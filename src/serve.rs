@@ -1,0 +1,106 @@
+//! `janus serve`: the gateway and both services in one process behind one public port. The
+//! services listen on internal loopback ports (127.0.0.1, chosen by the OS) and the in-process
+//! gateway forwards to them exactly as it would to remote backends.
+
+use anyhow::Result;
+use janus_gateway::{GatewayOptions, GatewayTuning};
+use janus_service::flags::{ModelFlags, ServerFlags, UnderstandingFlags};
+use janus_service::{server, Lifecycle};
+
+/// Options of `janus serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Public address of the gateway.
+    #[arg(long, env = "JANUS_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// Device of the understanding half (default: --device).
+    #[arg(long, env = "JANUS_UNDERSTANDING_DEVICE")]
+    pub understanding_device: Option<String>,
+    /// Device of the generation half (default: --device).
+    #[arg(long, env = "JANUS_GENERATION_DEVICE")]
+    pub generation_device: Option<String>,
+    #[command(flatten)]
+    pub server: ServerFlags,
+    #[command(flatten)]
+    pub understanding: UnderstandingFlags,
+    /// Generation requests that may wait before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "JANUS_GEN_MAX_QUEUE", default_value_t = 16)]
+    pub gen_max_queue: usize,
+    /// Generation requests batched into one forward at most.
+    #[arg(long, env = "JANUS_GEN_MAX_BATCH", default_value_t = 4)]
+    pub gen_max_batch: usize,
+    /// Side of generation preview thumbnails in pixels.
+    #[arg(long, env = "JANUS_PREVIEW_SIZE", default_value_t = 96)]
+    pub preview_size: u32,
+    #[command(flatten)]
+    pub tuning: GatewayTuning,
+}
+
+/// Loads both halves (in parallel), starts the three servers, serves until SIGTERM/ctrl-c.
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let resolved = args.model.resolve()?;
+    let und_dev = args.understanding_device.clone();
+    let gen_dev = args.generation_device.clone();
+    let und_opts = args.model.load_options(und_dev.as_deref())?;
+    let gen_opts = args.model.load_options(gen_dev.as_deref())?;
+    let und_cfg = args.understanding.config();
+    let gen_cfg = janus_service::flags::generation_config(
+        args.gen_max_queue,
+        args.gen_max_batch,
+        args.preview_size,
+    );
+    tracing::info!(model = %resolved.id, path = %resolved.path.display(), "loading both halves");
+    let (d1, d2) = (resolved.path.clone(), resolved.path.clone());
+    let und =
+        tokio::task::spawn_blocking(move || janus_understanding::load(&d1, &und_opts, und_cfg));
+    let gen = tokio::task::spawn_blocking(move || janus_generation::load(&d2, &gen_opts, gen_cfg));
+    let (und, gen) = (und.await??, gen.await??);
+
+    // Bind the public port before starting anything so a busy port fails fast.
+    let public = server::bind(&args.listen).await?;
+    let life = Lifecycle::new();
+    let opts = args.server.options();
+    let und_srv = janus_understanding::serve(
+        und,
+        args.model.info(&resolved.path, und_dev.as_deref()),
+        opts.clone(),
+        server::bind("127.0.0.1:0").await?,
+        life.child(),
+    )
+    .await?;
+    let gen_srv = janus_generation::serve(
+        gen,
+        args.model.info(&resolved.path, gen_dev.as_deref()),
+        opts.clone(),
+        server::bind("127.0.0.1:0").await?,
+        life.child(),
+    )
+    .await?;
+    let gateway = janus_gateway::serve(
+        GatewayOptions {
+            understanding: vec![und_srv.url()],
+            generation: vec![gen_srv.url()],
+            tuning: args.tuning.clone(),
+            server: opts,
+        },
+        public,
+        life.child(),
+    )
+    .await?;
+    tracing::info!(
+        understanding = %und_srv.local_addr(),
+        generation = %gen_srv.local_addr(),
+        "internal services listening"
+    );
+    // A stable line for scripts and tests.
+    eprintln!("janus: serving on http://{}", gateway.local_addr());
+    let stop = life.clone();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        stop.shutdown.cancel();
+    });
+    let (a, b, c) = tokio::join!(gateway.wait(), und_srv.wait(), gen_srv.wait());
+    a.and(b).and(c)
+}
