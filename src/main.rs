@@ -158,22 +158,24 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run(cmd: Command) -> Result<()> {
     match cmd {
-        Command::Serve(args) => {
-            janus_service::init_tracing();
-            runtime()?.block_on(serve::run(args))
-        }
-        Command::ServeUnderstanding(args) => {
-            janus_service::init_tracing();
-            runtime()?.block_on(janus_understanding::run(args))
-        }
-        Command::ServeGeneration(args) => {
-            janus_service::init_tracing();
-            runtime()?.block_on(janus_generation::run(args))
-        }
-        Command::Gateway(args) => {
-            janus_service::init_tracing();
-            runtime()?.block_on(janus_gateway::run(args))
-        }
+        // Telemetry is set up inside the runtime (the OTLP exporter is a tonic client); the
+        // guard flushes buffered spans when the server returns.
+        Command::Serve(args) => runtime()?.block_on(async {
+            let _telemetry = janus_service::init_telemetry("janus");
+            serve::run(args).await
+        }),
+        Command::ServeUnderstanding(args) => runtime()?.block_on(async {
+            let _telemetry = janus_service::init_telemetry("janus-understanding");
+            janus_understanding::run(args).await
+        }),
+        Command::ServeGeneration(args) => runtime()?.block_on(async {
+            let _telemetry = janus_service::init_telemetry("janus-generation");
+            janus_generation::run(args).await
+        }),
+        Command::Gateway(args) => runtime()?.block_on(async {
+            let _telemetry = janus_service::init_telemetry("janus-gateway");
+            janus_gateway::run(args).await
+        }),
         Command::Understand(args) => match args.local.model.clone() {
             Some(model) => local::understand(&model, &args),
             None => runtime()?.block_on(client::understand(args)),

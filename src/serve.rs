@@ -29,7 +29,7 @@ pub struct ServeArgs {
     #[arg(long, env = "JANUS_GEN_MAX_QUEUE", default_value_t = 16)]
     pub gen_max_queue: usize,
     /// Generation requests batched into one forward at most.
-    #[arg(long, env = "JANUS_GEN_MAX_BATCH", default_value_t = 4)]
+    #[arg(long, env = "JANUS_GEN_MAX_BATCH", default_value_t = 8)]
     pub gen_max_batch: usize,
     /// Side of generation preview thumbnails in pixels.
     #[arg(long, env = "JANUS_PREVIEW_SIZE", default_value_t = 96)]
@@ -45,23 +45,34 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let gen_dev = args.generation_device.clone();
     let und_opts = args.model.load_options(und_dev.as_deref())?;
     let gen_opts = args.model.load_options(gen_dev.as_deref())?;
-    let und_cfg = args.understanding.config();
-    let gen_cfg = janus_service::flags::generation_config(
-        args.gen_max_queue,
-        args.gen_max_batch,
-        args.preview_size,
+    // One process, one registry and one /metrics: the RPC counters see each request twice, at
+    // the public gateway and at the internal service (docs/metrics.md).
+    let opts = args.server.options("janus");
+    if let Some(addr) = args.server.serve_metrics(&opts.metrics).await? {
+        // A stable line for scripts and tests (the port may have been chosen by the OS).
+        eprintln!("janus: metrics on http://{addr}/metrics");
+    }
+    let und_cfg = janus_understanding::with_metrics(args.understanding.config(), &opts.metrics);
+    let gen_cfg = janus_generation::with_metrics(
+        janus_service::flags::generation_config(
+            args.gen_max_queue,
+            args.gen_max_batch,
+            args.preview_size,
+        ),
+        &opts.metrics,
     );
     tracing::info!(model = %resolved.id, path = %resolved.path.display(), "loading both halves");
     let (d1, d2) = (resolved.path.clone(), resolved.path.clone());
+    let started = std::time::Instant::now();
     let und =
         tokio::task::spawn_blocking(move || janus_understanding::load(&d1, &und_opts, und_cfg));
     let gen = tokio::task::spawn_blocking(move || janus_generation::load(&d2, &gen_opts, gen_cfg));
     let (und, gen) = (und.await??, gen.await??);
+    opts.metrics.set_model_load_time(started.elapsed());
 
     // Bind the public port before starting anything so a busy port fails fast.
     let public = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
-    let opts = args.server.options();
     let und_srv = janus_understanding::serve(
         und,
         args.model.info(&resolved.path, und_dev.as_deref()),

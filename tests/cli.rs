@@ -1,7 +1,7 @@
 //! The `janus` binary end to end: `serve` on an ephemeral port, the client commands against
-//! it, documented exit codes, local mode, and a clean exit on SIGTERM.
+//! it, documented exit codes, local mode, a clean exit on SIGTERM, and `/metrics`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,10 +55,16 @@ fn janus(args: &[&str], env: &[(&str, &str)]) -> Out {
 struct Server {
     child: Child,
     url: String,
+    /// `http://ADDR/metrics` when started with `--metrics-listen`.
+    metrics: Option<String>,
 }
 
 impl Server {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Self {
         let model = fixture().join("model");
         let mut child = Command::new(JANUS)
             .args([
@@ -70,6 +76,7 @@ impl Server {
                 "--grace-period",
                 "2",
             ])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -79,20 +86,29 @@ impl Server {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut metrics = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // The metrics endpoint starts before the model loads: its line comes first.
+                if let Some(url) = line.strip_prefix("janus: metrics on ") {
+                    metrics = Some(url.trim().to_string());
+                }
                 if let Some(url) = line.strip_prefix("janus: serving on ") {
-                    let _ = tx.send(url.trim().to_string());
+                    let _ = tx.send((url.trim().to_string(), metrics.take()));
                 }
             }
         });
-        let url = match rx.recv_timeout(Duration::from_secs(120)) {
+        let (url, metrics) = match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(u) => u,
             Err(_) => {
                 let _ = child.kill();
                 panic!("janus serve did not report its address");
             }
         };
-        Self { child, url }
+        Self {
+            child,
+            url,
+            metrics,
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -274,4 +290,71 @@ fn local_mode_runs_the_model_in_process() {
     );
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(!out.stdout.trim().is_empty());
+}
+
+/// `GET` of an `http://host:port/path` URL over HTTP/1.1 (bounded); the status line and body.
+fn http_get(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the sample `series` (exact series text) in a Prometheus text exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series))
+        .map(|(_, v)| v.parse().unwrap())
+}
+
+#[test]
+fn serve_exposes_prometheus_metrics() {
+    let server = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = server
+        .metrics
+        .clone()
+        .expect("`janus: metrics on` line before `janus: serving on`");
+    let out = janus(&["health", "--server", &server.url], &[]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    let (status, body) = http_get(&metrics);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let version = env!("CARGO_PKG_VERSION");
+    let build = body
+        .lines()
+        .find(|l| l.starts_with("janus_build_info{"))
+        .unwrap_or_else(|| panic!("no janus_build_info in {body}"));
+    assert!(build.contains(r#"service="janus""#), "{build}");
+    assert!(
+        build.contains(&format!(r#"version="{version}""#)),
+        "{build}"
+    );
+    assert!(build.ends_with(" 1"), "{build}");
+    assert!(
+        sample(&body, "janus_model_load_seconds").unwrap() > 0.0,
+        "the model load was timed: {body}"
+    );
+    // The health checks (the client's, through the gateway, and the gateway's own of its
+    // backends) were counted by method and status code.
+    let checks = sample(
+        &body,
+        r#"janus_grpc_requests_total{code="OK",method="grpc.health.v1.Health/Check"}"#,
+    )
+    .unwrap_or_else(|| panic!("no health checks counted in {body}"));
+    assert!(checks >= 3.0, "{checks}");
+    assert_eq!(sample(&body, "janus_queue_depth"), Some(0.0));
+    // Only /metrics is served there.
+    let (status, _) = http_get(&metrics.replace("/metrics", "/other"));
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+    assert!(server.terminate().success());
 }

@@ -4,8 +4,10 @@
 use crate::error::{EngineError, Result};
 use crate::queue::{PushError, Queue};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tracing::Span;
 
 /// Transport-independent facts about a request.
 #[derive(Debug, Clone)]
@@ -16,16 +18,60 @@ pub struct RequestMeta {
     pub received: Instant,
     /// The request is abandoned with [`EngineError::DeadlineExceeded`] after this instant.
     pub deadline: Option<Instant>,
+    /// The span of the request (the RPC's span in a server): the engine's spans for this
+    /// request (`queue_wait`, `prefill`, `decode`, …) are its children, so a trace shows the
+    /// request's share of the batched work. `Span::none()` = no engine spans.
+    pub span: Span,
 }
 
 impl RequestMeta {
-    /// Metadata for a request arriving now.
+    /// Metadata for a request arriving now, in the current span (see [`RequestMeta::span`]).
     pub fn new(request_id: impl Into<String>, timeout: Option<Duration>) -> Self {
         let received = Instant::now();
         Self {
             request_id: request_id.into(),
             received,
             deadline: timeout.map(|t| received + t),
+            span: Span::current(),
+        }
+    }
+
+    /// The same metadata with `span` as the parent of the engine's spans.
+    pub fn with_span(mut self, span: Span) -> Self {
+        self.span = span;
+        self
+    }
+}
+
+/// Called by an engine thread after each batched model forward (prefill, prefill chunk or
+/// step) with the number of rows it computed: sequences, a generation CFG pair counting as
+/// two. Servers record it as `janus_batch_size`. Runs on the engine thread: keep it cheap.
+#[derive(Clone)]
+pub struct StepObserver(Arc<dyn Fn(usize) + Send + Sync>);
+
+impl StepObserver {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Reports a step of `rows` rows.
+    pub fn observe(&self, rows: usize) {
+        (self.0)(rows)
+    }
+}
+
+impl std::fmt::Debug for StepObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepObserver(..)")
+    }
+}
+
+/// Reports a step to the configured observer, if any.
+pub(crate) fn observe_step(observer: &Option<StepObserver>, rows: usize) {
+    if let Some(o) = observer {
+        if rows > 0 {
+            o.observe(rows);
         }
     }
 }
@@ -127,14 +173,56 @@ pub(crate) enum Stop {
     Deadline,
 }
 
-/// Where one request's events go.
+/// Where one request's events go, and the engine's spans for it.
 #[derive(Debug)]
 pub(crate) struct Output<E> {
     pub tx: mpsc::Sender<Result<E>>,
     pub meta: RequestMeta,
+    /// `queue_wait`: open from submission until the engine takes the request.
+    queued: Span,
+    /// The engine phase the request is in (`vision_encode`, `prefill`, `decode`, …).
+    phase: Span,
 }
 
 impl<E> Output<E> {
+    /// The output of a request being submitted now: opens its `queue_wait` span.
+    pub fn new(tx: mpsc::Sender<Result<E>>, meta: RequestMeta) -> Self {
+        let queued = child(&meta.span, |p| tracing::info_span!(parent: p, "queue_wait"));
+        Self {
+            tx,
+            meta,
+            queued,
+            phase: Span::none(),
+        }
+    }
+
+    /// Ends the queue wait (when still open) and the current phase, and opens the next phase
+    /// with `make(parent)` as a child of the request's span, e.g.
+    /// `out.phase(|p| tracing::info_span!(parent: p, "prefill", rows = 2i64))`.
+    ///
+    /// Spans of a request are only opened when its span is enabled (no orphan root spans).
+    pub fn phase(&mut self, make: impl FnOnce(&Span) -> Span) {
+        self.queued = Span::none();
+        self.phase = Span::none();
+        self.phase = child(&self.meta.span, make);
+    }
+
+    /// Ends the queue wait and the current phase, recording `field = value` on the phase first
+    /// (e.g. the number of tokens of `decode`; signed: the OpenTelemetry layer exports `u64`
+    /// values as strings).
+    pub fn end_phase(&mut self, record: Option<(&'static str, i64)>) {
+        if let Some((field, value)) = record {
+            self.phase.record(field, value);
+        }
+        self.queued = Span::none();
+        self.phase = Span::none();
+    }
+
+    /// A span `make(request_span)` that is not the phase (it ends when dropped), e.g. around
+    /// a piece of work done while the request is in no phase.
+    pub fn child(&self, make: impl FnOnce(&Span) -> Span) -> Span {
+        child(&self.meta.span, make)
+    }
     /// Sends without ever blocking the engine thread. Channels are sized for every event a
     /// request can produce, so a full channel means a bug; the event is dropped with a warning.
     pub fn send(&self, ev: Result<E>) -> bool {
@@ -160,6 +248,24 @@ impl<E> Output<E> {
             }
         }
         None
+    }
+}
+
+/// Opens the phase `make(request_span, i)` for every output `i` of a batch (see
+/// [`Output::phase`]).
+pub(crate) fn phase_all<E>(outs: &mut [Output<E>], make: impl Fn(&Span, usize) -> Span) {
+    for (i, o) in outs.iter_mut().enumerate() {
+        o.phase(|p| make(p, i));
+    }
+}
+
+/// `make(parent)` when `parent` is enabled, otherwise no span (a child of a disabled span
+/// would become the root of a trace of its own).
+pub(crate) fn child(parent: &Span, make: impl FnOnce(&Span) -> Span) -> Span {
+    if parent.is_disabled() {
+        Span::none()
+    } else {
+        make(parent)
     }
 }
 

@@ -1,10 +1,13 @@
 //! The generation engine: prompts in, progress, previews and encoded images out.
 
-use crate::control::{guarded, Control, Output, RequestMeta, Stats, StatsSnapshot};
+use crate::control::{
+    guarded, observe_step, Control, Output, RequestMeta, Stats, StatsSnapshot, StepObserver,
+};
 use crate::encode;
 use crate::error::{EngineError, Result};
 use janus_pipeline::gen_batch::GenBatch;
 use janus_pipeline::generate::{GenerateParams, GenerationModel, MAX_IMAGES};
+use janus_vq::image_buf::Rgb8;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,16 +27,22 @@ pub struct GenerationConfig {
     pub jpeg_quality: u8,
     /// Longest accepted prompt in bytes (checked before tokenizing).
     pub max_prompt_bytes: usize,
+    /// Previews are at least this many token rows apart (each costs a VQ decode).
+    pub min_preview_rows: usize,
+    /// Told the rows of every batched forward (prefill, step; a CFG pair counts as two).
+    pub step_observer: Option<StepObserver>,
 }
 
 impl Default for GenerationConfig {
     fn default() -> Self {
         Self {
             max_queue: 64,
-            max_batch: 4,
+            max_batch: 8,
             preview_size: 96,
             jpeg_quality: 90,
             max_prompt_bytes: 64 * 1024,
+            min_preview_rows: 2,
+            step_observer: None,
         }
     }
 }
@@ -254,7 +263,7 @@ impl GenerationEngine {
         let (tx, rx) = mpsc::channel(cap);
         self.control.submit(Work {
             ticket,
-            out: Output { tx, meta },
+            out: Output::new(tx, meta),
         })?;
         Ok(rx)
     }
@@ -367,7 +376,7 @@ impl Runner {
     }
 
     /// Prefills one request and joins it to the running batch.
-    fn admit(&mut self, w: Work) {
+    fn admit(&mut self, mut w: Work) {
         if w.out.check(Instant::now()).is_some() {
             Stats::bump(&self.stats().cancelled);
             return;
@@ -377,18 +386,32 @@ impl Runner {
         let (prompt, params) = (w.ticket.prompt.clone(), w.ticket.params.clone());
         let id = self.next_id;
         self.next_id += 1;
+        // A CFG pair (conditional + unconditional) per image.
+        let (images, rows) = (params.n, 2 * params.n);
+        let prompt_tokens = w.ticket.prompt_tokens;
+        w.out.phase(|p| {
+            let prompt_tokens = prompt_tokens as i64;
+            tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens)
+        });
         let batch = &mut self.batch;
         let joined = guarded("prefill", move || {
             let job = model.start(&prompt, &params)?;
             model.join(batch, id, job)
         });
         Stats::bump(&self.stats().steps);
+        observe_step(&self.config.step_observer, rows);
         if let Err(e) = joined {
             tracing::error!("generation prefill failed: {e}");
             let _ = w.out.send(Err(e));
             Stats::bump(&self.stats().failed);
             return;
         }
+        // The image-token steps of this request, aggregated in one span until its last token.
+        let steps = self.model.image_tokens();
+        w.out.phase(|p| {
+            let (images, steps) = (images as i64, steps as i64);
+            tracing::info_span!(parent: p, "generate_steps", images, steps)
+        });
         let now = Instant::now();
         let timings = GenerateTimings {
             queue: admitted.saturating_duration_since(w.out.meta.received),
@@ -438,9 +461,11 @@ impl Runner {
             return;
         }
         let model = self.model.clone();
+        let rows = self.batch.rows();
         let batch = &mut self.batch;
         let stepped = guarded("generation step", || model.step_batch(batch));
         Stats::bump(&self.stats().steps);
+        observe_step(&self.config.step_observer, rows);
         let sampled = match stepped {
             Ok(s) => s,
             Err(e) => {
@@ -454,6 +479,7 @@ impl Runner {
                 return;
             }
         };
+        let mut due = Vec::new();
         for (id, _) in sampled {
             let Some((step, total)) = self.batch.progress(id) else {
                 continue;
@@ -470,24 +496,82 @@ impl Runner {
                 continue;
             }
             let side = (total as f64).sqrt().round().max(1.0) as usize;
-            let every = j.ticket.preview_interval as usize * side;
+            // Previews cost a VQ decode each: at least `min_preview_rows` rows apart.
+            let rows =
+                (j.ticket.preview_interval as usize).max(self.config.min_preview_rows.max(1));
+            let every = if j.ticket.preview_interval == 0 {
+                0
+            } else {
+                rows * side
+            };
             if every > 0 && step % every == 0 && step < total {
-                if let Err(e) = self.preview(id, total) {
-                    tracing::warn!("preview failed: {e}");
-                }
+                due.push(id);
             }
         }
+        if !due.is_empty() {
+            if let Err(e) = self.previews(&due) {
+                tracing::warn!("preview failed: {e}");
+            }
+        }
+        // Requests that finished in this step are VQ-decoded together.
+        let mut finished: Vec<(Job, Vec<Vec<u32>>)> = Vec::new();
         for f in self.batch.take_finished() {
             let Some(mut j) = self.jobs.remove(&f.id) else {
                 continue;
             };
             self.leave();
             j.timings.decode = j.decode_started.elapsed();
-            match self.finish(&mut j, f.tokens) {
-                Ok(()) => Stats::bump(&self.stats().completed),
+            // `generate_steps` ends; the batched VQ decode is the request's next span.
+            let images = f.tokens.len();
+            match j.ticket.format {
+                OutputFormat::TokensOnly => j.out.end_phase(None),
+                _ => j
+                    .out
+                    .phase(|p| tracing::info_span!(parent: p, "vq_decode", images = images as i64)),
+            }
+            finished.push((j, f.tokens));
+        }
+        if !finished.is_empty() {
+            let grids: Vec<Vec<u32>> = finished
+                .iter()
+                .filter(|(j, _)| j.ticket.format != OutputFormat::TokensOnly)
+                .flat_map(|(_, t)| t.iter().cloned())
+                .collect();
+            let t = Instant::now();
+            let model = self.model.clone();
+            let decoded = if grids.is_empty() {
+                Ok(Vec::new())
+            } else {
+                guarded("VQ decode", move || model.decode(&grids))
+            };
+            let vq_time = t.elapsed();
+            for (j, _) in finished.iter_mut() {
+                j.out.end_phase(None);
+            }
+            let mut images = match decoded {
+                Ok(images) => Some(images.into_iter()),
                 Err(e) => {
-                    let _ = j.out.send(Err(e));
-                    Stats::bump(&self.stats().failed);
+                    for (j, _) in finished.drain(..) {
+                        let _ = j.out.send(Err(e.clone()));
+                        Stats::bump(&self.stats().failed);
+                    }
+                    None
+                }
+            };
+            for (mut j, tokens) in finished {
+                let pixels = match (&mut images, j.ticket.format) {
+                    (_, OutputFormat::TokensOnly) | (None, _) => None,
+                    (Some(it), _) => Some(it.by_ref().take(tokens.len()).collect()),
+                };
+                if pixels.is_some() {
+                    j.timings.vq_decode = vq_time;
+                }
+                match self.finish(&mut j, tokens, pixels) {
+                    Ok(()) => Stats::bump(&self.stats().completed),
+                    Err(e) => {
+                        let _ = j.out.send(Err(e));
+                        Stats::bump(&self.stats().failed);
+                    }
                 }
             }
         }
@@ -496,59 +580,64 @@ impl Runner {
         }
     }
 
-    /// Decodes the partial grids of job `id` (missing codes repeat the last generated one)
-    /// to thumbnails.
-    fn preview(&mut self, id: u64, total: usize) -> Result<()> {
+    /// Decodes the partial grids of the jobs in `ids` (missing codes repeat the last generated
+    /// one) to thumbnails, all in one VQ decode.
+    fn previews(&mut self, ids: &[u64]) -> Result<()> {
         let t = Instant::now();
-        let Some(tokens) = self.batch.tokens(id) else {
-            return Ok(());
-        };
-        let step = tokens.first().map_or(0, Vec::len) as u32;
-        let filled: Vec<Vec<u32>> = tokens
-            .iter()
-            .map(|seq| {
+        let total = self.model.image_tokens();
+        let mut grids = Vec::new();
+        let mut owners = Vec::new();
+        for &id in ids {
+            let Some(tokens) = self.batch.tokens(id) else {
+                continue;
+            };
+            let step = tokens.first().map_or(0, Vec::len) as u32;
+            for (i, seq) in tokens.iter().enumerate() {
                 let last = seq.last().copied().unwrap_or(0);
                 let mut v = seq.clone();
                 v.resize(total, last);
-                v
-            })
-            .collect();
-        let model = self.model.clone();
-        let images = guarded("preview decode", move || model.decode(&filled))?;
-        let size = self.config.preview_size;
-        let Some(j) = self.jobs.get_mut(&id) else {
+                grids.push(v);
+                owners.push((id, i as u32, step));
+            }
+        }
+        if grids.is_empty() {
             return Ok(());
-        };
-        for (i, img) in images.into_iter().enumerate() {
+        }
+        let model = self.model.clone();
+        let images = guarded("preview decode", move || model.decode(&grids))?;
+        let size = self.config.preview_size;
+        let spent = t.elapsed() / ids.len().max(1) as u32;
+        for (img, (id, index, step)) in images.into_iter().zip(owners) {
+            let Some(j) = self.jobs.get_mut(&id) else {
+                continue;
+            };
             let png = encode::thumbnail_png(img.width, img.height, img.data, size)?;
             j.out.send(Ok(GenerateEvent::Preview {
-                index: i as u32,
+                index,
                 step,
                 png,
                 width: size,
                 height: size,
             }));
+            if index == 0 {
+                j.timings.preview += spent;
+            }
         }
-        j.timings.preview += t.elapsed();
         Ok(())
     }
 
     /// Decodes, encodes and sends every image, then the final event.
-    fn finish(&self, j: &mut Job, tokens: Vec<Vec<u32>>) -> Result<()> {
+    fn finish(&self, j: &mut Job, tokens: Vec<Vec<u32>>, pixels: Option<Vec<Rgb8>>) -> Result<()> {
         let params = &j.ticket.params;
         let total = self.model.image_tokens();
         let side = self.model.config().vision.image_size as u32;
-        let pixels = if j.ticket.format == OutputFormat::TokensOnly {
-            None
-        } else {
-            let t = Instant::now();
-            let model = self.model.clone();
-            let grids = tokens.clone();
-            let images = guarded("VQ decode", move || model.decode(&grids))?;
-            j.timings.vq_decode = t.elapsed();
-            Some(images)
-        };
         let t = Instant::now();
+        let encoding = match &pixels {
+            Some(px) => j.out.child(
+                |p| tracing::info_span!(parent: p, "encode_image", images = px.len() as i64),
+            ),
+            None => tracing::Span::none(),
+        };
         let mut out = Vec::with_capacity(tokens.len());
         for (i, toks) in tokens.into_iter().enumerate() {
             let seed = params.seed.wrapping_add(i as u64);
@@ -584,6 +673,7 @@ impl Runner {
             });
         }
         j.timings.encode = t.elapsed();
+        drop(encoding);
         for ev in out {
             j.out.send(Ok(ev));
         }

@@ -18,7 +18,7 @@ pub mod generation;
 mod queue;
 pub mod understanding;
 
-pub use control::{RequestMeta, StatsSnapshot};
+pub use control::{RequestMeta, StatsSnapshot, StepObserver};
 pub use error::{EngineError, Result};
 pub use generation::{
     GenerateEvent, GenerateInput, GenerateTicket, GenerateTimings, GenerationConfig,

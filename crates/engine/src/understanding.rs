@@ -1,6 +1,9 @@
 //! The understanding engine: conversations with images in, token events out.
 
-use crate::control::{guarded, Control, Output, RequestMeta, Stats, StatsSnapshot};
+use crate::control::{
+    guarded, observe_step, phase_all, Control, Output, RequestMeta, Stats, StatsSnapshot,
+    StepObserver,
+};
 use crate::error::{EngineError, Result};
 use janus_pipeline::understand::{Conversation, Prepared, TokenEvent, UnderstandBatch};
 use janus_pipeline::{
@@ -27,6 +30,14 @@ pub struct UnderstandingConfig {
     pub image_limits: ImageLimits,
     /// Stop strings per request at most.
     pub max_stop_strings: usize,
+    /// KV-cache budget in tokens: requests are admitted while the running rows' prompt plus
+    /// `max_new_tokens` fit (a request larger than the whole budget runs alone).
+    pub max_batch_tokens: usize,
+    /// Prompt positions prefilled per engine iteration while other requests are decoding, so a
+    /// long prompt does not stall them (0 = prefill in one go).
+    pub prefill_chunk: usize,
+    /// Told the rows of every batched forward (prefill, prefill chunk, decode step).
+    pub step_observer: Option<StepObserver>,
 }
 
 impl Default for UnderstandingConfig {
@@ -38,6 +49,9 @@ impl Default for UnderstandingConfig {
             default_max_new_tokens: 512,
             image_limits: ImageLimits::default(),
             max_stop_strings: 16,
+            max_batch_tokens: 32_768,
+            prefill_chunk: 256,
+            step_observer: None,
         }
     }
 }
@@ -209,8 +223,10 @@ impl UnderstandingEngine {
     }
 
     /// Validates a request, decodes its images and tokenizes it. CPU-bound: call it from a
-    /// blocking pool, not an async worker.
+    /// blocking pool, not an async worker. Runs in a `preprocess` span, a child of the current
+    /// span (enter the request's span around the call on a blocking thread).
     pub fn prepare(&self, input: UnderstandInput) -> Result<UnderstandTicket> {
+        let _span = tracing::info_span!("preprocess").entered();
         let cfg = &self.config;
         if input.messages.is_empty() {
             return Err(EngineError::invalid(
@@ -347,7 +363,7 @@ impl UnderstandingEngine {
         let (tx, rx) = mpsc::channel(ticket.prepared.params.max_new_tokens + 4);
         self.control.submit(Work {
             ticket,
-            out: Output { tx, meta },
+            out: Output::new(tx, meta),
         })?;
         Ok(rx)
     }
@@ -373,6 +389,24 @@ struct Row {
     prefill: Duration,
     first_token: Option<Instant>,
     prompt_tokens: usize,
+    /// KV slots this row may use (prompt + max_new_tokens), counted against the budget.
+    reserve: usize,
+}
+
+/// Requests being prefilled in chunks while the running batch keeps decoding.
+struct Pending {
+    prefill: janus_pipeline::PendingPrefill,
+    outs: Vec<Output<UnderstandEvent>>,
+    prompt_tokens: Vec<usize>,
+    reserve: Vec<usize>,
+    admitted: Instant,
+    embed: Duration,
+    spent: Duration,
+}
+
+/// KV slots a queued request will need.
+fn reserve_of(w: &Work) -> usize {
+    w.ticket.prepared.ids.len() + w.ticket.prepared.params.max_new_tokens
 }
 
 /// Requests decoded together, keyed by their row id in the batch.
@@ -388,6 +422,9 @@ struct Runner {
     control: Arc<Control<Work>>,
     config: UnderstandingConfig,
     running: Option<Group>,
+    pending: Option<Pending>,
+    /// The head of the queue, popped but waiting for KV budget (FIFO is kept).
+    held: Option<Work>,
 }
 
 impl Runner {
@@ -401,7 +438,59 @@ impl Runner {
             control,
             config,
             running: None,
+            pending: None,
+            held: None,
         }
+    }
+
+    /// Rows running or being prefilled.
+    fn live(&self) -> usize {
+        self.running.as_ref().map_or(0, |g| g.rows.len())
+            + self.pending.as_ref().map_or(0, |p| p.outs.len())
+    }
+
+    /// KV slots reserved by running and pending rows.
+    fn reserved(&self) -> usize {
+        self.running
+            .as_ref()
+            .map_or(0, |g| g.rows.values().map(|r| r.reserve).sum())
+            + self.pending.as_ref().map_or(0, |p| p.reserve.iter().sum())
+    }
+
+    /// Takes queued requests in FIFO order while batch slots and KV budget allow. Blocks
+    /// briefly when nothing runs. Returns `None` when the queue is closed and empty.
+    fn take_admissible(&mut self) -> Option<Vec<Work>> {
+        let live = self.live();
+        let mut free = self.config.max_batch.max(1).saturating_sub(live);
+        let mut budget = self.config.max_batch_tokens.saturating_sub(self.reserved());
+        let mut out = Vec::new();
+        let mut idle = live == 0;
+        while free > 0 {
+            let next = match self.held.take() {
+                Some(w) => Some(w),
+                None if idle && out.is_empty() => {
+                    let (mut items, finished) =
+                        self.control.queue.pop_wait(1, Duration::from_millis(50));
+                    if finished && items.is_empty() {
+                        return None;
+                    }
+                    items.pop()
+                }
+                None => self.control.queue.try_pop(1).pop(),
+            };
+            let Some(w) = next else { break };
+            idle = false;
+            let need = reserve_of(&w);
+            // A request larger than the whole budget still runs, alone.
+            if need > budget && !(out.is_empty() && live == 0) {
+                self.held = Some(w);
+                break;
+            }
+            budget = budget.saturating_sub(need);
+            free -= 1;
+            out.push(w);
+        }
+        Some(out)
     }
 
     fn stats(&self) -> &Stats {
@@ -423,21 +512,19 @@ impl Runner {
                 }
                 continue;
             }
-            let live = self.running.as_ref().map_or(0, |g| g.rows.len());
-            let free = self.config.max_batch.max(1).saturating_sub(live);
-            let items = if free == 0 {
-                Vec::new()
-            } else if live == 0 {
-                let (items, finished) =
-                    self.control.queue.pop_wait(free, Duration::from_millis(50));
-                if finished && items.is_empty() {
+            if self.pending.is_none() {
+                let Some(items) = self.take_admissible() else {
                     break;
+                };
+                if !items.is_empty() {
+                    if self.running.is_none() || self.config.prefill_chunk == 0 {
+                        self.admit(items);
+                    } else {
+                        self.begin_pending(items);
+                    }
                 }
-                items
-            } else {
-                self.control.queue.try_pop(free)
-            };
-            self.admit(items);
+            }
+            self.prefill_some();
             self.step();
         }
         tracing::debug!("understanding engine thread stops");
@@ -480,7 +567,17 @@ impl Runner {
                 Stats::bump(&self.control.stats.cancelled);
             }
         }
-        let queued = self.control.queue.drain();
+        if let Some(p) = self.pending.take() {
+            for out in p.outs {
+                self.leave();
+                let _ = out.send(Err(EngineError::Unavailable(
+                    "the server is shutting down".into(),
+                )));
+                Stats::bump(&self.control.stats.cancelled);
+            }
+        }
+        let mut queued: Vec<Work> = self.held.take().into_iter().collect();
+        queued.extend(self.control.queue.drain());
         self.refuse(queued);
     }
 
@@ -493,20 +590,39 @@ impl Runner {
         }
     }
 
-    /// Prefills the admitted requests as one batch and merges it into the running one.
-    fn admit(&mut self, items: Vec<Work>) {
+    /// Drops requests whose client left (or whose deadline passed) while they were queued.
+    fn still_wanted(&self, items: Vec<Work>) -> Vec<Work> {
         let now = Instant::now();
-        let mut works = Vec::with_capacity(items.len());
-        for w in items {
-            match w.out.check(now) {
-                None => works.push(w),
-                Some(_) => Stats::bump(&self.stats().cancelled),
-            }
+        items
+            .into_iter()
+            .filter(|w| match w.out.check(now) {
+                None => true,
+                Some(_) => {
+                    Stats::bump(&self.stats().cancelled);
+                    false
+                }
+            })
+            .collect()
+    }
+
+    /// Fails requests that never became rows.
+    fn fail_outs(&self, outs: Vec<Output<UnderstandEvent>>, e: &EngineError) {
+        for out in outs {
+            self.leave();
+            let _ = out.send(Err(e.clone()));
+            Stats::bump(&self.stats().failed);
         }
+    }
+
+    /// Prefills the admitted requests in one go (nothing else is running to stall) and makes
+    /// them the running batch.
+    fn admit(&mut self, items: Vec<Work>) {
+        let works = self.still_wanted(items);
         if works.is_empty() {
             return;
         }
         let admitted = Instant::now();
+        let reserve: Vec<usize> = works.iter().map(reserve_of).collect();
         let (prepared, outs): (Vec<Prepared>, Vec<Output<UnderstandEvent>>) = works
             .into_iter()
             .map(|w| (w.ticket.prepared, w.out))
@@ -514,38 +630,163 @@ impl Runner {
         let prompt_tokens: Vec<usize> = prepared.iter().map(|p| p.ids.len()).collect();
         self.stats().active.fetch_add(outs.len(), Ordering::Relaxed);
         let model = self.model.clone();
-        let started = guarded("prefill", move || model.start_timed(prepared));
+        // Each request's spans cover the shared work: vision tower, then the batch's prefill.
+        let (rows, mut outs) = (outs.len(), outs);
+        phase_all(
+            &mut outs,
+            |p, _| tracing::info_span!(parent: p, "vision_encode", rows = rows as i64),
+        );
+        let started = guarded("prefill", || {
+            model.start_timed_with(prepared, || {
+                phase_all(&mut outs, |p, i| {
+                    let prompt_tokens = prompt_tokens[i] as i64;
+                    tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens)
+                })
+            })
+        });
         Stats::bump(&self.stats().steps);
-        let (batch, events, t) = match started {
-            Ok(v) => v,
+        observe_step(&self.config.step_observer, rows);
+        match started {
+            Ok((batch, events, t)) => {
+                let group = Self::group(
+                    batch,
+                    outs,
+                    prompt_tokens,
+                    reserve,
+                    admitted,
+                    t.embed,
+                    t.prefill,
+                );
+                self.join(group, events);
+            }
             Err(e) => {
                 tracing::error!("understanding prefill failed: {e}");
-                for out in outs {
-                    self.leave();
-                    let _ = out.send(Err(e.clone()));
-                    Stats::bump(&self.stats().failed);
-                }
-                return;
+                self.fail_outs(outs, &e);
             }
+        }
+    }
+
+    /// Computes the embeddings (vision tower included) of requests that arrive while a batch is
+    /// decoding; their prompt is then prefilled in chunks between decode steps.
+    fn begin_pending(&mut self, items: Vec<Work>) {
+        let works = self.still_wanted(items);
+        if works.is_empty() {
+            return;
+        }
+        let admitted = Instant::now();
+        let reserve: Vec<usize> = works.iter().map(reserve_of).collect();
+        let (prepared, outs): (Vec<Prepared>, Vec<Output<UnderstandEvent>>) = works
+            .into_iter()
+            .map(|w| (w.ticket.prepared, w.out))
+            .unzip();
+        let prompt_tokens: Vec<usize> = prepared.iter().map(|p| p.ids.len()).collect();
+        self.stats().active.fetch_add(outs.len(), Ordering::Relaxed);
+        let model = self.model.clone();
+        let (rows, mut outs) = (outs.len(), outs);
+        phase_all(
+            &mut outs,
+            |p, _| tracing::info_span!(parent: p, "vision_encode", rows = rows as i64),
+        );
+        let t = Instant::now();
+        match guarded("embeddings", move || model.begin(prepared)) {
+            Ok(prefill) => {
+                // One `prefill` span per request from its first chunk to its first token.
+                phase_all(&mut outs, |p, i| {
+                    let prompt_tokens = prompt_tokens[i] as i64;
+                    tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens)
+                });
+                self.pending = Some(Pending {
+                    prefill,
+                    outs,
+                    prompt_tokens,
+                    reserve,
+                    admitted,
+                    embed: t.elapsed(),
+                    spent: Duration::ZERO,
+                })
+            }
+            Err(e) => {
+                tracing::error!("understanding embeddings failed: {e}");
+                self.fail_outs(outs, &e);
+            }
+        }
+    }
+
+    /// Runs one chunk of the pending prefill; a finished prefill joins the running batch.
+    fn prefill_some(&mut self) {
+        let Some(mut p) = self.pending.take() else {
+            return;
         };
+        // Requests that left while their prompt was prefilled are dropped with it only when
+        // all of them left; otherwise their rows are cancelled right after joining.
+        if p.outs.iter().all(|o| o.check(Instant::now()).is_some()) {
+            for _ in &p.outs {
+                self.leave();
+                Stats::bump(&self.stats().cancelled);
+            }
+            return;
+        }
+        let model = self.model.clone();
+        let chunk = self.config.prefill_chunk.max(1);
+        let t = Instant::now();
+        let prefill = &mut p.prefill;
+        let res = guarded("prefill chunk", || model.prefill_chunk(prefill, chunk));
+        Stats::bump(&self.stats().steps);
+        observe_step(&self.config.step_observer, p.outs.len());
+        p.spent += t.elapsed();
+        match res {
+            Ok(None) => self.pending = Some(p),
+            Ok(Some((batch, events))) => {
+                let group = Self::group(
+                    batch,
+                    p.outs,
+                    p.prompt_tokens,
+                    p.reserve,
+                    p.admitted,
+                    p.embed,
+                    p.spent,
+                );
+                self.join(group, events);
+            }
+            Err(e) => {
+                tracing::error!("understanding prefill failed: {e}");
+                self.fail_outs(p.outs, &e);
+            }
+        }
+    }
+
+    fn group(
+        batch: UnderstandBatch,
+        outs: Vec<Output<UnderstandEvent>>,
+        prompt_tokens: Vec<usize>,
+        reserve: Vec<usize>,
+        admitted: Instant,
+        vision: Duration,
+        prefill: Duration,
+    ) -> Group {
         let rows = outs
             .into_iter()
-            .zip(prompt_tokens)
+            .zip(prompt_tokens.into_iter().zip(reserve))
             .enumerate()
-            .map(|(i, (out, prompt_tokens))| {
+            .map(|(i, (out, (prompt_tokens, reserve)))| {
                 let row = Row {
                     queue: admitted.saturating_duration_since(out.meta.received),
                     out,
                     sent: 0,
-                    vision: t.embed,
-                    prefill: t.prefill,
+                    vision,
+                    prefill,
                     first_token: None,
                     prompt_tokens,
+                    reserve,
                 };
                 (i, row)
             })
             .collect();
-        let mut group = Group { batch, rows };
+        Group { batch, rows }
+    }
+
+    /// Sends a new group's first tokens and merges it into the running batch.
+    fn join(&mut self, mut group: Group, events: Vec<TokenEvent>) {
         self.dispatch(&mut group, events);
         if group.rows.is_empty() {
             return;
@@ -561,7 +802,7 @@ impl Runner {
                                 run.rows.insert(global, row);
                             }
                         }
-                        // Rows that did not make it into the batch (none expected) are cancelled.
+                        // Rows that did not make it into the batch (none expected) fail.
                         for (_, row) in rows {
                             self.leave();
                             let _ = row.out.send(Err(EngineError::Internal(
@@ -605,9 +846,11 @@ impl Runner {
             return;
         }
         let model = self.model.clone();
+        let rows = g.rows.len();
         let batch = &mut g.batch;
         let stepped = guarded("decode step", || model.step(batch));
         Stats::bump(&self.stats().steps);
+        observe_step(&self.config.step_observer, rows);
         match stepped {
             Ok(events) => {
                 self.dispatch(&mut g, events);
@@ -631,6 +874,12 @@ impl Runner {
                     let Some(r) = g.rows.get_mut(&row) else {
                         continue;
                     };
+                    if r.first_token.is_none() {
+                        // One `decode` span from the first token to the last, not one per token.
+                        r.out.phase(|p| {
+                            tracing::info_span!(parent: p, "decode", tokens = tracing::field::Empty)
+                        });
+                    }
                     r.first_token.get_or_insert(now);
                     let index = r.sent;
                     r.sent += 1;
@@ -647,8 +896,9 @@ impl Runner {
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    if let Some(r) = g.rows.remove(&row) {
+                    if let Some(mut r) = g.rows.remove(&row) {
                         self.leave();
+                        r.out.end_phase(Some(("tokens", completion_tokens as i64)));
                         let timings = UnderstandTimings {
                             queue: r.queue,
                             vision: r.vision,

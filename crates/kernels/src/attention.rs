@@ -78,7 +78,19 @@ pub fn attention(
             let kh = &k[h * kv_head_stride..h * kv_head_stride + kv_len * dim];
             let vh = &v[h * kv_head_stride..h * kv_head_stride + kv_len * dim];
             let mut scores = vec![0f32; q_len * kv_len];
-            linear_rows(qh, q_len, dim, Weights::F32(kh), kv_len, None, &mut scores);
+            // Decode steps have one query per head: plain dot products and a weighted row sum beat
+            // the matmul kernel (no V transpose, no nested parallelism for a few µs of work).
+            let small = q_len <= SMALL_Q;
+            if small {
+                for (i, srow) in scores.chunks_mut(kv_len).enumerate() {
+                    let qi = &qh[i * dim..(i + 1) * dim];
+                    for (s, kj) in srow.iter_mut().zip(kh.chunks(dim)) {
+                        *s = dot(qi, kj);
+                    }
+                }
+            } else {
+                linear_rows(qh, q_len, dim, Weights::F32(kh), kv_len, None, &mut scores);
+            }
             let mh = mask.map(|m| {
                 let g = h / heads_per_mask;
                 &m[g * q_len * kv_len..(g + 1) * q_len * kv_len]
@@ -86,6 +98,20 @@ pub fn attention(
             for (i, row) in scores.chunks_mut(kv_len).enumerate() {
                 let mrow = mh.map(|m| &m[i * kv_len..(i + 1) * kv_len]);
                 softmax_row(row, scale, mrow);
+            }
+            if small {
+                o.fill(0.0);
+                for (i, orow) in o.chunks_mut(dim).enumerate() {
+                    for (&p, vj) in scores[i * kv_len..(i + 1) * kv_len]
+                        .iter()
+                        .zip(vh.chunks(dim))
+                    {
+                        for (acc, &x) in orow.iter_mut().zip(vj) {
+                            *acc += p * x;
+                        }
+                    }
+                }
+                return;
             }
             // PV as rows of P against the rows of Vᵀ.
             let mut vt = vec![0f32; dim * kv_len];
@@ -96,6 +122,27 @@ pub fn attention(
             }
             linear_rows(&scores, q_len, kv_len, Weights::F32(&vt), dim, None, o);
         });
+}
+
+/// Queries per head up to which the decode-shaped path is used.
+const SMALL_Q: usize = 4;
+
+/// Dot product with 16 independent lanes (vectorises; one running sum would not).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// In-place `softmax(row · scale + mask)`. Reductions use 16 independent lanes so the compiler
@@ -180,7 +227,14 @@ mod tests {
 
     #[test]
     fn matches_naive_attention_with_mask_and_strides() {
-        let (heads, q_len, kv_len, dim, stride) = (6, 5, 9, 16, 12 * 16);
+        // Both paths: a decode-shaped query count and a prefill-shaped one.
+        for q_len in [1, 3, 5] {
+            check_against_naive(q_len);
+        }
+    }
+
+    fn check_against_naive(q_len: usize) {
+        let (heads, kv_len, dim, stride) = (6, 9, 20, 12 * 20);
         let mut s = 7u64;
         let q: Vec<f32> = (0..heads * q_len * dim).map(|_| lcg(&mut s)).collect();
         let k: Vec<f32> = (0..heads * stride).map(|_| lcg(&mut s)).collect();

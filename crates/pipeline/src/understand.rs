@@ -390,13 +390,26 @@ impl UnderstandingModel {
         &self,
         batch: Vec<Prepared>,
     ) -> Result<(UnderstandBatch, Vec<TokenEvent>, StartTimings)> {
+        self.start_timed_with(batch, || ())
+    }
+
+    /// [`Self::start_timed`], calling `between` after the input embeddings and before the
+    /// language-model prefill; what it returns is held until the prefill is done (a caller
+    /// switches its tracing spans from "vision" to "prefill" there).
+    pub fn start_timed_with<G>(
+        &self,
+        batch: Vec<Prepared>,
+        between: impl FnOnce() -> G,
+    ) -> Result<(UnderstandBatch, Vec<TokenEvent>, StartTimings)> {
         if batch.is_empty() {
             return Err(Error::invalid("batch", "no requests"));
         }
         let t0 = std::time::Instant::now();
         let (embeds, pads) = self.embed_batch(&batch)?;
         let t1 = std::time::Instant::now();
+        let held = between();
         let (cache, logits) = self.prefill(&embeds, pads)?;
+        drop(held);
         let t2 = std::time::Instant::now();
         let rows = batch
             .into_iter()

@@ -72,15 +72,38 @@ pub struct ServerFlags {
     /// Seconds in-flight streams may continue after SIGTERM/ctrl-c before they are cancelled.
     #[arg(long, env = "JANUS_GRACE_PERIOD", default_value_t = 30.0)]
     pub grace_period: f64,
+    /// Address of the Prometheus `GET /metrics` endpoint, e.g. 0.0.0.0:9464 (off when not given).
+    #[arg(long, env = "JANUS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 impl ServerFlags {
-    /// As options.
-    pub fn options(&self) -> ServerOptions {
+    /// As options, with a fresh metrics registry labelled `service` (`janus_build_info{service}`).
+    pub fn options(&self, service: &str) -> ServerOptions {
         ServerOptions {
             max_message_bytes: self.max_message_bytes,
             grace_period: Duration::from_secs_f64(self.grace_period.max(0.0)),
+            metrics: janus_telemetry::Metrics::new(service, janus_telemetry::build_info!()),
         }
+    }
+
+    /// Starts the `/metrics` endpoint serving `metrics` when `--metrics-listen` is given;
+    /// returns the bound address.
+    pub async fn serve_metrics(
+        &self,
+        metrics: &janus_telemetry::Metrics,
+    ) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = &self.metrics_listen else {
+            return Ok(None);
+        };
+        let parsed: std::net::SocketAddr = addr.parse().with_context(|| {
+            format!("--metrics-listen {addr}: expected host:port, e.g. 0.0.0.0:9464")
+        })?;
+        let (bound, _task) = metrics
+            .serve(parsed)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        Ok(Some(bound))
     }
 }
 
@@ -102,6 +125,13 @@ pub struct UnderstandingFlags {
     /// Largest accepted sampling.max_new_tokens.
     #[arg(long, env = "JANUS_MAX_NEW_TOKENS_LIMIT", default_value_t = 2048)]
     pub max_new_tokens_limit: usize,
+    /// KV-cache budget in tokens: requests join the running batch while the rows' prompt plus
+    /// max_new_tokens fit (a larger request runs alone).
+    #[arg(long, env = "JANUS_MAX_BATCH_TOKENS", default_value_t = 32_768)]
+    pub max_batch_tokens: usize,
+    /// Prompt positions prefilled per step while other requests decode (0 = all at once).
+    #[arg(long, env = "JANUS_PREFILL_CHUNK", default_value_t = 256)]
+    pub prefill_chunk: usize,
 }
 
 impl UnderstandingFlags {
@@ -116,6 +146,8 @@ impl UnderstandingFlags {
                 max_bytes: self.max_image_bytes,
                 max_pixels: self.max_image_pixels,
             },
+            max_batch_tokens: self.max_batch_tokens,
+            prefill_chunk: self.prefill_chunk,
             ..Default::default()
         }
     }
@@ -128,7 +160,7 @@ pub struct GenerationFlags {
     #[arg(long, env = "JANUS_MAX_QUEUE", default_value_t = 16)]
     pub max_queue: usize,
     /// Generation requests batched into one forward at most.
-    #[arg(long, env = "JANUS_MAX_BATCH", default_value_t = 4)]
+    #[arg(long, env = "JANUS_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
     /// Side of preview thumbnails in pixels.
     #[arg(long, env = "JANUS_PREVIEW_SIZE", default_value_t = 96)]

@@ -2,13 +2,13 @@
 //! ephemeral-port friendly binding, and graceful shutdown with a bounded grace period.
 
 use anyhow::Context;
+use janus_telemetry::{InstrumentedRouter as Router, InstrumentedServer};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Router;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -20,6 +20,9 @@ pub struct ServerOptions {
     pub max_message_bytes: usize,
     /// How long in-flight streams may continue after a shutdown signal before they are cancelled.
     pub grace_period: Duration,
+    /// The process's Prometheus metrics: every RPC of the server is counted here, and the
+    /// model services record their engine metrics here.
+    pub metrics: janus_telemetry::Metrics,
 }
 
 impl Default for ServerOptions {
@@ -27,6 +30,7 @@ impl Default for ServerOptions {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
             grace_period: Duration::from_secs(30),
+            metrics: janus_telemetry::Metrics::new("janus", janus_telemetry::build_info!()),
         }
     }
 }
@@ -113,12 +117,17 @@ impl Running {
     }
 }
 
-/// A server builder with the settings every Janus server uses.
-pub fn builder() -> Server {
-    Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+/// A server builder with the settings every Janus server uses, instrumented: a span per RPC
+/// (`janus_telemetry::server_span`, parented by the caller's `traceparent`) and per-RPC
+/// metrics (method, status code, duration, in flight) in `metrics`.
+pub fn builder(metrics: &janus_telemetry::Metrics) -> InstrumentedServer {
+    janus_telemetry::instrument(
+        Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20))),
+        metrics,
+    )
 }
 
 /// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) over `janus.v1` and the health service.

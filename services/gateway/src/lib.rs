@@ -30,6 +30,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tracing::Instrument as _;
 
 /// Balancing and health-checking knobs (shared by `janus-gateway` and `janus serve`).
 #[derive(clap::Args, Debug, Clone)]
@@ -94,27 +95,43 @@ fn shutting_down() -> Status {
     Status::unavailable("the gateway is shutting down")
 }
 
+/// Full gRPC methods the gateway forwards (names of its client spans).
+const UNDERSTAND: &str = "janus.v1.Understanding/Understand";
+const UNDERSTANDING_INFO: &str = "janus.v1.Understanding/Info";
+const GENERATE: &str = "janus.v1.Generation/Generate";
+const GENERATION_INFO: &str = "janus.v1.Generation/Info";
+
 /// Request-scoped facts the gateway forwards.
 struct Call {
+    /// Full gRPC method, the name of the client span of each attempt.
+    method: &'static str,
     deadline: Option<Instant>,
     request_id: String,
     metadata: MetadataMap,
 }
 
 impl Call {
-    fn new<T>(req: &Request<T>, body_id: &str) -> Self {
+    fn new<T>(req: &Request<T>, method: &'static str, body_id: &str) -> Self {
         let deadline = meta::grpc_timeout(req.metadata()).map(|d| Instant::now() + d);
+        let request_id = meta::request_id(body_id, req.metadata());
+        // The server span has the caller's `x-request-id`; a generated one is recorded here.
+        tracing::Span::current().record("request_id", request_id.as_str());
         Self {
+            method,
             deadline,
-            request_id: meta::request_id(body_id, req.metadata()),
+            request_id,
             metadata: req.metadata().clone(),
         }
     }
 
-    /// An outgoing request with propagated metadata and the remaining deadline.
+    /// An outgoing request with propagated metadata and the remaining deadline. Call it in the
+    /// attempt's client span: its context goes out as `traceparent`.
     fn outgoing<T>(&self, body: T) -> Result<Request<T>, Status> {
         let mut r = Request::new(body);
         meta::propagate(&self.metadata, r.metadata_mut(), &self.request_id);
+        // After `propagate` (which copies the caller's trace context): the current span, the
+        // client span of this attempt, becomes the backend's parent.
+        janus_telemetry::inject_context(r.metadata_mut());
         if let Some(d) = self.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -208,14 +225,26 @@ impl Gateway {
         let mut last = None;
         for b in candidates {
             let lease = Lease::new(b.clone());
-            let fut = attempt(b.channel.clone());
+            let span = janus_telemetry::client_span(call.method);
+            span.record("server.address", b.url.as_str());
+            // Built and polled in the span: `outgoing` injects it as the backend's parent.
+            let fut = span
+                .in_scope(|| attempt(b.channel.clone()))
+                .instrument(span.clone());
             let res = match call.deadline {
                 Some(d) => match tokio::time::timeout_at(d, fut).await {
                     Ok(r) => r,
-                    Err(_) => return Err(status::deadline_status("waiting for a backend")),
+                    Err(_) => {
+                        janus_telemetry::record_client_status(&span, Code::DeadlineExceeded);
+                        return Err(status::deadline_status("waiting for a backend"));
+                    }
                 },
                 None => fut.await,
             };
+            janus_telemetry::record_client_status(
+                &span,
+                res.as_ref().err().map_or(Code::Ok, Status::code),
+            );
             match res {
                 Ok(v) => return Ok((v, lease)),
                 Err(s) if s.code() == Code::Unavailable => {
@@ -273,7 +302,7 @@ impl Understanding for Gateway {
         &self,
         req: Request<pb::UnderstandRequest>,
     ) -> Result<Response<Self::UnderstandStream>, Status> {
-        let call = Call::new(&req, &req.get_ref().request_id);
+        let call = Call::new(&req, UNDERSTAND, &req.get_ref().request_id);
         let mut body = req.into_inner();
         body.request_id = call.request_id.clone();
         let (resp, lease) = self
@@ -290,7 +319,7 @@ impl Understanding for Gateway {
         &self,
         req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        let call = Call::new(&req, "");
+        let call = Call::new(&req, UNDERSTANDING_INFO, "");
         let (resp, _lease) = self
             .dispatch(&self.shared.und, &call, |ch| {
                 let r = call.outgoing(pb::InfoRequest {});
@@ -310,7 +339,7 @@ impl Generation for Gateway {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let call = Call::new(&req, &req.get_ref().request_id);
+        let call = Call::new(&req, GENERATE, &req.get_ref().request_id);
         let mut body = req.into_inner();
         body.request_id = call.request_id.clone();
         let (resp, lease) = self
@@ -327,7 +356,7 @@ impl Generation for Gateway {
         &self,
         req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        let call = Call::new(&req, "");
+        let call = Call::new(&req, GENERATION_INFO, "");
         let (resp, _lease) = self
             .dispatch(&self.shared.gen, &call, |ch| {
                 let r = call.outgoing(pb::InfoRequest {});
@@ -444,17 +473,18 @@ pub async fn serve(
     let gateway = Gateway::new(&opts, life.abort.clone())?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     let n = opts.server.max_message_bytes;
-    let router = server::add_reflection(server::builder().add_service(health_svc))?
-        .add_service(
-            UnderstandingServer::new(gateway.clone())
-                .max_decoding_message_size(n)
-                .max_encoding_message_size(n),
-        )
-        .add_service(
-            GenerationServer::new(gateway.clone())
-                .max_decoding_message_size(n)
-                .max_encoding_message_size(n),
-        );
+    let router =
+        server::add_reflection(server::builder(&opts.server.metrics).add_service(health_svc))?
+            .add_service(
+                UnderstandingServer::new(gateway.clone())
+                    .max_decoding_message_size(n)
+                    .max_encoding_message_size(n),
+            )
+            .add_service(
+                GenerationServer::new(gateway.clone())
+                    .max_decoding_message_size(n)
+                    .max_encoding_message_size(n),
+            );
     // The gateway itself is up; per-service status follows the backends' health.
     health.set_service_status("", ServingStatus::Serving).await;
     let interval = Duration::from_secs_f64(opts.tuning.health_interval.max(0.05));
@@ -517,6 +547,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.understanding_backends.is_empty() && args.generation_backends.is_empty() {
         anyhow::bail!("no backends: pass --understanding-backends and/or --generation-backends");
     }
+    let server_options = args.server.options("janus-gateway");
+    args.server.serve_metrics(&server_options.metrics).await?;
     let listener = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
     let running = serve(
@@ -524,7 +556,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             understanding: args.understanding_backends,
             generation: args.generation_backends,
             tuning: args.tuning,
-            server: args.server.options(),
+            server: server_options,
         },
         listener,
         life.clone(),

@@ -12,7 +12,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() {
-    janus_service::init_tracing();
+    // Inside the runtime (`#[tokio::main]`): the OTLP exporter is a tonic client.
+    let _telemetry = janus_service::init_telemetry("janus-gateway");
     if let Err(e) = janus_gateway::run(Cli::parse().args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -4,14 +4,18 @@
 
 mod adapter;
 
-use janus_engine::{GenerationConfig, GenerationEngine, RequestMeta};
+use janus_engine::{GenerateEvent, GenerationConfig, GenerationEngine, RequestMeta, StepObserver};
 use janus_pipeline::generate::MAX_IMAGES;
 use janus_pipeline::{GenerationModel, LoadOptions};
 use janus_proto::v1 as pb;
 use janus_proto::v1::generation_server::{Generation, GenerationServer};
 use janus_service::stream::{forward, from_engine, BoxStream};
-use janus_service::{meta, server, status, Lifecycle, ModelInfo, Running, ServerOptions};
+use janus_service::{
+    meta, server, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions,
+};
+use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -31,15 +35,19 @@ pub struct GenerationService {
     engine: GenerationEngine,
     info: ModelInfo,
     options: ServerOptions,
+    queue: QueueGauge,
 }
 
 impl GenerationService {
-    /// A service over a running engine.
+    /// A service over a running engine; its metrics go to `options.metrics`.
     pub fn new(engine: GenerationEngine, info: ModelInfo, options: ServerOptions) -> Self {
+        let e = engine.clone();
+        let queue = QueueGauge::new(options.metrics.clone(), move || e.stats());
         Self {
             engine,
             info,
             options,
+            queue,
         }
     }
 }
@@ -58,6 +66,7 @@ impl Generation for GenerationService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let timeout = meta::grpc_timeout(req.metadata());
         let request_id = meta::request_id(&req.get_ref().request_id, req.metadata());
+        // In the RPC's span (tonic's `trace_fn`): the engine's spans become its children.
         let rmeta = RequestMeta::new(request_id.clone(), timeout);
         let deadline = rmeta.deadline.map(tokio::time::Instant::from_std);
         if !adapter::known_format(req.get_ref().output_format) {
@@ -68,7 +77,8 @@ impl Generation for GenerationService {
         }
         let input = adapter::input(req.into_inner());
         let engine = self.engine.clone();
-        let prepared = tokio::task::spawn_blocking(move || engine.prepare(input));
+        let span = rmeta.span.clone();
+        let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| engine.prepare(input)));
         let prepared = match deadline {
             Some(d) => tokio::time::timeout_at(d, prepared)
                 .await
@@ -85,8 +95,13 @@ impl Generation for GenerationService {
             .engine
             .submit(ticket, rmeta)
             .map_err(|e| status::to_status(&e))?;
+        self.queue.update();
         let id = request_id.clone();
-        let events = from_engine(rx, move |e| adapter::event(e, &id));
+        let mut observe = observer(self.options.metrics.clone());
+        let events = from_engine(rx, move |e| {
+            observe(&e);
+            adapter::event(e, &id)
+        });
         let mut resp = Response::new(forward(events, deadline, None, no_abort));
         meta::set_request_id(resp.metadata_mut(), &request_id);
         Ok(resp)
@@ -125,6 +140,44 @@ impl Generation for GenerationService {
     }
 }
 
+/// Records a request's engine metrics from its events: images as they are sent; queue wait,
+/// prompt and image tokens, and the time per image (generation start to encoded images) at
+/// the end.
+fn observer(metrics: Metrics) -> impl FnMut(&GenerateEvent) + Send {
+    let mut images = 0u32;
+    move |e| match e {
+        GenerateEvent::Image { .. } => {
+            images += 1;
+            metrics.add_images(1);
+        }
+        GenerateEvent::Finished {
+            prompt_tokens,
+            completion_tokens,
+            timings,
+        } => {
+            metrics.observe_queue_wait(timings.queue);
+            metrics.add_prompt_tokens(*prompt_tokens as u64);
+            metrics.add_output_tokens(TokenKind::Image, *completion_tokens as u64);
+            // The images of one request are generated together: each took the whole run.
+            let per_image = timings.total.saturating_sub(timings.queue);
+            for _ in 0..images {
+                metrics.observe_image_time(per_image);
+            }
+        }
+        GenerateEvent::Progress { .. } | GenerateEvent::Preview { .. } => {}
+    }
+}
+
+/// The engine configuration with `janus_batch_size` recorded in `metrics` (unless the caller
+/// already set a step observer).
+pub fn with_metrics(mut config: GenerationConfig, metrics: &Metrics) -> GenerationConfig {
+    if config.step_observer.is_none() {
+        let m = metrics.clone();
+        config.step_observer = Some(StepObserver::new(move |rows| m.observe_batch_size(rows)));
+    }
+    config
+}
+
 /// Serves `janus.v1.Generation`, health and reflection on `listener` until `life.shutdown`.
 /// New requests are refused once shutdown starts; in-flight ones end with UNAVAILABLE when the
 /// grace period is over.
@@ -137,15 +190,13 @@ pub async fn serve(
 ) -> anyhow::Result<Running> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     let n = options.max_message_bytes;
-    let svc = GenerationServer::new(GenerationService::new(
-        engine.clone(),
-        info,
-        options.clone(),
-    ))
-    .max_decoding_message_size(n)
-    .max_encoding_message_size(n);
-    let router =
-        server::add_reflection(server::builder().add_service(health_svc))?.add_service(svc);
+    let service = GenerationService::new(engine.clone(), info, options.clone());
+    service.queue.spawn(life.shutdown.clone());
+    let svc = GenerationServer::new(service)
+        .max_decoding_message_size(n)
+        .max_encoding_message_size(n);
+    let router = server::add_reflection(server::builder(&options.metrics).add_service(health_svc))?
+        .add_service(svc);
     let names = vec![janus_proto::GENERATION_SERVICE];
     server::set_serving(&health, &names).await;
     {
@@ -178,16 +229,25 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let resolved = args.model.resolve()?;
     let opts = args.model.load_options(None)?;
-    let config = args.engine.config();
+    let options = args.server.options("janus-generation");
+    // Up before the (long) model load: janus_model_load_seconds is 0 until it is done.
+    args.server.serve_metrics(&options.metrics).await?;
+    let config = with_metrics(args.engine.config(), &options.metrics);
     let dir = resolved.path.clone();
     tracing::info!(model = %resolved.id, path = %dir.display(), device = %args.model.device, "loading the generation half");
+    let started = Instant::now();
     let engine = tokio::task::spawn_blocking(move || load(&dir, &opts, config)).await??;
+    options.metrics.set_model_load_time(started.elapsed());
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "generation half loaded"
+    );
     let listener = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
     let running = serve(
         engine,
         args.model.info(&resolved.path, None),
-        args.server.options(),
+        options,
         listener,
         life.clone(),
     )

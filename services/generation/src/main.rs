@@ -15,7 +15,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() {
-    janus_service::init_tracing();
+    // Inside the runtime (`#[tokio::main]`): the OTLP exporter is a tonic client.
+    let _telemetry = janus_service::init_telemetry("janus-generation");
     if let Err(e) = janus_generation::run(Cli::parse().args).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -5,13 +5,19 @@
 
 mod adapter;
 
-use janus_engine::{RequestMeta, UnderstandingConfig, UnderstandingEngine};
+use janus_engine::{
+    RequestMeta, StepObserver, UnderstandEvent, UnderstandingConfig, UnderstandingEngine,
+};
 use janus_pipeline::{LoadOptions, UnderstandingModel};
 use janus_proto::v1 as pb;
 use janus_proto::v1::understanding_server::{Understanding, UnderstandingServer};
 use janus_service::stream::{forward, from_engine, BoxStream};
-use janus_service::{meta, server, status, Lifecycle, ModelInfo, Running, ServerOptions};
+use janus_service::{
+    meta, server, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions,
+};
+use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -31,15 +37,19 @@ pub struct UnderstandingService {
     engine: UnderstandingEngine,
     info: ModelInfo,
     options: ServerOptions,
+    queue: QueueGauge,
 }
 
 impl UnderstandingService {
-    /// A service over a running engine.
+    /// A service over a running engine; its metrics go to `options.metrics`.
     pub fn new(engine: UnderstandingEngine, info: ModelInfo, options: ServerOptions) -> Self {
+        let e = engine.clone();
+        let queue = QueueGauge::new(options.metrics.clone(), move || e.stats());
         Self {
             engine,
             info,
             options,
+            queue,
         }
     }
 }
@@ -58,11 +68,13 @@ impl Understanding for UnderstandingService {
     ) -> Result<Response<Self::UnderstandStream>, Status> {
         let timeout = meta::grpc_timeout(req.metadata());
         let request_id = meta::request_id(&req.get_ref().request_id, req.metadata());
+        // In the RPC's span (tonic's `trace_fn`): the engine's spans become its children.
         let rmeta = RequestMeta::new(request_id.clone(), timeout);
         let deadline = rmeta.deadline.map(tokio::time::Instant::from_std);
         let input = adapter::input(req.into_inner());
         let engine = self.engine.clone();
-        let prepared = tokio::task::spawn_blocking(move || engine.prepare(input));
+        let span = rmeta.span.clone();
+        let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| engine.prepare(input)));
         let prepared = match deadline {
             Some(d) => tokio::time::timeout_at(d, prepared)
                 .await
@@ -75,12 +87,18 @@ impl Understanding for UnderstandingService {
                 tracing::info!(%request_id, "understand refused: {e}");
                 status::to_status(&e)
             })?;
+        let received = rmeta.received;
         let rx = self
             .engine
             .submit(ticket, rmeta)
             .map_err(|e| status::to_status(&e))?;
+        self.queue.update();
         let id = request_id.clone();
-        let events = from_engine(rx, move |e| adapter::event(e, &id));
+        let mut observe = observer(self.options.metrics.clone(), received);
+        let events = from_engine(rx, move |e| {
+            observe(&e);
+            adapter::event(e, &id)
+        });
         let mut resp = Response::new(forward(events, deadline, None, no_abort));
         meta::set_request_id(resp.metadata_mut(), &request_id);
         Ok(resp)
@@ -119,6 +137,43 @@ impl Understanding for UnderstandingService {
     }
 }
 
+/// Records a request's engine metrics from its events: time to first token at the first token;
+/// queue wait, prompt and output tokens and mean time per output token at the end.
+fn observer(metrics: Metrics, received: Instant) -> impl FnMut(&UnderstandEvent) + Send {
+    let mut first_token = true;
+    move |e| match e {
+        UnderstandEvent::Token { .. } if first_token => {
+            first_token = false;
+            metrics.observe_ttft(received.elapsed());
+        }
+        UnderstandEvent::Token { .. } => {}
+        UnderstandEvent::Finished {
+            prompt_tokens,
+            completion_tokens,
+            timings,
+            ..
+        } => {
+            metrics.observe_queue_wait(timings.queue);
+            metrics.add_prompt_tokens(*prompt_tokens as u64);
+            metrics.add_output_tokens(TokenKind::Text, *completion_tokens as u64);
+            if *completion_tokens >= 2 {
+                let gaps = u32::try_from(*completion_tokens - 1).unwrap_or(u32::MAX);
+                metrics.observe_time_per_token(timings.decode / gaps);
+            }
+        }
+    }
+}
+
+/// The engine configuration with `janus_batch_size` recorded in `metrics` (unless the caller
+/// already set a step observer).
+pub fn with_metrics(mut config: UnderstandingConfig, metrics: &Metrics) -> UnderstandingConfig {
+    if config.step_observer.is_none() {
+        let m = metrics.clone();
+        config.step_observer = Some(StepObserver::new(move |rows| m.observe_batch_size(rows)));
+    }
+    config
+}
+
 /// Serves `janus.v1.Understanding`, health and reflection on `listener` until `life.shutdown`.
 /// New requests are refused once shutdown starts; in-flight answers end with finish reason
 /// CANCELLED when the grace period is over.
@@ -131,15 +186,13 @@ pub async fn serve(
 ) -> anyhow::Result<Running> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     let n = options.max_message_bytes;
-    let svc = UnderstandingServer::new(UnderstandingService::new(
-        engine.clone(),
-        info,
-        options.clone(),
-    ))
-    .max_decoding_message_size(n)
-    .max_encoding_message_size(n);
-    let router =
-        server::add_reflection(server::builder().add_service(health_svc))?.add_service(svc);
+    let service = UnderstandingService::new(engine.clone(), info, options.clone());
+    service.queue.spawn(life.shutdown.clone());
+    let svc = UnderstandingServer::new(service)
+        .max_decoding_message_size(n)
+        .max_encoding_message_size(n);
+    let router = server::add_reflection(server::builder(&options.metrics).add_service(health_svc))?
+        .add_service(svc);
     let names = vec![janus_proto::UNDERSTANDING_SERVICE];
     server::set_serving(&health, &names).await;
     {
@@ -172,16 +225,25 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let resolved = args.model.resolve()?;
     let opts = args.model.load_options(None)?;
-    let config = args.engine.config();
+    let options = args.server.options("janus-understanding");
+    // Up before the (long) model load: janus_model_load_seconds is 0 until it is done.
+    args.server.serve_metrics(&options.metrics).await?;
+    let config = with_metrics(args.engine.config(), &options.metrics);
     let dir = resolved.path.clone();
     tracing::info!(model = %resolved.id, path = %dir.display(), device = %args.model.device, "loading the understanding half");
+    let started = Instant::now();
     let engine = tokio::task::spawn_blocking(move || load(&dir, &opts, config)).await??;
+    options.metrics.set_model_load_time(started.elapsed());
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "understanding half loaded"
+    );
     let listener = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
     let running = serve(
         engine,
         args.model.info(&resolved.path, None),
-        args.server.options(),
+        options,
         listener,
         life.clone(),
     )
