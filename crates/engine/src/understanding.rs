@@ -404,6 +404,15 @@ struct Pending {
     spent: Duration,
 }
 
+/// Requests taken from the queue for one prefill.
+struct Admitted {
+    prepared: Vec<Prepared>,
+    outs: Vec<Output<UnderstandEvent>>,
+    prompt_tokens: Vec<usize>,
+    reserve: Vec<usize>,
+    admitted: Instant,
+}
+
 /// KV slots a queued request will need.
 fn reserve_of(w: &Work) -> usize {
     w.ticket.prepared.ids.len() + w.ticket.prepared.params.max_new_tokens
@@ -605,6 +614,30 @@ impl Runner {
             .collect()
     }
 
+    /// Splits admitted work into model input and outputs, and counts it as active.
+    /// `None` when every request left while queued.
+    fn take_works(&self, items: Vec<Work>) -> Option<Admitted> {
+        let works = self.still_wanted(items);
+        if works.is_empty() {
+            return None;
+        }
+        let admitted = Instant::now();
+        let reserve: Vec<usize> = works.iter().map(reserve_of).collect();
+        let (prepared, outs): (Vec<Prepared>, Vec<Output<UnderstandEvent>>) = works
+            .into_iter()
+            .map(|w| (w.ticket.prepared, w.out))
+            .unzip();
+        let prompt_tokens: Vec<usize> = prepared.iter().map(|p| p.ids.len()).collect();
+        self.stats().active.fetch_add(outs.len(), Ordering::Relaxed);
+        Some(Admitted {
+            prepared,
+            outs,
+            prompt_tokens,
+            reserve,
+            admitted,
+        })
+    }
+
     /// Fails requests that never became rows.
     fn fail_outs(&self, outs: Vec<Output<UnderstandEvent>>, e: &EngineError) {
         for out in outs {
@@ -617,18 +650,16 @@ impl Runner {
     /// Prefills the admitted requests in one go (nothing else is running to stall) and makes
     /// them the running batch.
     fn admit(&mut self, items: Vec<Work>) {
-        let works = self.still_wanted(items);
-        if works.is_empty() {
+        let Some(Admitted {
+            prepared,
+            outs,
+            prompt_tokens,
+            reserve,
+            admitted,
+        }) = self.take_works(items)
+        else {
             return;
-        }
-        let admitted = Instant::now();
-        let reserve: Vec<usize> = works.iter().map(reserve_of).collect();
-        let (prepared, outs): (Vec<Prepared>, Vec<Output<UnderstandEvent>>) = works
-            .into_iter()
-            .map(|w| (w.ticket.prepared, w.out))
-            .unzip();
-        let prompt_tokens: Vec<usize> = prepared.iter().map(|p| p.ids.len()).collect();
-        self.stats().active.fetch_add(outs.len(), Ordering::Relaxed);
+        };
         let model = self.model.clone();
         // Each request's spans cover the shared work: vision tower, then the batch's prefill.
         let (rows, mut outs) = (outs.len(), outs);
@@ -669,18 +700,16 @@ impl Runner {
     /// Computes the embeddings (vision tower included) of requests that arrive while a batch is
     /// decoding; their prompt is then prefilled in chunks between decode steps.
     fn begin_pending(&mut self, items: Vec<Work>) {
-        let works = self.still_wanted(items);
-        if works.is_empty() {
+        let Some(Admitted {
+            prepared,
+            outs,
+            prompt_tokens,
+            reserve,
+            admitted,
+        }) = self.take_works(items)
+        else {
             return;
-        }
-        let admitted = Instant::now();
-        let reserve: Vec<usize> = works.iter().map(reserve_of).collect();
-        let (prepared, outs): (Vec<Prepared>, Vec<Output<UnderstandEvent>>) = works
-            .into_iter()
-            .map(|w| (w.ticket.prepared, w.out))
-            .unzip();
-        let prompt_tokens: Vec<usize> = prepared.iter().map(|p| p.ids.len()).collect();
-        self.stats().active.fetch_add(outs.len(), Ordering::Relaxed);
+        };
         let model = self.model.clone();
         let (rows, mut outs) = (outs.len(), outs);
         phase_all(
