@@ -119,12 +119,8 @@ impl Linear {
             _ => return Ok(None),
         };
         let xs = &xs[xl.start_offset()..xl.start_offset() + rows * in_dim];
-        let bias_guard;
         let bias = match &self.bias {
-            Some(b) if b.dtype() == DType::F32 => {
-                bias_guard = b.contiguous()?;
-                Some(bias_guard.clone())
-            }
+            Some(b) if b.dtype() == DType::F32 => Some(b.contiguous()?),
             Some(_) => return Ok(None),
             None => None,
         };
