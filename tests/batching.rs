@@ -284,3 +284,17 @@ fn chunked_prefill_equals_one_shot() {
     assert_eq!(chunks, 7, "681 prompt positions in chunks of 100");
     assert_eq!(tokens(&mut b, ev), one_shot);
 }
+
+/// A seeded, sampled request gives the same tokens whether its unconditional prefill was cached
+/// or not (each row is prefilled on its own either way).
+#[test]
+fn sampled_requests_reproduce_across_cache_state() {
+    let m = model();
+    let p = GenerateParams { n: 2, temperature: 1.0, seed: 100, ..Default::default() };
+    let miss = alone(&m, "a cat on a mat", &p);
+    let hit = alone(&m, "a cat on a mat", &p);
+    assert_eq!(m.uncond_reuses(), 1);
+    assert_eq!(miss, hit);
+    let other = alone(&m, "a cat on a mat", &GenerateParams { seed: 101, ..p });
+    assert_ne!(other, hit, "another seed gives other tokens");
+}

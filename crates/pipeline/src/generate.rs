@@ -235,8 +235,10 @@ impl GenerationModel {
 
     /// Prefills the (conditional, unconditional) pair: cache of 2 rows and their last hidden
     /// states `[2, hidden]`, reusing the unconditional row when its length was seen before.
+    ///
+    /// Each row is prefilled on its own, cache hit or miss alike, so a request's numerics (and
+    /// therefore its sampled tokens for a seed) do not depend on what ran before it.
     fn prefill_pair(&self, cond: Vec<u32>, uncond: Vec<u32>) -> Result<(KvCache, Tensor)> {
-        let l = cond.len();
         let cached = self.uncond.lock().ok().and_then(|mut c| {
             let i = c.entries.iter().position(|(ids, _, _)| *ids == uncond)?;
             let hit = c.entries.remove(i);
@@ -245,28 +247,32 @@ impl GenerationModel {
             c.reuses += 1;
             Some(out)
         });
-        if let Some((ucache, uhidden)) = cached {
-            let ids = Tensor::from_vec(cond, (1, l), &self.device)?;
-            let mut cache = self.llm.new_cache(vec![0]);
-            let hidden = self.llm.forward(&self.llm.embed(&ids)?, &mut cache)?;
-            // `merge` copies into fresh tensors, so the cached row is never written to.
-            cache.merge(ucache)?;
-            return Ok((cache, Tensor::cat(&[&Llm::last(&hidden)?, &uhidden], 0)?));
-        }
-        let ids = Tensor::from_vec([cond, uncond.clone()].concat(), (2, l), &self.device)?;
-        let mut cache = self.llm.new_cache(vec![0, 0]);
-        let hidden = self.llm.forward(&self.llm.embed(&ids)?, &mut cache)?;
-        let last = Llm::last(&hidden)?;
-        let mut urow = cache.clone();
-        urow.select_rows(&[1])?;
-        if let Ok(mut c) = self.uncond.lock() {
-            if c.entries.len() >= UNCOND_CACHE_ENTRIES {
-                c.entries.remove(0);
+        let (ucache, uhidden) = match cached {
+            Some(hit) => hit,
+            None => {
+                let (urow, uhidden) = self.prefill_row(uncond.clone())?;
+                if let Ok(mut c) = self.uncond.lock() {
+                    if c.entries.len() >= UNCOND_CACHE_ENTRIES {
+                        c.entries.remove(0);
+                    }
+                    c.entries.push((uncond, urow.clone(), uhidden.clone()));
+                }
+                (urow, uhidden)
             }
-            c.entries
-                .push((uncond, urow, last.narrow(0, 1, 1)?.contiguous()?));
-        }
-        Ok((cache, last))
+        };
+        let (mut cache, chidden) = self.prefill_row(cond)?;
+        // `merge` copies into fresh tensors, so the cached row is never written to.
+        cache.merge(ucache)?;
+        Ok((cache, Tensor::cat(&[&chidden, &uhidden], 0)?))
+    }
+
+    /// Prefills one prompt row: its cache and last hidden state `[1, hidden]`.
+    fn prefill_row(&self, ids: Vec<u32>) -> Result<(KvCache, Tensor)> {
+        let l = ids.len();
+        let ids = Tensor::from_vec(ids, (1, l), &self.device)?;
+        let mut cache = self.llm.new_cache(vec![0]);
+        let hidden = self.llm.forward(&self.llm.embed(&ids)?, &mut cache)?;
+        Ok((cache, Llm::last(&hidden)?))
     }
 
     /// The model configuration.
