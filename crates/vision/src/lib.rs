@@ -131,7 +131,7 @@ impl VisionTower {
     /// Loads from `vb` at `vision_model.vision_tower`; `dtype` is the compute dtype.
     pub fn load(vb: VarBuilder, cfg: &VisionConfig, dtype: DType) -> Result<Self> {
         let (w, p) = (cfg.width, cfg.patch_size);
-        if cfg.heads == 0 || w % cfg.heads != 0 || p == 0 || cfg.image_size % p != 0 {
+        if cfg.heads == 0 || w % cfg.heads != 0 || p == 0 || !cfg.image_size.is_multiple_of(p) {
             candle_core::bail!("invalid vision tower shape {cfg:?}");
         }
         // The stride-p conv equals a matmul over flattened (c, ky, kx) patches.

@@ -416,7 +416,7 @@ impl VqModel {
     /// `[n, 3, 16·side, 16·side]` in nominal [-1, 1] (not clamped).
     pub fn decode_codes(&self, codes: &[u32], n: usize) -> Result<Tensor> {
         let _enter = self.span.enter();
-        if n == 0 || codes.len() % n != 0 {
+        if n == 0 || !codes.len().is_multiple_of(n) {
             candle_core::bail!("{} codes do not split into {n} images", codes.len());
         }
         let per = codes.len() / n;
