@@ -290,7 +290,12 @@ fn chunked_prefill_equals_one_shot() {
 #[test]
 fn sampled_requests_reproduce_across_cache_state() {
     let m = model();
-    let p = GenerateParams { n: 2, temperature: 1.0, seed: 100, ..Default::default() };
+    let p = GenerateParams {
+        n: 2,
+        temperature: 1.0,
+        seed: 100,
+        ..Default::default()
+    };
     let miss = alone(&m, "a cat on a mat", &p);
     let hit = alone(&m, "a cat on a mat", &p);
     assert_eq!(m.uncond_reuses(), 1);

@@ -526,11 +526,7 @@ impl Runner {
                     break;
                 };
                 if !items.is_empty() {
-                    if self.running.is_none() || self.config.prefill_chunk == 0 {
-                        self.admit(items);
-                    } else {
-                        self.begin_pending(items);
-                    }
+                    self.begin_pending(items);
                 }
             }
             self.prefill_some();
@@ -647,58 +643,8 @@ impl Runner {
         }
     }
 
-    /// Prefills the admitted requests in one go (nothing else is running to stall) and makes
-    /// them the running batch.
-    fn admit(&mut self, items: Vec<Work>) {
-        let Some(Admitted {
-            prepared,
-            outs,
-            prompt_tokens,
-            reserve,
-            admitted,
-        }) = self.take_works(items)
-        else {
-            return;
-        };
-        let model = self.model.clone();
-        // Each request's spans cover the shared work: vision tower, then the batch's prefill.
-        let (rows, mut outs) = (outs.len(), outs);
-        phase_all(
-            &mut outs,
-            |p, _| tracing::info_span!(parent: p, "vision_encode", rows = rows as i64),
-        );
-        let started = guarded("prefill", || {
-            model.start_timed_with(prepared, || {
-                phase_all(&mut outs, |p, i| {
-                    let prompt_tokens = prompt_tokens[i] as i64;
-                    tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens)
-                })
-            })
-        });
-        Stats::bump(&self.stats().steps);
-        observe_step(&self.config.step_observer, rows);
-        match started {
-            Ok((batch, events, t)) => {
-                let group = Self::group(
-                    batch,
-                    outs,
-                    prompt_tokens,
-                    reserve,
-                    admitted,
-                    t.embed,
-                    t.prefill,
-                );
-                self.join(group, events);
-            }
-            Err(e) => {
-                tracing::error!("understanding prefill failed: {e}");
-                self.fail_outs(outs, &e);
-            }
-        }
-    }
-
-    /// Computes the embeddings (vision tower included) of requests that arrive while a batch is
-    /// decoding; their prompt is then prefilled in chunks between decode steps.
+    /// Computes the embeddings (vision tower included) of admitted requests; their prompt is then
+    /// prefilled by `prefill_some`, in chunks while another batch is decoding.
     fn begin_pending(&mut self, items: Vec<Work>) {
         let Some(Admitted {
             prepared,
@@ -756,7 +702,12 @@ impl Runner {
             return;
         }
         let model = self.model.clone();
-        let chunk = self.config.prefill_chunk.max(1);
+        // Chunks only keep running rows from stalling: with none, prefill in one go.
+        let chunk = match self.config.prefill_chunk {
+            0 => usize::MAX,
+            _ if self.running.is_none() => usize::MAX,
+            c => c,
+        };
         let t = Instant::now();
         let prefill = &mut p.prefill;
         let res = guarded("prefill chunk", || model.prefill_chunk(prefill, chunk));

@@ -23,8 +23,7 @@ pub use janus_imageproc::{decode_rgb, ImageLimits};
 pub use prompt::{Message, Role};
 pub use sampling::SamplingParams;
 pub use understand::{
-    Conversation, FinishReason, PendingPrefill, StartTimings, TokenEvent, UnderstandBatch,
-    UnderstandingModel,
+    Conversation, FinishReason, PendingPrefill, TokenEvent, UnderstandBatch, UnderstandingModel,
 };
 
 use std::path::{Path, PathBuf};

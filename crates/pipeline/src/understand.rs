@@ -70,15 +70,6 @@ struct Row {
     done: bool,
 }
 
-/// Where the time of [`UnderstandingModel::start_timed`] went.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StartTimings {
-    /// Token embeddings plus the vision tower and aligner for the batch's images.
-    pub embed: std::time::Duration,
-    /// Language-model prefill (the first token's logits included).
-    pub prefill: std::time::Duration,
-}
-
 impl Row {
     fn new(id: usize, p: Prepared) -> Self {
         Row {
@@ -379,50 +370,12 @@ impl UnderstandingModel {
         Ok((cache, logits))
     }
 
-    /// Prefills a batch and samples each row's first token.
+    /// Prefills a batch in one go and samples each row's first token.
     pub fn start(&self, batch: Vec<Prepared>) -> Result<(UnderstandBatch, Vec<TokenEvent>)> {
-        self.start_timed(batch).map(|(b, events, _)| (b, events))
-    }
-
-    /// [`Self::start`], also reporting how long the input embeddings (vision tower and aligner
-    /// included) and the language-model prefill took.
-    pub fn start_timed(
-        &self,
-        batch: Vec<Prepared>,
-    ) -> Result<(UnderstandBatch, Vec<TokenEvent>, StartTimings)> {
-        self.start_timed_with(batch, || ())
-    }
-
-    /// [`Self::start_timed`], calling `between` after the input embeddings and before the
-    /// language-model prefill; what it returns is held until the prefill is done (a caller
-    /// switches its tracing spans from "vision" to "prefill" there).
-    pub fn start_timed_with<G>(
-        &self,
-        batch: Vec<Prepared>,
-        between: impl FnOnce() -> G,
-    ) -> Result<(UnderstandBatch, Vec<TokenEvent>, StartTimings)> {
-        if batch.is_empty() {
-            return Err(Error::invalid("batch", "no requests"));
-        }
-        let t0 = std::time::Instant::now();
-        let (embeds, pads) = self.embed_batch(&batch)?;
-        let t1 = std::time::Instant::now();
-        let held = between();
-        let (cache, logits) = self.prefill(&embeds, pads)?;
-        drop(held);
-        let t2 = std::time::Instant::now();
-        let rows = batch
-            .into_iter()
-            .enumerate()
-            .map(|(id, p)| Row::new(id, p))
-            .collect();
-        let mut b = UnderstandBatch { cache, rows };
-        let events = self.sample_rows(&mut b, &logits)?;
-        let timings = StartTimings {
-            embed: t1 - t0,
-            prefill: t2 - t1,
-        };
-        Ok((b, events, timings))
+        let mut pending = self.begin(batch)?;
+        Ok(self
+            .prefill_chunk(&mut pending, usize::MAX)?
+            .expect("the whole prompt in one chunk"))
     }
 
     /// Starts a batch whose prefill runs in pieces ([`Self::prefill_chunk`]), so a scheduler can
