@@ -57,8 +57,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut out = json!({
         "model": args.model.model.display().to_string(),
         "device": args.model.device,
-        "dtype": args.model.dtype,
-        "weight_dtype": args.model.weight_dtype.clone().unwrap_or_else(|| args.model.dtype.clone()),
+        "dtype": janus_pipeline::dtype_name(opts.dtype),
+        "weight_dtype": janus_pipeline::dtype_name(opts.resolve_weight_dtype(
+            janus_pipeline::checkpoint_dtype(&args.model.model)?,
+        )),
         "threads": std::env::var("RAYON_NUM_THREADS").ok().and_then(|t| t.parse::<usize>().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         "simd": janus_kernels::simd_level(),
@@ -87,13 +89,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let t = Instant::now();
         m.image_features(&prepared.images)?;
         let vision_s = secs(t);
-        let (embeds, pads) = m.embed_batch(std::slice::from_ref(&prepared))?;
-        let t = Instant::now();
-        m.prefill(&embeds, pads.clone())?;
-        let prefill_cold_s = secs(t);
-        let t = Instant::now();
-        m.prefill(&embeds, pads)?;
-        let prefill_s = secs(t);
+        // The prompt alone: the image goes through the tower first (not timed), then the whole
+        // prompt is prefilled in one call.
+        let prefill_once = || -> Result<f64> {
+            let mut pre = m.begin(prepared.clone());
+            let vision = m.cost_left(&pre) - prepared.ids.len();
+            m.prefill(&mut pre, vision)?;
+            let t = Instant::now();
+            m.prefill(&mut pre, usize::MAX)?;
+            Ok(secs(t))
+        };
+        let prefill_cold_s = prefill_once()?;
+        let prefill_s = prefill_once()?;
         let (mut batch, _) = m.start(vec![prepared.clone()])?;
         let t = Instant::now();
         let mut n = 0;

@@ -104,10 +104,10 @@ pub struct LocalArgs {
     /// Device of a local run: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute dtype of a local run: f32 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype of a local run: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Weight storage dtype of a local run (default: the compute dtype).
+    /// Weight storage dtype of a local run (default: the checkpoint's).
     #[arg(long)]
     pub weight_dtype: Option<String>,
 }

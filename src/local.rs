@@ -8,11 +8,12 @@ use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
 use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
 use std::io::Write;
 
-/// Load options from the device/dtype flags.
+/// Load options from the device/dtype flags (`--dtype auto` resolved for the device).
 pub fn load_options(device: &str, dtype: &str, weight_dtype: Option<&str>) -> Result<LoadOptions> {
+    let device = janus_pipeline::parse_device(device)?;
     Ok(LoadOptions {
-        device: janus_pipeline::parse_device(device)?,
-        dtype: janus_pipeline::parse_dtype(dtype)?,
+        dtype: janus_pipeline::parse_dtype_for(dtype, &device)?,
+        device,
         weight_dtype: weight_dtype.map(janus_pipeline::parse_dtype).transpose()?,
         max_context: None,
     })

@@ -6,10 +6,12 @@
 mod bench;
 mod client;
 mod local;
+mod memtrim;
 mod serve;
 
 /// Large tensors are allocated and freed every op; the system allocator returns them to the OS
-/// each time (page faults on every reuse), mimalloc keeps them.
+/// each time (page faults on every reuse), mimalloc keeps them until the process goes quiet
+/// (see `memtrim`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -45,11 +47,11 @@ struct ModelArgs {
     /// Device: cpu, cuda:N (needs the `cuda` feature) or metal:N.
     #[arg(long, default_value = "cpu", env = "JANUS_DEVICE")]
     device: String,
-    /// Compute dtype: f32 or bf16.
-    #[arg(long, default_value = "f32", env = "JANUS_DTYPE")]
+    /// Compute dtype: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
+    #[arg(long, default_value = "auto", env = "JANUS_DTYPE")]
     dtype: String,
-    /// Weight storage dtype (default: the compute dtype). `bf16` with `--dtype f32` halves the
-    /// memory read per decode step on the CPU.
+    /// Weight storage dtype (default: the checkpoint's, bf16 for the hub checkpoints). `bf16`
+    /// with `--dtype f32` halves the memory held and read per decode step on the CPU.
     #[arg(long, env = "JANUS_WEIGHT_DTYPE")]
     weight_dtype: Option<String>,
 }
@@ -92,23 +94,61 @@ enum Command {
         /// Output directory (created).
         #[arg(long, short)]
         out: PathBuf,
-        /// Seed of the random weights.
+        /// Seed of the random weights (the same seed gives the same weights in every format).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Weight files: safetensors (one model.safetensors) or pth (PyTorch pickle as the hub
+        /// ships Janus-Pro: pytorch_model.bin, or pytorch_model-0000N-of-0000M.bin shards and
+        /// pytorch_model.bin.index.json).
+        #[arg(long, default_value = "safetensors")]
+        format: String,
+        /// Largest pickle shard of --format pth, in bytes or with a unit (KB, MB, GB: powers of
+        /// 1000, as transformers' max_shard_size). 10GB: pro-7b gets 2 shards, pro-1b one file.
+        #[arg(long, default_value = "10GB", value_parser = parse_size)]
+        shard_size: u64,
     },
     /// Benchmark understanding and generation on a checkpoint; prints JSON.
     Bench(bench::BenchArgs),
 }
 
-/// mimalloc's `purge_delay` option id (`mi_option_purge_delay` in mimalloc.h).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// `10GB`, `500MB`, `64KB` (powers of 1000, as transformers' `max_shard_size`) or plain bytes.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let upper = t.to_ascii_uppercase();
+    let units = [
+        ("GB", 1_000_000_000u64),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+    ];
+    let (num, mult) = units
+        .iter()
+        .find_map(|(u, m)| upper.strip_suffix(u).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((upper.clone(), 1));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}': expected a size such as 10GB, 500MB or 1048576"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("'{s}': the size must be positive"));
+    }
+    Ok((v * mult as f64) as u64)
+}
 
 fn main() {
-    // Keep freed memory committed: per-op tensors of tens of MB are freed and reallocated every
-    // layer, and returning them to the OS makes every reuse fault in zeroed pages again.
-    // SAFETY: plain option setter of the allocator, called before any threads exist.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // Keep freed memory committed while busy (per-op tensors of tens of MB are freed and
+    // reallocated every layer; returning them to the OS makes every reuse fault in zeroed pages
+    // again), and let the servers' trimmer return it once the process goes quiet (memtrim.rs).
+    let trimming = memtrim::enabled();
+    memtrim::configure_allocator(trimming);
     let cli = Cli::parse();
+    if trimming
+        && matches!(
+            cli.command,
+            Command::Serve(_) | Command::ServeUnderstanding(_) | Command::ServeGeneration(_)
+        )
+    {
+        memtrim::spawn_trimmer(memtrim::Policy::default());
+    }
     if let Some(t) = cli.threads {
         // Before any pool is built: rayon and candle read these once.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -192,12 +232,19 @@ fn run(cmd: Command) -> Result<()> {
             tokenizer,
             out,
             seed,
+            format,
+            shard_size,
         } => {
             let preset: janus_pipeline::synth::Preset = preset.parse()?;
+            let opts = janus_pipeline::synth::SynthOptions {
+                llm_layers,
+                seed,
+                format: format.parse()?,
+                shard_bytes: shard_size,
+            };
             let t = std::time::Instant::now();
-            let params = janus_pipeline::synth::write_checkpoint(
-                preset, llm_layers, &tokenizer, &out, seed,
-            )?;
+            let params =
+                janus_pipeline::synth::write_checkpoint_with(preset, &tokenizer, &out, &opts)?;
             eprintln!(
                 "wrote {} ({params} parameters) in {:.1}s",
                 out.display(),

@@ -38,7 +38,7 @@ pub struct ServeArgs {
     pub tuning: GatewayTuning,
 }
 
-/// Loads both halves (in parallel), starts the three servers, serves until SIGTERM/ctrl-c.
+/// Loads both halves (one shared LLM when they share a device), starts the three servers, serves until SIGTERM/ctrl-c.
 pub async fn run(args: ServeArgs) -> Result<()> {
     let resolved = args.model.resolve()?;
     let und_dev = args.understanding_device.clone();
@@ -58,16 +58,21 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             args.gen_max_queue,
             args.gen_max_batch,
             args.preview_size,
+            args.understanding.step_tokens,
         ),
         &opts.metrics,
     );
     tracing::info!(model = %resolved.id, path = %resolved.path.display(), "loading both halves");
-    let (d1, d2) = (resolved.path.clone(), resolved.path.clone());
+    let dir = resolved.path.clone();
     let started = std::time::Instant::now();
-    let und =
-        tokio::task::spawn_blocking(move || janus_understanding::load(&d1, &und_opts, und_cfg));
-    let gen = tokio::task::spawn_blocking(move || janus_generation::load(&d2, &gen_opts, gen_cfg));
-    let (und, gen) = (und.await??, gen.await??);
+    let (und, gen) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (und, gen) = janus_pipeline::load_both(&dir, &und_opts, &gen_opts)?;
+        Ok((
+            janus_understanding::start(und, und_cfg),
+            janus_generation::start(gen, gen_cfg),
+        ))
+    })
+    .await??;
     opts.metrics.set_model_load_time(started.elapsed());
 
     // Bind the public port before starting anything so a busy port fails fast.

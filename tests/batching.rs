@@ -273,16 +273,43 @@ fn chunked_prefill_equals_one_shot() {
     };
     let (mut b, ev) = m.start(vec![m.prepare(&conv, p.clone()).unwrap()]).unwrap();
     let one_shot = tokens(&mut b, ev);
-    let mut pending = m.begin(vec![m.prepare(&conv, p).unwrap()]).unwrap();
-    let mut chunks = 0;
+    // The scheduler's path: at most 100 budget units per call, the image's tower blocks first.
+    let mut pre = m.begin(m.prepare(&conv, p.clone()).unwrap());
+    let (mut calls, mut vision_calls, mut last) = (0, 0, 0);
     let (mut b, ev) = loop {
-        chunks += 1;
-        if let Some(done) = m.prefill_chunk(&mut pending, 100).unwrap() {
+        calls += 1;
+        if pre.in_vision() {
+            vision_calls += 1;
+        }
+        if let Some(done) = m.prefill(&mut pre, 100).unwrap() {
             break done;
         }
+        let (done, total) = pre.progress();
+        assert!(done >= last && done < total);
+        last = done;
     };
-    assert_eq!(chunks, 7, "681 prompt positions in chunks of 100");
+    assert!(vision_calls >= 1, "the tower ran in the budgeted calls");
+    assert!(
+        calls - vision_calls >= 7,
+        "681 prompt positions need at least 7 chunks of 100"
+    );
     assert_eq!(tokens(&mut b, ev), one_shot);
+    // And the logits of the last prompt position.
+    let whole = m
+        .prompt_logits(m.prepare(&conv, p.clone()).unwrap(), usize::MAX)
+        .unwrap();
+    let chunked = m
+        .prompt_logits(m.prepare(&conv, p).unwrap(), 100)
+        .unwrap();
+    let d = (whole - chunked)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "chunked logits differ by {d}");
 }
 
 /// A seeded, sampled request gives the same tokens whether its unconditional prefill was cached

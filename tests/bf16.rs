@@ -52,8 +52,7 @@ fn und_single_logits(opts: &LoadOptions) -> Tensor {
         images: vec![img],
     };
     let p = m.prepare(&conv, SamplingParams::default()).unwrap();
-    let (e, pads) = m.embed_batch(&[p]).unwrap();
-    m.prefill(&e, pads).unwrap().1
+    m.prompt_logits(p, usize::MAX).unwrap()
 }
 
 fn gen_logits(opts: &LoadOptions, steps: usize) -> Vec<Tensor> {

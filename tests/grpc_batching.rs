@@ -14,7 +14,7 @@ use tonic::Request;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_understanding_requests_keep_golden_tokens() {
     let mut cfg = StackConfig::default();
-    cfg.und.prefill_chunk = 64;
+    cfg.und.step_tokens = 64;
     cfg.und.max_batch = 8;
     let stack = start_stack(cfg).await;
     let url = stack.gw.url();

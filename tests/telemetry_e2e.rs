@@ -483,10 +483,11 @@ async fn metrics_after_requests_show_the_counts() {
         gen_usage.prompt_tokens as f64
     );
     assert_eq!(get(&gen_s, "janus_queue_wait_seconds_count"), 1.0);
-    // One prefill (two CFG pairs = 4 rows) and one step per image token, all of 4 rows.
+    // One prefill of the prompt's two rows (conditional, unconditional; broadcast to the two
+    // images' CFG pairs after it) and one step per image token, all of 4 rows.
     let per_image = (gen_usage.completion_tokens / 2) as f64;
     assert_eq!(get(&gen_s, "janus_batch_size_count"), 1.0 + per_image);
-    assert_eq!(get(&gen_s, "janus_batch_size_sum"), 4.0 * (1.0 + per_image));
+    assert_eq!(get(&gen_s, "janus_batch_size_sum"), 2.0 + 4.0 * per_image);
     wait_for(WAIT, "generation queue depth back to 0", || async {
         scrape(gen_m).await.get("janus_queue_depth") == Some(&0.0)
     })

@@ -251,14 +251,6 @@ impl<E> Output<E> {
     }
 }
 
-/// Opens the phase `make(request_span, i)` for every output `i` of a batch (see
-/// [`Output::phase`]).
-pub(crate) fn phase_all<E>(outs: &mut [Output<E>], make: impl Fn(&Span, usize) -> Span) {
-    for (i, o) in outs.iter_mut().enumerate() {
-        o.phase(|p| make(p, i));
-    }
-}
-
 /// `make(parent)` when `parent` is enabled, otherwise no span (a child of a disabled span
 /// would become the root of a trace of its own).
 pub(crate) fn child(parent: &Span, make: impl FnOnce(&Span) -> Span) -> Span {

@@ -3,7 +3,7 @@
 use crate::error::{EngineError, Result};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
-use image::{ExtendedColorType, ImageEncoder, RgbImage};
+use image::{ExtendedColorType, ImageEncoder};
 
 /// PNG bytes of an RGB8 buffer.
 pub(crate) fn png(width: u32, height: u32, data: &[u8]) -> Result<Vec<u8>> {
@@ -21,12 +21,4 @@ pub(crate) fn jpeg(width: u32, height: u32, data: &[u8], quality: u8) -> Result<
         .write_image(data, width, height, ExtendedColorType::Rgb8)
         .map_err(|e| EngineError::Internal(format!("JPEG encoding: {e}")))?;
     Ok(out)
-}
-
-/// A `size`×`size` PNG thumbnail (bilinear) of an RGB8 buffer.
-pub(crate) fn thumbnail_png(width: u32, height: u32, data: Vec<u8>, size: u32) -> Result<Vec<u8>> {
-    let img = RgbImage::from_raw(width, height, data)
-        .ok_or_else(|| EngineError::Internal("image buffer size".into()))?;
-    let small = image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle);
-    png(size, size, small.as_raw())
 }

@@ -5,12 +5,15 @@ use crate::control::{
 };
 use crate::encode;
 use crate::error::{EngineError, Result};
+use crate::schedule::StepBudget;
 use janus_pipeline::gen_batch::GenBatch;
-use janus_pipeline::generate::{GenerateParams, GenerationModel, MAX_IMAGES};
+use janus_pipeline::generate::{
+    GenPrefill, GenPrepared, GenerateParams, GenerationModel, MAX_IMAGES,
+};
 use janus_vq::image_buf::Rgb8;
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -27,8 +30,16 @@ pub struct GenerationConfig {
     pub jpeg_quality: u8,
     /// Longest accepted prompt in bytes (checked before tokenizing).
     pub max_prompt_bytes: usize,
-    /// Previews are at least this many token rows apart (each costs a VQ decode).
+    /// Previews are at least this many token rows apart.
     pub min_preview_rows: usize,
+    /// Work per engine iteration in prompt-token units: running CFG rows take one unit each,
+    /// the rest prefills waiting prompts (see `schedule`).
+    pub step_tokens: usize,
+    /// Finished requests whose images may wait for the decode worker; while this many wait, no
+    /// new request is admitted (their pixels are decoded one request at a time).
+    pub max_decode_queue: usize,
+    /// Threads of the decode worker's own pool (it runs beside the model thread).
+    pub decode_threads: usize,
     /// Told the rows of every batched forward (prefill, step; a CFG pair counts as two).
     pub step_observer: Option<StepObserver>,
 }
@@ -41,7 +52,10 @@ impl Default for GenerationConfig {
             preview_size: 96,
             jpeg_quality: 90,
             max_prompt_bytes: 64 * 1024,
-            min_preview_rows: 2,
+            min_preview_rows: 1,
+            step_tokens: 256,
+            max_decode_queue: 8,
+            decode_threads: 1,
             step_observer: None,
         }
     }
@@ -75,17 +89,19 @@ pub struct GenerateInput {
 /// A validated request, ready to submit.
 #[derive(Debug, Clone)]
 pub struct GenerateTicket {
-    prompt: String,
-    params: GenerateParams,
+    prepared: GenPrepared,
     format: OutputFormat,
     preview_interval: u32,
-    prompt_tokens: usize,
 }
 
 impl GenerateTicket {
     /// The settings the request will run with (defaults and seed resolved).
     pub fn params(&self) -> &GenerateParams {
-        &self.params
+        &self.prepared.params
+    }
+
+    fn prompt_tokens(&self) -> usize {
+        self.prepared.cond.len()
     }
 }
 
@@ -220,29 +236,11 @@ impl GenerationEngine {
             top_p: input.top_p.unwrap_or(1.0),
             seed: input.seed.unwrap_or_else(crate::random_seed),
         };
-        params
-            .validate()
-            .map_err(|e| EngineError::from_pipeline(e, |f| f.to_string()))?;
-        let (cond, _) = guarded("tokenize", || {
-            self.model.tokenizer().encode_generation(&input.prompt)
-        })?;
-        let total = self.model.image_tokens();
-        let context = self.model.context();
-        if cond.len() + total > context {
-            return Err(EngineError::invalid(
-                "prompt",
-                format!(
-                    "{} prompt tokens plus {total} image tokens exceed the context window of {context} tokens",
-                    cond.len()
-                ),
-            ));
-        }
+        let prepared = guarded("prepare", || self.model.prepare(&input.prompt, &params))?;
         Ok(GenerateTicket {
-            prompt: input.prompt,
-            params,
+            prepared,
             format: input.format,
             preview_interval: input.preview_interval,
-            prompt_tokens: cond.len(),
         })
     }
 
@@ -259,7 +257,7 @@ impl GenerationEngine {
             total / (self.side() * ticket.preview_interval as usize) + 1
         };
         // Progress per step, previews, images and the final event all fit.
-        let cap = total + (previews + 1) * ticket.params.n + 4;
+        let cap = total + (previews + 1) * ticket.params().n + 4;
         let (tx, rx) = mpsc::channel(cap);
         self.control.submit(Work {
             ticket,
@@ -284,7 +282,7 @@ impl GenerationEngine {
     }
 }
 
-/// A request in the running batch.
+/// A request in the running batch (and then in the decode worker).
 struct Job {
     ticket: GenerateTicket,
     out: Output<GenerateEvent>,
@@ -292,14 +290,28 @@ struct Job {
     decode_started: Instant,
 }
 
-/// The engine thread's state: one running [`GenBatch`]; requests join it between steps and
-/// every running request advances in the same forward (cross-request batching).
+/// A request whose prompt rows are being prefilled, a piece per engine iteration.
+struct Waiting {
+    id: u64,
+    prefill: GenPrefill,
+    work: Work,
+    admitted: Instant,
+    spent: Duration,
+}
+
+/// The engine thread's state: one running [`GenBatch`]; requests are prefilled within each
+/// iteration's token budget and join it between steps; every running request advances in the
+/// same forward (cross-request batching). Pixels (final images, previews) are the decode
+/// worker's.
 struct Runner {
     model: Arc<GenerationModel>,
     control: Arc<Control<Work>>,
     config: GenerationConfig,
+    budget: StepBudget,
     batch: GenBatch,
     jobs: HashMap<u64, Job>,
+    waiting: Vec<Waiting>,
+    pixels: Arc<PixelQueue>,
     next_id: u64,
 }
 
@@ -309,12 +321,41 @@ impl Runner {
         control: Arc<Control<Work>>,
         config: GenerationConfig,
     ) -> Self {
+        let pixels = Arc::new(PixelQueue::default());
+        let worker = PixelWorker {
+            model: model.clone(),
+            control: control.clone(),
+            queue: pixels.clone(),
+            config: config.clone(),
+            preview_spent: HashMap::new(),
+        };
+        let threads = config.decode_threads.max(1);
+        let spawned = std::thread::Builder::new()
+            .name("janus-pixels".into())
+            .spawn(move || match rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("janus-pixels-{i}"))
+                .build()
+            {
+                Ok(pool) => pool.install(|| worker.run()),
+                Err(e) => {
+                    tracing::warn!("decode worker pool: {e}; using the global pool");
+                    worker.run()
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot spawn the decode worker: {e}");
+            pixels.close();
+        }
         Self {
             model,
             control,
+            budget: StepBudget::new(config.step_tokens),
             config,
             batch: GenBatch::new(),
             jobs: HashMap::new(),
+            waiting: Vec::new(),
+            pixels,
             next_id: 0,
         }
     }
@@ -336,12 +377,15 @@ impl Runner {
                     let _ = j.out.send(Err(shutting()));
                     Stats::bump(&self.control.stats.cancelled);
                 }
+                for w in self.waiting.drain(..) {
+                    let _ = w.work.out.send(Err(shutting()));
+                    Stats::bump(&self.control.stats.cancelled);
+                }
                 self.batch = GenBatch::new();
                 for w in self.control.queue.drain() {
                     let _ = w.out.send(Err(shutting()));
                     Stats::bump(&self.control.stats.cancelled);
                 }
-                self.stats().active.store(0, Ordering::Relaxed);
                 let (late, finished) = self
                     .control
                     .queue
@@ -354,10 +398,15 @@ impl Runner {
                 }
                 continue;
             }
-            let free = self.config.max_batch.max(1).saturating_sub(self.jobs.len());
+            let live = self.jobs.len() + self.waiting.len();
+            let free = if self.pixels.finals() >= self.config.max_decode_queue.max(1) {
+                0
+            } else {
+                self.config.max_batch.max(1).saturating_sub(live)
+            };
             let items = if free == 0 {
                 Vec::new()
-            } else if self.jobs.is_empty() {
+            } else if live == 0 {
                 let (items, finished) =
                     self.control.queue.pop_wait(free, Duration::from_millis(50));
                 if finished && items.is_empty() {
@@ -371,63 +420,119 @@ impl Runner {
                 self.admit(w);
             }
             self.step();
+            self.prefill_some();
+            if live == 0 && free == 0 {
+                // Only the decode worker has work: do not spin.
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
+        self.pixels.close();
         tracing::debug!("generation engine thread stops");
     }
 
-    /// Prefills one request and joins it to the running batch.
+    /// Starts a request's prefill (nothing is computed yet).
     fn admit(&mut self, mut w: Work) {
         if w.out.check(Instant::now()).is_some() {
             Stats::bump(&self.stats().cancelled);
             return;
         }
-        let admitted = Instant::now();
-        let model = self.model.clone();
-        let (prompt, params) = (w.ticket.prompt.clone(), w.ticket.params.clone());
         let id = self.next_id;
         self.next_id += 1;
-        // A CFG pair (conditional + unconditional) per image.
-        let (images, rows) = (params.n, 2 * params.n);
-        let prompt_tokens = w.ticket.prompt_tokens;
+        let rows = 2 * w.ticket.params().n;
+        let prompt_tokens = w.ticket.prompt_tokens() as i64;
         w.out.phase(|p| {
-            let prompt_tokens = prompt_tokens as i64;
             tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens)
         });
-        let batch = &mut self.batch;
-        let joined = guarded("prefill", move || {
-            let job = model.start(&prompt, &params)?;
-            model.join(batch, id, job)
+        self.stats().active.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push(Waiting {
+            id,
+            prefill: self.model.begin(w.ticket.prepared.clone()),
+            work: w,
+            admitted: Instant::now(),
+            spent: Duration::ZERO,
         });
-        Stats::bump(&self.stats().steps);
-        observe_step(&self.config.step_observer, rows);
-        if let Err(e) = joined {
-            tracing::error!("generation prefill failed: {e}");
-            let _ = w.out.send(Err(e));
-            Stats::bump(&self.stats().failed);
+    }
+
+    /// Spends what the running rows leave of this iteration's budget on waiting prompts;
+    /// completed ones join the batch.
+    fn prefill_some(&mut self) {
+        let now = Instant::now();
+        let before = self.waiting.len();
+        self.waiting.retain(|w| w.work.out.check(now).is_none());
+        for _ in self.waiting.len()..before {
+            self.leave();
+            Stats::bump(&self.stats().cancelled);
+        }
+        if self.waiting.is_empty() {
             return;
         }
-        // The image-token steps of this request, aggregated in one span until its last token.
-        let steps = self.model.image_tokens();
-        w.out.phase(|p| {
-            let (images, steps) = (images as i64, steps as i64);
-            tracing::info_span!(parent: p, "generate_steps", images, steps)
-        });
-        let now = Instant::now();
-        let timings = GenerateTimings {
-            queue: admitted.saturating_duration_since(w.out.meta.received),
-            prefill: now - admitted,
-            ..Default::default()
-        };
-        self.jobs.insert(
-            id,
-            Job {
-                ticket: w.ticket,
-                out: w.out,
-                timings,
-                decode_started: now,
-            },
-        );
-        self.stats().active.fetch_add(1, Ordering::Relaxed);
+        let costs: Vec<usize> = self
+            .waiting
+            .iter()
+            .map(|w| self.model.cost_left(&w.prefill))
+            .collect();
+        let mut done = Vec::new();
+        for grant in self.budget.plan(self.batch.rows(), &costs) {
+            let model = self.model.clone();
+            let w = &mut self.waiting[grant.index];
+            let t = Instant::now();
+            let rows = w.prefill.rows_left();
+            let prefill = &mut w.prefill;
+            let res = guarded("prefill", || model.prefill(prefill, grant.units));
+            w.spent += t.elapsed();
+            Stats::bump(&self.control.stats.steps);
+            observe_step(&self.config.step_observer, rows);
+            match res {
+                Ok(None) => {}
+                Ok(Some(job)) => done.push((grant.index, Ok(job))),
+                Err(e) => done.push((grant.index, Err(e))),
+            }
+        }
+        done.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut ready = Vec::new();
+        for (i, res) in done {
+            ready.push((self.waiting.remove(i), res));
+        }
+        for (w, res) in ready.into_iter().rev() {
+            let Waiting {
+                id,
+                work,
+                admitted,
+                spent,
+                ..
+            } = w;
+            let Work { ticket, mut out } = work;
+            let joined = res.and_then(|job| {
+                let model = self.model.clone();
+                let batch = &mut self.batch;
+                guarded("join", move || model.join(batch, id, job))
+            });
+            if let Err(e) = joined {
+                tracing::error!("generation prefill failed: {e}");
+                self.leave();
+                let _ = out.send(Err(e));
+                Stats::bump(&self.stats().failed);
+                continue;
+            }
+            // The image-token steps of this request, aggregated in one span until its last token.
+            let (images, steps) = (ticket.params().n as i64, self.model.image_tokens() as i64);
+            out.phase(|p| tracing::info_span!(parent: p, "generate_steps", images, steps));
+            let now = Instant::now();
+            let timings = GenerateTimings {
+                queue: admitted.saturating_duration_since(out.meta.received),
+                prefill: spent,
+                ..Default::default()
+            };
+            self.jobs.insert(
+                id,
+                Job {
+                    ticket,
+                    out,
+                    timings,
+                    decode_started: now,
+                },
+            );
+        }
     }
 
     /// Drops a job from the batch (client gone, deadline passed, or its events cannot be sent).
@@ -436,12 +541,13 @@ impl Runner {
             tracing::debug!(request_id = %j.out.meta.request_id, "generation cancelled");
             self.leave();
             self.batch.cancel(id);
+            self.pixels.forget_preview(id);
             Stats::bump(&self.stats().cancelled);
         }
     }
 
-    /// One step for every running job; progress and previews out; finished jobs are decoded
-    /// and sent.
+    /// One step for every running job; progress out, previews and finished jobs to the decode
+    /// worker.
     fn step(&mut self) {
         if self.jobs.is_empty() {
             return;
@@ -479,7 +585,6 @@ impl Runner {
                 return;
             }
         };
-        let mut due = Vec::new();
         for (id, _) in sampled {
             let Some((step, total)) = self.batch.progress(id) else {
                 continue;
@@ -496,7 +601,6 @@ impl Runner {
                 continue;
             }
             let side = (total as f64).sqrt().round().max(1.0) as usize;
-            // Previews cost a VQ decode each: at least `min_preview_rows` rows apart.
             let rows =
                 (j.ticket.preview_interval as usize).max(self.config.min_preview_rows.max(1));
             let every = if j.ticket.preview_interval == 0 {
@@ -505,23 +609,25 @@ impl Runner {
                 rows * side
             };
             if every > 0 && step % every == 0 && step < total {
-                due.push(id);
+                if let Some(tokens) = self.batch.tokens(id) {
+                    self.pixels.preview(
+                        id,
+                        PreviewTask {
+                            step: step as u32,
+                            tokens: tokens.to_vec(),
+                            tx: j.out.tx.clone(),
+                        },
+                    );
+                }
             }
         }
-        if !due.is_empty() {
-            if let Err(e) = self.previews(&due) {
-                tracing::warn!("preview failed: {e}");
-            }
-        }
-        // Requests that finished in this step are VQ-decoded together.
-        let mut finished: Vec<(Job, Vec<Vec<u32>>)> = Vec::new();
+        // Requests that finished in this step go to the decode worker.
         for f in self.batch.take_finished() {
             let Some(mut j) = self.jobs.remove(&f.id) else {
                 continue;
             };
-            self.leave();
             j.timings.decode = j.decode_started.elapsed();
-            // `generate_steps` ends; the batched VQ decode is the request's next span.
+            // `generate_steps` ends; the VQ decode is the request's next span.
             let images = f.tokens.len();
             match j.ticket.format {
                 OutputFormat::TokensOnly => j.out.end_phase(None),
@@ -529,106 +635,216 @@ impl Runner {
                     .out
                     .phase(|p| tracing::info_span!(parent: p, "vq_decode", images = images as i64)),
             }
-            finished.push((j, f.tokens));
-        }
-        if !finished.is_empty() {
-            let grids: Vec<Vec<u32>> = finished
-                .iter()
-                .filter(|(j, _)| j.ticket.format != OutputFormat::TokensOnly)
-                .flat_map(|(_, t)| t.iter().cloned())
-                .collect();
-            let t = Instant::now();
-            let model = self.model.clone();
-            let decoded = if grids.is_empty() {
-                Ok(Vec::new())
-            } else {
-                guarded("VQ decode", move || model.decode(&grids))
-            };
-            let vq_time = t.elapsed();
-            for (j, _) in finished.iter_mut() {
-                j.out.end_phase(None);
-            }
-            let mut images = match decoded {
-                Ok(images) => Some(images.into_iter()),
-                Err(e) => {
-                    for (j, _) in finished.drain(..) {
-                        let _ = j.out.send(Err(e.clone()));
-                        Stats::bump(&self.stats().failed);
-                    }
-                    None
-                }
-            };
-            for (mut j, tokens) in finished {
-                let pixels = match (&mut images, j.ticket.format) {
-                    (_, OutputFormat::TokensOnly) | (None, _) => None,
-                    (Some(it), _) => Some(it.by_ref().take(tokens.len()).collect()),
-                };
-                if pixels.is_some() {
-                    j.timings.vq_decode = vq_time;
-                }
-                match self.finish(&mut j, tokens, pixels) {
-                    Ok(()) => Stats::bump(&self.stats().completed),
-                    Err(e) => {
-                        let _ = j.out.send(Err(e));
-                        Stats::bump(&self.stats().failed);
-                    }
-                }
-            }
+            self.pixels.finish(f.id, FinalTask { job: j, tokens: f.tokens });
         }
         if self.jobs.is_empty() {
             self.batch = GenBatch::new();
         }
     }
+}
 
-    /// Decodes the partial grids of the jobs in `ids` (missing codes repeat the last generated
-    /// one) to thumbnails, all in one VQ decode.
-    fn previews(&mut self, ids: &[u64]) -> Result<()> {
-        let t = Instant::now();
-        let total = self.model.image_tokens();
-        let mut grids = Vec::new();
-        let mut owners = Vec::new();
-        for &id in ids {
-            let Some(tokens) = self.batch.tokens(id) else {
-                continue;
-            };
-            let step = tokens.first().map_or(0, Vec::len) as u32;
-            for (i, seq) in tokens.iter().enumerate() {
-                let last = seq.last().copied().unwrap_or(0);
-                let mut v = seq.clone();
-                v.resize(total, last);
-                grids.push(v);
-                owners.push((id, i as u32, step));
-            }
-        }
-        if grids.is_empty() {
-            return Ok(());
-        }
-        let model = self.model.clone();
-        let images = guarded("preview decode", move || model.decode(&grids))?;
-        let size = self.config.preview_size;
-        let spent = t.elapsed() / ids.len().max(1) as u32;
-        for (img, (id, index, step)) in images.into_iter().zip(owners) {
-            let Some(j) = self.jobs.get_mut(&id) else {
-                continue;
-            };
-            let png = encode::thumbnail_png(img.width, img.height, img.data, size)?;
-            j.out.send(Ok(GenerateEvent::Preview {
-                index,
-                step,
-                png,
-                width: size,
-                height: size,
-            }));
-            if index == 0 {
-                j.timings.preview += spent;
-            }
-        }
-        Ok(())
+/// A request's preview: its tokens so far, and where to send the thumbnails.
+struct PreviewTask {
+    step: u32,
+    tokens: Vec<Vec<u32>>,
+    tx: mpsc::Sender<Result<GenerateEvent>>,
+}
+
+/// A request whose tokens are complete: decode, encode and send.
+struct FinalTask {
+    job: Job,
+    tokens: Vec<Vec<u32>>,
+}
+
+#[derive(Default)]
+struct PixelState {
+    finals: VecDeque<(u64, FinalTask)>,
+    /// The latest preview per request: an older one not yet rendered is replaced.
+    previews: BTreeMap<u64, PreviewTask>,
+    closed: bool,
+}
+
+/// The decode worker's queue, filled by the engine thread (which never waits on it).
+#[derive(Default)]
+struct PixelQueue {
+    state: Mutex<PixelState>,
+    ready: Condvar,
+    /// Finished requests queued or being decoded.
+    finals: AtomicUsize,
+}
+
+impl PixelQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PixelState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Decodes, encodes and sends every image, then the final event.
-    fn finish(&self, j: &mut Job, tokens: Vec<Vec<u32>>, pixels: Option<Vec<Rgb8>>) -> Result<()> {
-        let params = &j.ticket.params;
+    fn finals(&self) -> usize {
+        self.finals.load(Ordering::Relaxed)
+    }
+
+    fn preview(&self, id: u64, task: PreviewTask) {
+        self.lock().previews.insert(id, task);
+        self.ready.notify_one();
+    }
+
+    fn forget_preview(&self, id: u64) {
+        self.lock().previews.remove(&id);
+    }
+
+    fn finish(&self, id: u64, task: FinalTask) {
+        self.finals.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        s.previews.remove(&id);
+        s.finals.push_back((id, task));
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+enum PixelWork {
+    Preview(u64, PreviewTask),
+    Final(u64, FinalTask),
+}
+
+/// Turns tokens into pixels off the model thread: cheap previews first (latest wins), then
+/// finished requests one at a time, their decode stopped between decoder blocks when the
+/// client leaves or the deadline passes.
+struct PixelWorker {
+    model: Arc<GenerationModel>,
+    control: Arc<Control<Work>>,
+    queue: Arc<PixelQueue>,
+    config: GenerationConfig,
+    /// Time spent on each request's previews, reported in its final timings.
+    preview_spent: HashMap<u64, Duration>,
+}
+
+impl PixelWorker {
+    fn next(&self) -> Option<PixelWork> {
+        let mut s = self.queue.lock();
+        loop {
+            if let Some((id, _)) = s.previews.iter().next() {
+                let id = *id;
+                let task = s.previews.remove(&id).expect("present");
+                return Some(PixelWork::Preview(id, task));
+            }
+            if let Some((id, task)) = s.finals.pop_front() {
+                return Some(PixelWork::Final(id, task));
+            }
+            if s.closed {
+                return None;
+            }
+            s = self
+                .queue
+                .ready
+                .wait_timeout(s, Duration::from_millis(200))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn run(mut self) {
+        while let Some(work) = self.next() {
+            match work {
+                PixelWork::Preview(id, task) => self.preview(id, task),
+                PixelWork::Final(id, task) => {
+                    self.finish(id, task);
+                    self.queue.finals.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        tracing::debug!("decode worker stops");
+    }
+
+    fn preview(&mut self, id: u64, task: PreviewTask) {
+        if task.tx.is_closed() {
+            return;
+        }
+        let t = Instant::now();
+        let size = self.config.preview_size;
+        for (index, tokens) in task.tokens.iter().enumerate() {
+            let model = self.model.clone();
+            let png = guarded("preview", || model.preview(tokens, size)).and_then(|img| {
+                encode::png(img.width, img.height, &img.data)
+            });
+            match png {
+                Ok(png) => {
+                    let _ = task.tx.try_send(Ok(GenerateEvent::Preview {
+                        index: index as u32,
+                        step: task.step,
+                        png,
+                        width: size,
+                        height: size,
+                    }));
+                }
+                Err(e) => {
+                    tracing::warn!("preview failed: {e}");
+                    return;
+                }
+            }
+        }
+        *self.preview_spent.entry(id).or_default() += t.elapsed();
+    }
+
+    fn finish(&mut self, id: u64, task: FinalTask) {
+        let FinalTask { mut job, tokens } = task;
+        job.timings.preview = self.preview_spent.remove(&id).unwrap_or_default();
+        let stats = &self.control.stats;
+        let leave = || stats.active.fetch_sub(1, Ordering::Relaxed);
+        if self.control.aborted() {
+            leave();
+            let _ = job.out.send(Err(EngineError::Unavailable(
+                "the server is shutting down".into(),
+            )));
+            Stats::bump(&stats.cancelled);
+            return;
+        }
+        let pixels = if job.ticket.format == OutputFormat::TokensOnly {
+            Ok(None)
+        } else {
+            let t = Instant::now();
+            let model = self.model.clone();
+            let out = &job.out;
+            let control = &self.control;
+            // Stops between decoder blocks: client gone, deadline passed (the error is sent)
+            // or shutdown.
+            let stop = || control.aborted() || out.check(Instant::now()).is_some();
+            let decoded = guarded("VQ decode", || model.decode_until(&tokens, &stop));
+            job.timings.vq_decode = t.elapsed();
+            job.out.end_phase(None);
+            match decoded {
+                Ok(Some(images)) => Ok(Some(images)),
+                Ok(None) => {
+                    tracing::debug!(request_id = %job.out.meta.request_id, "decode stopped");
+                    leave();
+                    if self.control.aborted() {
+                        let _ = job.out.send(Err(EngineError::Unavailable(
+                            "the server is shutting down".into(),
+                        )));
+                    }
+                    Stats::bump(&stats.cancelled);
+                    return;
+                }
+                Err(e) => Err(e),
+            }
+        };
+        leave();
+        match pixels.and_then(|px| self.send(&mut job, tokens, px)) {
+            Ok(()) => Stats::bump(&stats.completed),
+            Err(e) => {
+                let _ = job.out.send(Err(e));
+                Stats::bump(&stats.failed);
+            }
+        }
+    }
+
+    /// Encodes and sends every image, then the final event.
+    fn send(&self, j: &mut Job, tokens: Vec<Vec<u32>>, pixels: Option<Vec<Rgb8>>) -> Result<()> {
+        let params = j.ticket.params().clone();
         let total = self.model.image_tokens();
         let side = self.model.config().vision.image_size as u32;
         let t = Instant::now();
@@ -679,7 +895,7 @@ impl Runner {
         }
         j.timings.total = j.out.meta.received.elapsed();
         j.out.send(Ok(GenerateEvent::Finished {
-            prompt_tokens: j.ticket.prompt_tokens,
+            prompt_tokens: j.ticket.prompt_tokens(),
             completion_tokens: total * params.n,
             timings: j.timings,
         }));

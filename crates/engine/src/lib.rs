@@ -16,6 +16,7 @@ mod encode;
 pub mod error;
 pub mod generation;
 mod queue;
+mod schedule;
 pub mod understanding;
 
 pub use control::{RequestMeta, StatsSnapshot, StepObserver};

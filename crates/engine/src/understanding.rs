@@ -1,11 +1,11 @@
 //! The understanding engine: conversations with images in, token events out.
 
 use crate::control::{
-    guarded, observe_step, phase_all, Control, Output, RequestMeta, Stats, StatsSnapshot,
-    StepObserver,
+    guarded, observe_step, Control, Output, RequestMeta, Stats, StatsSnapshot, StepObserver,
 };
+use crate::schedule::StepBudget;
 use crate::error::{EngineError, Result};
-use janus_pipeline::understand::{Conversation, Prepared, TokenEvent, UnderstandBatch};
+use janus_pipeline::understand::{Conversation, Prefill, Prepared, TokenEvent, UnderstandBatch};
 use janus_pipeline::{
     prompt::IMAGE_TAG, FinishReason, ImageLimits, Message, Role, SamplingParams, UnderstandingModel,
 };
@@ -33,9 +33,11 @@ pub struct UnderstandingConfig {
     /// KV-cache budget in tokens: requests are admitted while the running rows' prompt plus
     /// `max_new_tokens` fit (a request larger than the whole budget runs alone).
     pub max_batch_tokens: usize,
-    /// Prompt positions prefilled per engine iteration while other requests are decoding, so a
-    /// long prompt does not stall them (0 = prefill in one go).
-    pub prefill_chunk: usize,
+    /// Work per engine iteration, in prompt-token units: running rows take one unit each, the
+    /// rest goes to prompts being prefilled (vision-tower blocks and prompt chunks; see
+    /// `schedule`). Bounds both the time between two tokens of a running row and the extra
+    /// memory of a prefill (one chunk against its cache).
+    pub step_tokens: usize,
     /// Told the rows of every batched forward (prefill, prefill chunk, decode step).
     pub step_observer: Option<StepObserver>,
 }
@@ -50,7 +52,7 @@ impl Default for UnderstandingConfig {
             image_limits: ImageLimits::default(),
             max_stop_strings: 16,
             max_batch_tokens: 32_768,
-            prefill_chunk: 256,
+            step_tokens: 256,
             step_observer: None,
         }
     }
@@ -393,24 +395,16 @@ struct Row {
     reserve: usize,
 }
 
-/// Requests being prefilled in chunks while the running batch keeps decoding.
-struct Pending {
-    prefill: janus_pipeline::PendingPrefill,
-    outs: Vec<Output<UnderstandEvent>>,
-    prompt_tokens: Vec<usize>,
-    reserve: Vec<usize>,
+/// A request whose images are being encoded and whose prompt is being prefilled, a piece per
+/// engine iteration.
+struct Waiting {
+    prefill: Prefill,
+    out: Output<UnderstandEvent>,
+    prompt_tokens: usize,
+    reserve: usize,
     admitted: Instant,
-    embed: Duration,
-    spent: Duration,
-}
-
-/// Requests taken from the queue for one prefill.
-struct Admitted {
-    prepared: Vec<Prepared>,
-    outs: Vec<Output<UnderstandEvent>>,
-    prompt_tokens: Vec<usize>,
-    reserve: Vec<usize>,
-    admitted: Instant,
+    vision: Duration,
+    prefill_time: Duration,
 }
 
 /// KV slots a queued request will need.
@@ -424,14 +418,15 @@ struct Group {
     rows: HashMap<usize, Row>,
 }
 
-/// The engine thread's state: at most one running batch; requests that arrive while it runs
-/// are prefilled together and merged into it (continuous batching).
+/// The engine thread's state: at most one running batch, and the requests being prefilled
+/// (in arrival order) that join it one by one as their first token is sampled.
 struct Runner {
     model: Arc<UnderstandingModel>,
     control: Arc<Control<Work>>,
     config: UnderstandingConfig,
+    budget: StepBudget,
     running: Option<Group>,
-    pending: Option<Pending>,
+    waiting: Vec<Waiting>,
     /// The head of the queue, popped but waiting for KV budget (FIFO is kept).
     held: Option<Work>,
 }
@@ -445,25 +440,25 @@ impl Runner {
         Self {
             model,
             control,
+            budget: StepBudget::new(config.step_tokens),
             config,
             running: None,
-            pending: None,
+            waiting: Vec::new(),
             held: None,
         }
     }
 
     /// Rows running or being prefilled.
     fn live(&self) -> usize {
-        self.running.as_ref().map_or(0, |g| g.rows.len())
-            + self.pending.as_ref().map_or(0, |p| p.outs.len())
+        self.running.as_ref().map_or(0, |g| g.rows.len()) + self.waiting.len()
     }
 
-    /// KV slots reserved by running and pending rows.
+    /// KV slots reserved by running and waiting rows.
     fn reserved(&self) -> usize {
         self.running
             .as_ref()
             .map_or(0, |g| g.rows.values().map(|r| r.reserve).sum())
-            + self.pending.as_ref().map_or(0, |p| p.reserve.iter().sum())
+            + self.waiting.iter().map(|w| w.reserve).sum::<usize>()
     }
 
     /// Takes queued requests in FIFO order while batch slots and KV budget allow. Blocks
@@ -521,16 +516,12 @@ impl Runner {
                 }
                 continue;
             }
-            if self.pending.is_none() {
-                let Some(items) = self.take_admissible() else {
-                    break;
-                };
-                if !items.is_empty() {
-                    self.begin_pending(items);
-                }
-            }
-            self.prefill_some();
+            let Some(items) = self.take_admissible() else {
+                break;
+            };
+            self.admit(items);
             self.step();
+            self.prefill_some();
         }
         tracing::debug!("understanding engine thread stops");
     }
@@ -572,14 +563,12 @@ impl Runner {
                 Stats::bump(&self.control.stats.cancelled);
             }
         }
-        if let Some(p) = self.pending.take() {
-            for out in p.outs {
-                self.leave();
-                let _ = out.send(Err(EngineError::Unavailable(
-                    "the server is shutting down".into(),
-                )));
-                Stats::bump(&self.control.stats.cancelled);
-            }
+        for w in std::mem::take(&mut self.waiting) {
+            self.leave();
+            let _ = w.out.send(Err(EngineError::Unavailable(
+                "the server is shutting down".into(),
+            )));
+            Stats::bump(&self.control.stats.cancelled);
         }
         let mut queued: Vec<Work> = self.held.take().into_iter().collect();
         queued.extend(self.control.queue.drain());
@@ -595,174 +584,128 @@ impl Runner {
         }
     }
 
-    /// Drops requests whose client left (or whose deadline passed) while they were queued.
-    fn still_wanted(&self, items: Vec<Work>) -> Vec<Work> {
+    /// Starts admitted requests (dropping those whose client left or deadline passed while
+    /// they were queued); their work is done a piece per iteration by `prefill_some`.
+    fn admit(&mut self, items: Vec<Work>) {
         let now = Instant::now();
-        items
-            .into_iter()
-            .filter(|w| match w.out.check(now) {
-                None => true,
-                Some(_) => {
-                    Stats::bump(&self.stats().cancelled);
-                    false
-                }
-            })
-            .collect()
-    }
-
-    /// Splits admitted work into model input and outputs, and counts it as active.
-    /// `None` when every request left while queued.
-    fn take_works(&self, items: Vec<Work>) -> Option<Admitted> {
-        let works = self.still_wanted(items);
-        if works.is_empty() {
-            return None;
-        }
-        let admitted = Instant::now();
-        let reserve: Vec<usize> = works.iter().map(reserve_of).collect();
-        let (prepared, outs): (Vec<Prepared>, Vec<Output<UnderstandEvent>>) = works
-            .into_iter()
-            .map(|w| (w.ticket.prepared, w.out))
-            .unzip();
-        let prompt_tokens: Vec<usize> = prepared.iter().map(|p| p.ids.len()).collect();
-        self.stats().active.fetch_add(outs.len(), Ordering::Relaxed);
-        Some(Admitted {
-            prepared,
-            outs,
-            prompt_tokens,
-            reserve,
-            admitted,
-        })
-    }
-
-    /// Fails requests that never became rows.
-    fn fail_outs(&self, outs: Vec<Output<UnderstandEvent>>, e: &EngineError) {
-        for out in outs {
-            self.leave();
-            let _ = out.send(Err(e.clone()));
-            Stats::bump(&self.stats().failed);
-        }
-    }
-
-    /// Computes the embeddings (vision tower included) of admitted requests; their prompt is then
-    /// prefilled by `prefill_some`, in chunks while another batch is decoding.
-    fn begin_pending(&mut self, items: Vec<Work>) {
-        let Some(Admitted {
-            prepared,
-            outs,
-            prompt_tokens,
-            reserve,
-            admitted,
-        }) = self.take_works(items)
-        else {
-            return;
-        };
-        let model = self.model.clone();
-        let (rows, mut outs) = (outs.len(), outs);
-        phase_all(
-            &mut outs,
-            |p, _| tracing::info_span!(parent: p, "vision_encode", rows = rows as i64),
-        );
-        let t = Instant::now();
-        match guarded("embeddings", move || model.begin(prepared)) {
-            Ok(prefill) => {
-                // One `prefill` span per request from its first chunk to its first token.
-                phase_all(&mut outs, |p, i| {
-                    let prompt_tokens = prompt_tokens[i] as i64;
-                    tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens)
-                });
-                self.pending = Some(Pending {
-                    prefill,
-                    outs,
-                    prompt_tokens,
-                    reserve,
-                    admitted,
-                    embed: t.elapsed(),
-                    spent: Duration::ZERO,
-                })
-            }
-            Err(e) => {
-                tracing::error!("understanding embeddings failed: {e}");
-                self.fail_outs(outs, &e);
-            }
-        }
-    }
-
-    /// Runs one chunk of the pending prefill; a finished prefill joins the running batch.
-    fn prefill_some(&mut self) {
-        let Some(mut p) = self.pending.take() else {
-            return;
-        };
-        // Requests that left while their prompt was prefilled are dropped with it only when
-        // all of them left; otherwise their rows are cancelled right after joining.
-        if p.outs.iter().all(|o| o.check(Instant::now()).is_some()) {
-            for _ in &p.outs {
-                self.leave();
+        for w in items {
+            if w.out.check(now).is_some() {
                 Stats::bump(&self.stats().cancelled);
+                continue;
             }
-            return;
-        }
-        let model = self.model.clone();
-        // Chunks only keep running rows from stalling: with none, prefill in one go.
-        let chunk = match self.config.prefill_chunk {
-            0 => usize::MAX,
-            _ if self.running.is_none() => usize::MAX,
-            c => c,
-        };
-        let t = Instant::now();
-        let prefill = &mut p.prefill;
-        let res = guarded("prefill chunk", || model.prefill_chunk(prefill, chunk));
-        Stats::bump(&self.stats().steps);
-        observe_step(&self.config.step_observer, p.outs.len());
-        p.spent += t.elapsed();
-        match res {
-            Ok(None) => self.pending = Some(p),
-            Ok(Some((batch, events))) => {
-                let group = Self::group(
-                    batch,
-                    p.outs,
-                    p.prompt_tokens,
-                    p.reserve,
-                    p.admitted,
-                    p.embed,
-                    p.spent,
-                );
-                self.join(group, events);
+            let reserve = reserve_of(&w);
+            let Work { ticket, mut out } = w;
+            let prompt_tokens = ticket.prepared.ids.len();
+            let images = ticket.prepared.images.len();
+            if images > 0 {
+                out.phase(|p| tracing::info_span!(parent: p, "vision_encode", images = images as i64));
+            } else {
+                out.phase(|p| {
+                    let prompt_tokens = prompt_tokens as i64;
+                    tracing::info_span!(parent: p, "prefill", rows = 1i64, prompt_tokens)
+                });
             }
-            Err(e) => {
-                tracing::error!("understanding prefill failed: {e}");
-                self.fail_outs(p.outs, &e);
-            }
+            self.stats().active.fetch_add(1, Ordering::Relaxed);
+            self.waiting.push(Waiting {
+                prefill: self.model.begin(ticket.prepared),
+                out,
+                prompt_tokens,
+                reserve,
+                admitted: now,
+                vision: Duration::ZERO,
+                prefill_time: Duration::ZERO,
+            });
         }
     }
 
-    fn group(
-        batch: UnderstandBatch,
-        outs: Vec<Output<UnderstandEvent>>,
-        prompt_tokens: Vec<usize>,
-        reserve: Vec<usize>,
-        admitted: Instant,
-        vision: Duration,
-        prefill: Duration,
-    ) -> Group {
-        let rows = outs
-            .into_iter()
-            .zip(prompt_tokens.into_iter().zip(reserve))
-            .enumerate()
-            .map(|(i, (out, (prompt_tokens, reserve)))| {
-                let row = Row {
-                    queue: admitted.saturating_duration_since(out.meta.received),
-                    out,
-                    sent: 0,
-                    vision,
-                    prefill,
-                    first_token: None,
-                    prompt_tokens,
-                    reserve,
-                };
-                (i, row)
-            })
+    /// Spends what the running rows leave of this iteration's budget on waiting requests
+    /// (see [`StepBudget::plan`]); those that sampled their first token join the batch.
+    fn prefill_some(&mut self) {
+        let now = Instant::now();
+        // Requests that left while being prefilled are dropped.
+        let before = self.waiting.len();
+        self.waiting.retain(|w| w.out.check(now).is_none());
+        for _ in self.waiting.len()..before {
+            self.leave();
+            Stats::bump(&self.stats().cancelled);
+        }
+        if self.waiting.is_empty() {
+            return;
+        }
+        let decode_rows = self.running.as_ref().map_or(0, |g| g.rows.len());
+        let costs: Vec<usize> = self
+            .waiting
+            .iter()
+            .map(|w| self.model.cost_left(&w.prefill))
             .collect();
-        Group { batch, rows }
+        let mut finished = Vec::new();
+        let mut failed = Vec::new();
+        for grant in self.budget.plan(decode_rows, &costs) {
+            let model = self.model.clone();
+            let w = &mut self.waiting[grant.index];
+            let in_vision = w.prefill.in_vision();
+            let t = Instant::now();
+            let prefill = &mut w.prefill;
+            let res = guarded("prefill", || model.prefill(prefill, grant.units));
+            if in_vision {
+                w.vision += t.elapsed();
+                if !w.prefill.in_vision() {
+                    let prompt_tokens = w.prompt_tokens as i64;
+                    w.out.phase(|p| {
+                        tracing::info_span!(parent: p, "prefill", rows = 1i64, prompt_tokens)
+                    });
+                }
+            } else {
+                w.prefill_time += t.elapsed();
+            }
+            Stats::bump(&self.control.stats.steps);
+            observe_step(&self.config.step_observer, 1);
+            match res {
+                Ok(None) => {}
+                Ok(Some(done)) => finished.push((grant.index, done)),
+                Err(e) => failed.push((grant.index, e)),
+            }
+        }
+        // Take the finished and failed ones out, highest index first so indices stay valid.
+        let mut done: Vec<(usize, Option<(UnderstandBatch, Vec<TokenEvent>)>, Option<EngineError>)> =
+            finished
+                .into_iter()
+                .map(|(i, d)| (i, Some(d), None))
+                .chain(failed.into_iter().map(|(i, e)| (i, None, Some(e))))
+                .collect();
+        done.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut joined = Vec::new();
+        for (i, ok, err) in done {
+            let w = self.waiting.remove(i);
+            match (ok, err) {
+                (Some((batch, events)), _) => joined.push((w, batch, events)),
+                (None, Some(e)) => {
+                    tracing::error!("understanding prefill failed: {e}");
+                    self.leave();
+                    let _ = w.out.send(Err(e));
+                    Stats::bump(&self.stats().failed);
+                }
+                (None, None) => {}
+            }
+        }
+        // Join in arrival order.
+        for (w, batch, events) in joined.into_iter().rev() {
+            let row = Row {
+                queue: w.admitted.saturating_duration_since(w.out.meta.received),
+                out: w.out,
+                sent: 0,
+                vision: w.vision,
+                prefill: w.prefill_time,
+                first_token: None,
+                prompt_tokens: w.prompt_tokens,
+                reserve: w.reserve,
+            };
+            let group = Group {
+                batch,
+                rows: HashMap::from([(0, row)]),
+            };
+            self.join(group, events);
+        }
     }
 
     /// Sends a new group's first tokens and merges it into the running batch.
@@ -844,7 +787,6 @@ impl Runner {
             }
         }
     }
-
     /// Routes a step's events to their requests.
     fn dispatch(&self, g: &mut Group, events: Vec<TokenEvent>) {
         let now = Instant::now();

@@ -53,7 +53,7 @@ pub fn sdpa(
                 None => None,
             };
             janus_kernels::attention::attention(
-                cpu_slice(&qg, ql)?,
+                &cpu_slice(&qg, ql)?[..b * h * sq * d],
                 cpu_slice(&kg, kl)?,
                 cpu_slice(&vg, vl)?,
                 shape,

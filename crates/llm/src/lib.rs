@@ -4,8 +4,9 @@
 //! MLP, no biases, `num_key_value_heads` honoured. Unlike a text-only Llama it runs from input
 //! embeddings (image features are spliced in by the caller), returns the *final-normed hidden
 //! states* (the image-generation head reads them) and computes `lm_head` logits only where asked.
-//! The KV cache is batched and handles left-padded rows: each row's positions count from its
-//! first real token and its pad slots are masked, so rows of different lengths share a forward.
+//! The KV cache is ragged: every row (sequence) has its own length and storage, so rows of
+//! different lengths share a forward without padding, and a prompt can be prefilled in chunks
+//! against its cache with O(chunk × context) extra memory.
 
 pub mod attention;
 pub mod linear;
@@ -106,148 +107,71 @@ impl LlmConfig {
     }
 }
 
-/// Masked attention scores get this instead of -inf so a fully masked (pad) query row stays
-/// finite: its softmax is uniform over pad values, which are finite, and never read by real rows.
+/// Masked attention scores get this instead of -inf (the softmax stays finite).
 const MASKED: f32 = -1e30;
 
-/// One layer's cached keys and values `[batch, kv_heads, capacity, head_dim]`.
+/// One layer's cached keys and values of one row `[1, kv_heads, capacity, head_dim]`.
 #[derive(Debug, Clone)]
 struct LayerKv {
     k: Tensor,
     v: Tensor,
 }
 
-/// Batched KV cache with per-row left padding.
-///
-/// All rows share one time axis of `len` slots; row `b`'s first `pads[b]` slots are padding
-/// (masked as keys, and its positions count from slot `pads[b]`). Rows can be gathered, repeated
-/// or dropped between steps, which is what a batch scheduler needs.
+/// The cache of one sequence: every layer's keys and values, `len` slots filled.
 #[derive(Debug, Clone)]
-pub struct KvCache {
+struct RowKv {
     layers: Vec<Option<LayerKv>>,
-    pads: Vec<usize>,
     len: usize,
-    capacity: usize,
+    /// Slots allocated at the first append (see [`KvCache::reserve`]).
+    reserve: usize,
 }
 
-impl KvCache {
-    /// An empty cache for `pads.len()` rows; `pads[b]` leading slots of row `b` will be padding.
-    pub fn new(num_layers: usize, pads: Vec<usize>) -> Self {
+impl RowKv {
+    fn new(num_layers: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
-            pads,
             len: 0,
-            capacity: 0,
+            reserve: 0,
         }
     }
 
-    /// Rows in the batch.
-    pub fn batch_size(&self) -> usize {
-        self.pads.len()
-    }
-
-    /// Slots filled so far (including padding).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True before the first forward.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Leading pad slots of each row.
-    pub fn pads(&self) -> &[usize] {
-        &self.pads
-    }
-
-    /// Real tokens held for row `b` (its next position id).
-    pub fn row_len(&self, b: usize) -> usize {
-        self.len.saturating_sub(self.pads[b])
-    }
-
-    /// Keeps rows `rows` (in that order; repeats allowed), e.g. to drop finished requests or to
-    /// broadcast one prefilled conditional/unconditional pair to `n` image rows.
-    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
-        for &r in rows {
-            if r >= self.pads.len() {
-                candle_core::bail!("row {r} out of range for a batch of {}", self.pads.len());
-            }
-        }
-        if let Some(Some(first)) = self.layers.first() {
-            let idx = Tensor::from_vec(
-                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                rows.len(),
-                first.k.device(),
-            )?;
-            for layer in self.layers.iter_mut().flatten() {
-                layer.k = layer.k.index_select(&idx, 0)?;
-                layer.v = layer.v.index_select(&idx, 0)?;
-            }
-        }
-        self.pads = rows.iter().map(|&r| self.pads[r]).collect();
-        Ok(())
-    }
-
-    /// Appends the rows of `other` after this cache's rows, so two batches decode as one.
-    /// The shorter side is left-padded to the longer length (its pads grow by the difference,
-    /// so its positions are unchanged and the new slots are masked).
-    pub fn merge(&mut self, other: KvCache) -> Result<()> {
-        if other.pads.is_empty() {
-            return Ok(());
-        }
-        if self.pads.is_empty() {
-            *self = other;
-            return Ok(());
-        }
-        if self.layers.len() != other.layers.len() {
-            candle_core::bail!(
-                "merging caches of {} and {} layers",
-                self.layers.len(),
-                other.layers.len()
-            );
-        }
-        let len = self.len.max(other.len);
-        let cap = len.max(16).max(self.capacity);
-        let widen = |t: &Tensor, old: usize| -> Result<Tensor> {
-            let (b, h, _, d) = t.dims4()?;
-            let data = t.narrow(2, 0, old)?;
-            if old == len {
-                return Ok(data);
-            }
-            let pad = Tensor::zeros((b, h, len - old, d), t.dtype(), t.device())?;
-            Tensor::cat(&[&pad, &data], 2)
-        };
-        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
-            let (Some(a), Some(b)) = (mine.as_ref(), theirs) else {
-                candle_core::bail!("merging a cache that has not been filled");
-            };
-            let mut merged = Vec::with_capacity(2);
-            for (x, y) in [(&a.k, &b.k), (&a.v, &b.v)] {
-                let both = Tensor::cat(&[widen(x, self.len)?, widen(y, other.len)?], 0)?;
-                let (rows, h, _, d) = both.dims4()?;
-                let full = Tensor::zeros((rows, h, cap, d), both.dtype(), both.device())?;
-                full.slice_set(&both.contiguous()?, 2, 0)?;
-                merged.push(full);
-            }
-            let v = merged.pop().expect("two");
-            let k = merged.pop().expect("two");
-            *mine = Some(LayerKv { k, v });
-        }
-        let (da, db) = (len - self.len, len - other.len);
-        self.pads = self
-            .pads
+    /// Allocated slots.
+    fn capacity(&self) -> usize {
+        self.layers
             .iter()
-            .map(|p| p + da)
-            .chain(other.pads.iter().map(|p| p + db))
-            .collect();
-        self.len = len;
-        self.capacity = cap;
-        Ok(())
+            .flatten()
+            .next()
+            .and_then(|l| l.k.dim(2).ok())
+            .unwrap_or(0)
     }
 
-    /// Appends `k`, `v` (`[b, h, n, d]`) for layer `li` at slot `self.len` and returns the
-    /// filled views `[b, h, len + n, d]`. Growth doubles capacity so appends are amortised O(n).
+    /// A copy of the filled slots that shares no storage with `self` (appends to one never
+    /// show in the other); it grows to its reserve at its next append.
+    fn deep_copy(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|l| {
+                        Ok::<_, candle_core::Error>(LayerKv {
+                            k: l.k.narrow(2, 0, self.len)?.copy()?,
+                            v: l.v.narrow(2, 0, self.len)?.copy()?,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+            reserve: self.reserve,
+        })
+    }
+
+    /// Appends `k`, `v` (`[1, h, n, d]`) for layer `li` at slot `self.len` and returns the
+    /// filled views `[1, h, len + n, d]`. The first allocation takes the reserved size; growth
+    /// beyond it doubles, so appends are amortised O(n).
     fn append(&mut self, li: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(2)?;
         let need = self.len + n;
@@ -255,7 +179,10 @@ impl KvCache {
             Some(layer) if layer.k.dim(2)? >= need => layer,
             slot => {
                 let (b, h, _, d) = k.dims4()?;
-                let cap = need.max(self.capacity).max(2 * self.capacity).max(16);
+                let old_cap = slot.as_ref().map_or(0, |l| l.k.dim(2).unwrap_or(0));
+                // A reserved row is allocated exactly; an unreserved one grows from 16 slots.
+                let floor = if self.reserve > 0 { 0 } else { 16 };
+                let cap = need.max(self.reserve).max(2 * old_cap).max(floor);
                 let nk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
                 let nv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
                 if let Some(old) = slot.as_ref() {
@@ -264,9 +191,6 @@ impl KvCache {
                         nv.slice_set(&old.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                     }
                 }
-                if li == 0 {
-                    self.capacity = cap;
-                }
                 *slot = Some(LayerKv { k: nk, v: nv });
                 slot.as_mut().expect("just set")
             }
@@ -274,6 +198,119 @@ impl KvCache {
         layer.k.slice_set(&k.contiguous()?, 2, self.len)?;
         layer.v.slice_set(&v.contiguous()?, 2, self.len)?;
         Ok((layer.k.narrow(2, 0, need)?, layer.v.narrow(2, 0, need)?))
+    }
+}
+
+/// KV cache of a batch of independent sequences ("ragged": each row has its own length and
+/// its own storage; nothing is padded).
+///
+/// Rows of any lengths step together: the linear layers run over all rows at once and each row
+/// attends over its own keys, so a batch costs the memory of its rows' real lengths, never
+/// rows × the longest. Rows can be selected, repeated or appended between steps without copying
+/// the others, which is what a batch scheduler needs.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    rows: Vec<RowKv>,
+    num_layers: usize,
+}
+
+impl KvCache {
+    /// An empty cache of `rows` sequences.
+    pub fn new(num_layers: usize, rows: usize) -> Self {
+        Self {
+            rows: (0..rows).map(|_| RowKv::new(num_layers)).collect(),
+            num_layers,
+        }
+    }
+
+    /// Rows in the batch.
+    pub fn batch_size(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Slots filled in row `b` (its next position id).
+    pub fn row_len(&self, b: usize) -> usize {
+        self.rows.get(b).map_or(0, |r| r.len)
+    }
+
+    /// The longest row.
+    pub fn max_len(&self) -> usize {
+        self.rows.iter().map(|r| r.len).max().unwrap_or(0)
+    }
+
+    /// True when no row holds a slot.
+    pub fn is_empty(&self) -> bool {
+        self.rows.iter().all(|r| r.len == 0)
+    }
+
+    /// Slots allocated over all rows (memory of the cache is this × the bytes per slot).
+    pub fn allocated_slots(&self) -> usize {
+        self.rows.iter().map(RowKv::capacity).sum()
+    }
+
+    /// Allocates `slots` slots per row at the next append of a row that has none yet, so a
+    /// sequence whose final length is known (prompt + new tokens) is allocated once.
+    pub fn reserve(&mut self, slots: usize) {
+        for r in &mut self.rows {
+            r.reserve = slots;
+        }
+    }
+
+    /// Keeps rows `rows` (in that order). A row named more than once is copied (deep), so the
+    /// copies diverge independently, e.g. to broadcast one prefilled conditional/unconditional
+    /// pair to `n` image rows.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for &r in rows {
+            if r >= self.rows.len() {
+                candle_core::bail!("row {r} out of range for a batch of {}", self.rows.len());
+            }
+        }
+        let mut old: Vec<Option<RowKv>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, &r) in rows.iter().enumerate() {
+            let again = rows[i + 1..].contains(&r);
+            let row = if again {
+                old[r].as_ref().expect("present until its last use").deep_copy()?
+            } else {
+                old[r].take().expect("present until its last use")
+            };
+            out.push(row);
+        }
+        self.rows = out;
+        Ok(())
+    }
+
+    /// A copy sharing no storage with this cache (a cached prefill handed to a request).
+    pub fn deep_copy(&self) -> Result<Self> {
+        Ok(Self {
+            rows: self
+                .rows
+                .iter()
+                .map(RowKv::deep_copy)
+                .collect::<Result<Vec<_>>>()?,
+            num_layers: self.num_layers,
+        })
+    }
+
+    /// Appends the rows of `other` after this cache's rows, so two batches decode as one.
+    /// No data is copied.
+    pub fn merge(&mut self, other: KvCache) -> Result<()> {
+        if other.rows.is_empty() {
+            return Ok(());
+        }
+        if self.rows.is_empty() {
+            *self = other;
+            return Ok(());
+        }
+        if self.num_layers != other.num_layers {
+            candle_core::bail!(
+                "merging caches of {} and {} layers",
+                self.num_layers,
+                other.num_layers
+            );
+        }
+        self.rows.extend(other.rows);
+        Ok(())
     }
 }
 
@@ -329,7 +366,6 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
         cache: &mut KvCache,
         li: usize,
     ) -> Result<Tensor> {
@@ -345,23 +381,35 @@ impl Attention {
         let v = v.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = cache.append(li, &k, &v)?;
-        let (k, v) = if nkv != nh {
-            let rep = nh / nkv;
-            let t = k.dim(2)?;
-            let k = k
-                .unsqueeze(2)?
-                .expand((b, nkv, rep, t, hd))?
-                .reshape((b, nh, t, hd))?;
-            let v = v
-                .unsqueeze(2)?
-                .expand((b, nkv, rep, t, hd))?
-                .reshape((b, nh, t, hd))?;
-            (k, v)
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut ys = Vec::with_capacity(b);
+        for (r, row) in cache.rows.iter_mut().enumerate() {
+            let start = row.len;
+            let (k, v) = row.append(li, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
+            let (k, v) = if nkv != nh {
+                let rep = nh / nkv;
+                let t = k.dim(2)?;
+                let k = k
+                    .unsqueeze(2)?
+                    .expand((1, nkv, rep, t, hd))?
+                    .reshape((1, nh, t, hd))?;
+                let v = v
+                    .unsqueeze(2)?
+                    .expand((1, nkv, rep, t, hd))?
+                    .reshape((1, nh, t, hd))?;
+                (k, v)
+            } else {
+                (k, v)
+            };
+            let mask = causal_mask(start, n, x.device())?;
+            let q = if b == 1 { q.clone() } else { q.narrow(0, r, 1)? };
+            ys.push(attention::sdpa(&q, &k, &v, scale, mask.as_ref())?);
+        }
+        let y = if ys.len() == 1 {
+            ys.pop().expect("one row")
         } else {
-            (k, v)
+            Tensor::cat(&ys, 0)?
         };
-        let y = attention::sdpa(&q, &k, &v, 1.0 / (hd as f64).sqrt(), mask)?;
         let y = y.transpose(1, 2)?.reshape((b, n, nh * hd))?;
         self.o_proj.forward(&y)
     }
@@ -504,13 +552,15 @@ impl Llm {
         e.reshape(out)
     }
 
-    /// A fresh cache for rows with the given left padding.
-    pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers, pads)
+    /// A fresh cache of `rows` empty sequences.
+    pub fn new_cache(&self, rows: usize) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers, rows)
     }
 
-    /// Runs `embeds` `[batch, n, hidden]` as the next `n` slots of every row of `cache` and returns
-    /// the final-normed hidden states `[batch, n, hidden]`.
+    /// Runs `embeds` `[batch, n, hidden]` as the next `n` positions of every row of `cache` and
+    /// returns the final-normed hidden states `[batch, n, hidden]`. Rows may have different
+    /// lengths; each attends causally over its own cache. Extra memory beyond the cache is
+    /// O(batch · n · (hidden + row length)): prefill a long prompt in chunks to bound it.
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, n, _) = embeds.dims3()?;
         if b != cache.batch_size() {
@@ -519,64 +569,51 @@ impl Llm {
                 cache.batch_size()
             );
         }
-        let start = cache.len;
-        let longest = (start + n).saturating_sub(cache.pads.iter().copied().min().unwrap_or(0));
+        let longest = cache.max_len() + n;
         if longest > self.cfg.max_position_embeddings {
             candle_core::bail!(
                 "sequence of {longest} positions exceeds max_position_embeddings {}",
                 self.cfg.max_position_embeddings
             );
         }
-        // Position ids per row: slots count from the row's first real token (pads clamp to 0).
+        // Position ids per row: its filled slots onwards.
         let mut pos = Vec::with_capacity(b * n);
-        for &pad in &cache.pads {
-            for i in 0..n {
-                pos.push((start + i).saturating_sub(pad) as u32);
-            }
+        for r in &cache.rows {
+            pos.extend((0..n).map(|i| (r.len + i) as u32));
         }
         let pos = Tensor::from_vec(pos, b * n, &self.device)?;
         let half = self.cfg.head_dim() / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, n, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, n, half))?;
-        let mask = self.mask(cache, start, n)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (li, block) in self.layers.iter().enumerate() {
             let _enter = block.span.enter();
             let h = block.input_layernorm.forward(&x)?;
-            let h = block
-                .self_attn
-                .forward(&h, &cos, &sin, mask.as_ref(), cache, li)?;
+            let h = block.self_attn.forward(&h, &cos, &sin, cache, li)?;
             x = (x + h)?;
             let h = block.post_attention_layernorm.forward(&x)?;
             x = (&x + block.mlp.forward(&h)?)?;
         }
-        cache.len = start + n;
+        for r in &mut cache.rows {
+            r.len += n;
+        }
         self.norm.forward(&x)
     }
 
-    /// Additive mask `[b, 1, n, start + n]`: causal, and pad slots of each row hidden as keys.
-    /// `None` when nothing needs masking (one new slot and no padding).
-    fn mask(&self, cache: &KvCache, start: usize, n: usize) -> Result<Option<Tensor>> {
-        let any_pad = cache.pads.iter().any(|&p| p > 0);
-        if n == 1 && !any_pad {
-            return Ok(None);
-        }
-        let t = start + n;
-        let b = cache.batch_size();
-        let mut m = vec![0f32; b * n * t];
-        for (row, &pad) in cache.pads.iter().enumerate() {
-            for i in 0..n {
-                let q = start + i;
-                let base = (row * n + i) * t;
-                for (j, v) in m[base..base + t].iter_mut().enumerate() {
-                    let visible = j <= q && (j >= pad || q < pad && j == q);
-                    if !visible {
-                        *v = MASKED;
-                    }
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(m, (b, 1, n, t), &self.device)?))
+    /// Multiply-adds per token of the decoder layers (their matmuls, attention over the cache
+    /// left out): the unit a scheduler weighs other work (a vision block) against.
+    pub fn token_macs(&self) -> usize {
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let per_layer = h * (c.num_attention_heads + 2 * c.kv_heads()) * hd
+            + c.num_attention_heads * hd * h
+            + 3 * h * c.intermediate_size;
+        c.num_hidden_layers * per_layer
+    }
+
+    /// Bytes one cached position of one row takes (keys and values of every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_hidden_layers * self.cfg.kv_heads() * self.cfg.head_dim() * self.dtype.size_in_bytes()
     }
 
     /// `lm_head` logits (f32) for hidden states `[.., hidden]`; errors if loaded without the head.
@@ -592,6 +629,20 @@ impl Llm {
         let n = hidden.dim(1)?;
         hidden.i((.., n - 1, ..))?.contiguous()
     }
+}
+
+/// Additive causal mask `[1, 1, n, start + n]` for `n` new positions after `start` cached ones
+/// (`None` for a single position: it sees everything). O(n · (start + n)) floats.
+fn causal_mask(start: usize, n: usize, dev: &Device) -> Result<Option<Tensor>> {
+    if n == 1 {
+        return Ok(None);
+    }
+    let t = start + n;
+    let mut m = vec![0f32; n * t];
+    for i in 0..n {
+        m[i * t + start + i + 1..(i + 1) * t].fill(MASKED);
+    }
+    Ok(Some(Tensor::from_vec(m, (1, 1, n, t), dev)?))
 }
 
 /// cos/sin tables `[max_pos, head_dim/2]` for rotate-half RoPE.
@@ -666,134 +717,70 @@ mod tests {
         assert_eq!(c.rope_theta, 10000.0);
     }
 
-    /// Incremental decode equals a full forward, and a left-padded row equals the same row alone.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Incremental decode and chunked prefill equal a full forward; rows of different lengths
+    /// in one batch equal each row alone.
     #[test]
-    fn cache_and_left_padding_match_unpadded() {
+    fn cache_chunks_and_ragged_rows_match_alone() {
         let m = model();
         let ids = Tensor::new(&[[3u32, 7, 11, 13, 17]], &Device::Cpu).unwrap();
         let e = m.embed(&ids).unwrap();
-        let mut c1 = m.new_cache(vec![0]);
+        let mut c1 = m.new_cache(1);
         let full = m.forward(&e, &mut c1).unwrap();
-        let mut c2 = m.new_cache(vec![0]);
-        m.forward(&e.narrow(1, 0, 3).unwrap(), &mut c2).unwrap();
-        m.forward(&e.narrow(1, 3, 1).unwrap(), &mut c2).unwrap();
+        let mut c2 = m.new_cache(1);
+        c2.reserve(8);
+        m.forward(&e.narrow(1, 0, 2).unwrap(), &mut c2).unwrap();
+        let mid = m.forward(&e.narrow(1, 2, 2).unwrap(), &mut c2).unwrap();
         let last = m.forward(&e.narrow(1, 4, 1).unwrap(), &mut c2).unwrap();
-        let d = (full.narrow(1, 4, 1).unwrap() - last)
-            .unwrap()
-            .abs()
-            .unwrap();
-        assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+        assert_eq!(c2.allocated_slots(), 8, "the reserve is allocated once");
+        assert!(max_diff(&full.narrow(1, 2, 2).unwrap(), &mid) < 1e-5);
+        assert!(max_diff(&full.narrow(1, 4, 1).unwrap(), &last) < 1e-5);
 
-        // Batch: row 0 = the 5 tokens, row 1 = 2 pads + 3 tokens.
-        let ids2 = Tensor::new(&[[3u32, 7, 11, 13, 17], [0, 0, 5, 9, 2]], &Device::Cpu).unwrap();
-        let mut cb = m.new_cache(vec![0, 2]);
-        let hb = m.forward(&m.embed(&ids2).unwrap(), &mut cb).unwrap();
-        let mut cs = m.new_cache(vec![0]);
-        let alone = m
-            .forward(
-                &m.embed(&Tensor::new(&[[5u32, 9, 2]], &Device::Cpu).unwrap())
-                    .unwrap(),
-                &mut cs,
-            )
-            .unwrap();
-        let d = (hb.i((1..2, 2.., ..)).unwrap() - &alone)
-            .unwrap()
-            .abs()
-            .unwrap();
-        assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
-        assert!(hb
-            .i((1, 0, ..))
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .all(|v| v.is_finite()));
-        // One more decode step for both rows still matches.
+        // Row 0 holds 5 tokens, row 1 holds 3: one decode step for both.
+        let mut cs = m.new_cache(1);
+        m.forward(
+            &m.embed(&Tensor::new(&[[5u32, 9, 2]], &Device::Cpu).unwrap())
+                .unwrap(),
+            &mut cs,
+        )
+        .unwrap();
+        let mut cb = c1.clone();
+        cb.merge(cs.deep_copy().unwrap()).unwrap();
+        assert_eq!((cb.row_len(0), cb.row_len(1)), (5, 3));
         let step = m
-            .embed(&Tensor::new(&[[4u32], [4]], &Device::Cpu).unwrap())
+            .embed(&Tensor::new(&[[4u32], [6]], &Device::Cpu).unwrap())
             .unwrap();
-        let hb2 = m.forward(&step, &mut cb).unwrap();
-        let hs2 = m
-            .forward(
-                &m.embed(&Tensor::new(&[[4u32]], &Device::Cpu).unwrap())
-                    .unwrap(),
-                &mut cs,
+        let hb = m.forward(&step, &mut cb).unwrap();
+        let one = |c: &mut KvCache, t: u32| {
+            m.forward(
+                &m.embed(&Tensor::new(&[[t]], &Device::Cpu).unwrap()).unwrap(),
+                c,
             )
-            .unwrap();
-        let d = (hb2.i(1).unwrap() - hs2.i(0).unwrap())
             .unwrap()
-            .abs()
-            .unwrap();
-        assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
-        // Selecting rows keeps their state.
+        };
+        let ha = one(&mut c1, 4);
+        let hs = one(&mut cs, 6);
+        assert!(max_diff(&hb.i(0).unwrap(), &ha.i(0).unwrap()) < 1e-5);
+        assert!(max_diff(&hb.i(1).unwrap(), &hs.i(0).unwrap()) < 1e-5);
+        // Selecting a row twice copies it: the copies then diverge independently.
         cb.select_rows(&[1, 1]).unwrap();
         let st = m
-            .embed(&Tensor::new(&[[6u32], [6]], &Device::Cpu).unwrap())
+            .embed(&Tensor::new(&[[6u32], [8]], &Device::Cpu).unwrap())
             .unwrap();
         let hsel = m.forward(&st, &mut cb).unwrap();
-        let hs3 = m
-            .forward(
-                &m.embed(&Tensor::new(&[[6u32]], &Device::Cpu).unwrap())
-                    .unwrap(),
-                &mut cs,
-            )
-            .unwrap();
-        for r in 0..2 {
-            let d = (hsel.i(r).unwrap() - hs3.i(0).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap();
-            assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
-        }
-    }
-
-    /// Two caches of different lengths merged into one batch decode exactly like each alone.
-    #[test]
-    fn merged_caches_decode_like_separate_ones() {
-        let m = model();
-        let dev = Device::Cpu;
-        let ids_a = Tensor::new(&[[3u32, 7, 11, 13, 17]], &dev).unwrap();
-        let ids_b = Tensor::new(&[[5u32, 9]], &dev).unwrap();
-        let mut ca = m.new_cache(vec![0]);
-        m.forward(&m.embed(&ids_a).unwrap(), &mut ca).unwrap();
-        let mut cb = m.new_cache(vec![0]);
-        m.forward(&m.embed(&ids_b).unwrap(), &mut cb).unwrap();
-        let (mut sa, mut sb) = (ca.clone(), cb.clone());
-        // b joins a (b is shorter), then a third copy of a joins (longer than nothing).
-        let mut merged = ca;
-        merged.merge(cb).unwrap();
-        assert_eq!(merged.pads(), &[0, 3]);
-        let step = m
-            .embed(&Tensor::new(&[[4u32], [6]], &dev).unwrap())
-            .unwrap();
-        let hm = m.forward(&step, &mut merged).unwrap();
-        let ha = m
-            .forward(
-                &m.embed(&Tensor::new(&[[4u32]], &dev).unwrap()).unwrap(),
-                &mut sa,
-            )
-            .unwrap();
-        let hb = m
-            .forward(
-                &m.embed(&Tensor::new(&[[6u32]], &dev).unwrap()).unwrap(),
-                &mut sb,
-            )
-            .unwrap();
-        for (r, alone) in [(0, &ha), (1, &hb)] {
-            let d = (hm.i(r).unwrap() - alone.i(0).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap();
-            assert!(
-                d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5,
-                "row {r}"
-            );
-        }
-        // The shorter side may also be `self`.
-        let mut short = sb.clone();
-        short.merge(sa.clone()).unwrap();
-        assert_eq!(short.pads(), &[3, 0]);
-        assert_eq!(short.len(), sa.len());
+        let mut cs2 = cs.deep_copy().unwrap();
+        assert!(max_diff(&hsel.i(0).unwrap(), &one(&mut cs, 6).i(0).unwrap()) < 1e-5);
+        assert!(max_diff(&hsel.i(1).unwrap(), &one(&mut cs2, 8).i(0).unwrap()) < 1e-5);
     }
 
     #[test]

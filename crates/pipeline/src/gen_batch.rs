@@ -7,7 +7,7 @@
 use crate::error::{Error, Result};
 use crate::generate::{GenJob, GenerateParams, GenerationModel};
 use crate::sampling::Sampler;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use janus_llm::{KvCache, Llm};
 
 /// One request inside a [`GenBatch`].
@@ -216,18 +216,13 @@ impl GenerationModel {
         if hidden.dim(0)? == 0 {
             return Ok(Vec::new());
         }
-        let logits = self.head_logits(&hidden)?;
-        let (rows, v) = logits.dims2()?;
-        let pairs = logits.reshape((rows / 2, 2, v))?;
-        let cond = pairs.narrow(1, 0, 1)?.squeeze(1)?;
-        let uncond = pairs.narrow(1, 1, 1)?.squeeze(1)?;
         // Per-pair guidance weights: requests may differ.
         let weights: Vec<f32> = batch
             .running()
             .flat_map(|m| std::iter::repeat_n(m.params.cfg_weight, m.tokens.len()))
             .collect();
-        let w = Tensor::from_vec(weights, (rows / 2, 1), logits.device())?;
-        let guided = (&uncond + (cond - &uncond)?.broadcast_mul(&w)?)?.to_dtype(DType::F32)?;
+        let guided = self.guide(&hidden, &weights)?;
+        let rows = hidden.dim(0)?;
         let mut guided = guided.to_vec2::<f32>()?.into_iter();
         let mut sampled = Vec::new();
         let mut feed = Vec::with_capacity(rows);

@@ -6,6 +6,7 @@
 //! mask. The two prompt rows are prefilled once and their cache broadcast to the `n` image pairs.
 
 use crate::config::JanusConfig;
+use crate::preview::PreviewPalette;
 use crate::error::{Error, Result};
 use crate::prompt::TextTokenizer;
 use crate::sampling::{check_temperature, check_top_p, Sampler};
@@ -16,6 +17,7 @@ use janus_llm::{KvCache, Linear, Llm};
 use janus_vision::MlpAligner;
 use janus_vq::{image_buf::Rgb8, VqModel};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Most images one request may ask for.
 pub const MAX_IMAGES: usize = 16;
@@ -156,7 +158,7 @@ impl GenHead {
 pub struct GenerationModel {
     tokenizer: TextTokenizer,
     config: JanusConfig,
-    llm: Llm,
+    llm: Arc<Llm>,
     gen_embed: Tensor,
     gen_aligner: MlpAligner,
     gen_head: GenHead,
@@ -164,6 +166,19 @@ pub struct GenerationModel {
     context: usize,
     device: Device,
     uncond: std::sync::Mutex<UncondCache>,
+    palette: std::sync::OnceLock<std::sync::Mutex<PreviewPalette>>,
+}
+
+/// True when a candle error is a VQ decode stopped by its callback.
+fn is_stopped(e: &candle_core::Error) -> bool {
+    match e {
+        candle_core::Error::Wrapped(inner) => {
+            inner.to_string() == janus_vq::DecodeStopped.to_string()
+        }
+        candle_core::Error::WithBacktrace { inner, .. } => is_stopped(inner),
+        candle_core::Error::Context { inner, .. } => is_stopped(inner),
+        _ => false,
+    }
 }
 
 /// Prefilled unconditional rows by prompt length. The unconditional prompt is
@@ -171,22 +186,89 @@ pub struct GenerationModel {
 /// of equal length share its prefill.
 #[derive(Debug, Default)]
 struct UncondCache {
-    /// `(ids, one-row cache, last hidden [1, hidden])`, most recently used last.
-    entries: Vec<(Vec<u32>, KvCache, Tensor)>,
+    /// Most recently used last.
+    entries: Vec<UncondEntry>,
     reuses: u64,
 }
 
+#[derive(Debug)]
+struct UncondEntry {
+    ids: Vec<u32>,
+    /// One-row cache holding exactly the prompt's slots.
+    cache: KvCache,
+    /// Last hidden state `[1, hidden]`.
+    last: Tensor,
+    bytes: usize,
+}
+
 /// Unconditional prefills kept (a few prompt lengths cover most traffic).
-const UNCOND_CACHE_ENTRIES: usize = 16;
+pub const UNCOND_CACHE_ENTRIES: usize = 16;
+
+/// Memory the kept unconditional prefills may take in all.
+pub const UNCOND_CACHE_BYTES: usize = 256 << 20;
+
+/// A validated, tokenized generation request.
+#[derive(Debug, Clone)]
+pub struct GenPrepared {
+    /// Conditional prompt ids.
+    pub cond: Vec<u32>,
+    /// Unconditional prompt ids (same length).
+    pub uncond: Vec<u32>,
+    /// The request's settings.
+    pub params: GenerateParams,
+}
+
+/// One prompt row being prefilled.
+#[derive(Debug)]
+struct RowPrefill {
+    cache: KvCache,
+    done: usize,
+    last: Option<Tensor>,
+}
+
+/// A generation request whose two prompt rows are being prefilled, a chunk at a time (see
+/// [`GenerationModel::prefill`]).
+#[derive(Debug)]
+pub struct GenPrefill {
+    prepared: GenPrepared,
+    cond: RowPrefill,
+    uncond: RowPrefill,
+    /// The unconditional row came from the cache of recent prefills.
+    uncond_cached: bool,
+}
+
+impl GenPrefill {
+    /// Prompt rows (conditional, unconditional) not completely prefilled yet.
+    pub fn rows_left(&self) -> usize {
+        (self.cond.done < self.prepared.cond.len()) as usize
+            + (self.uncond.done < self.prepared.uncond.len()) as usize
+    }
+
+    /// The request being prefilled.
+    pub fn prepared(&self) -> &GenPrepared {
+        &self.prepared
+    }
+}
 
 impl GenerationModel {
     /// Loads the LLM body, `gen_embed`, `gen_aligner`, `gen_head` and the VQ decoder.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_sharing(dir, opts, None)
+    }
+
+    /// Like [`Self::load`], but uses `llm` (from the same checkpoint, on `opts.device`) instead
+    /// of loading the LLM body again; only the generation parts are read from the checkpoint.
+    pub fn load_sharing(dir: &Path, opts: &LoadOptions, llm: Option<Arc<Llm>>) -> Result<Self> {
         let ck = Checkpoint::open(dir)?;
         let vb = ck.var_builder(opts)?;
         let cfg = &ck.config;
-        let llm =
-            Llm::load(vb.pp("language_model"), &cfg.llm, opts.dtype, false).map_err(weights_err)?;
+        let llm = match llm {
+            Some(llm) => llm,
+            None => Arc::new(
+                Llm::load(vb.pp("language_model"), &cfg.llm, opts.dtype, false)
+                    .map_err(weights_err)?,
+            ),
+        };
         let gh = &cfg.gen_head;
         let gen_embed = vb
             .get((gh.image_token_size, gh.gen_embed_dim), "gen_embed.weight")
@@ -225,54 +307,13 @@ impl GenerationModel {
             context,
             device: opts.device.clone(),
             uncond: Default::default(),
+            palette: Default::default(),
         })
     }
 
     /// How many requests reused a cached unconditional prefill.
     pub fn uncond_reuses(&self) -> u64 {
         self.uncond.lock().map(|c| c.reuses).unwrap_or(0)
-    }
-
-    /// Prefills the (conditional, unconditional) pair: cache of 2 rows and their last hidden
-    /// states `[2, hidden]`, reusing the unconditional row when its length was seen before.
-    ///
-    /// Each row is prefilled on its own, cache hit or miss alike, so a request's numerics (and
-    /// therefore its sampled tokens for a seed) do not depend on what ran before it.
-    fn prefill_pair(&self, cond: Vec<u32>, uncond: Vec<u32>) -> Result<(KvCache, Tensor)> {
-        let cached = self.uncond.lock().ok().and_then(|mut c| {
-            let i = c.entries.iter().position(|(ids, _, _)| *ids == uncond)?;
-            let hit = c.entries.remove(i);
-            let out = (hit.1.clone(), hit.2.clone());
-            c.entries.push(hit);
-            c.reuses += 1;
-            Some(out)
-        });
-        let (ucache, uhidden) = match cached {
-            Some(hit) => hit,
-            None => {
-                let (urow, uhidden) = self.prefill_row(uncond.clone())?;
-                if let Ok(mut c) = self.uncond.lock() {
-                    if c.entries.len() >= UNCOND_CACHE_ENTRIES {
-                        c.entries.remove(0);
-                    }
-                    c.entries.push((uncond, urow.clone(), uhidden.clone()));
-                }
-                (urow, uhidden)
-            }
-        };
-        let (mut cache, chidden) = self.prefill_row(cond)?;
-        // `merge` copies into fresh tensors, so the cached row is never written to.
-        cache.merge(ucache)?;
-        Ok((cache, Tensor::cat(&[&chidden, &uhidden], 0)?))
-    }
-
-    /// Prefills one prompt row: its cache and last hidden state `[1, hidden]`.
-    fn prefill_row(&self, ids: Vec<u32>) -> Result<(KvCache, Tensor)> {
-        let l = ids.len();
-        let ids = Tensor::from_vec(ids, (1, l), &self.device)?;
-        let mut cache = self.llm.new_cache(vec![0]);
-        let hidden = self.llm.forward(&self.llm.embed(&ids)?, &mut cache)?;
-        Ok((cache, Llm::last(&hidden)?))
     }
 
     /// The model configuration.
@@ -285,6 +326,11 @@ impl GenerationModel {
         &self.tokenizer
     }
 
+    /// The language model body (shared with the understanding half in `janus serve`).
+    pub fn llm(&self) -> &Arc<Llm> {
+        &self.llm
+    }
+
     /// Context window in tokens (prompt plus image tokens must fit).
     pub fn context(&self) -> usize {
         self.context
@@ -295,8 +341,8 @@ impl GenerationModel {
         self.config.image_tokens()
     }
 
-    /// Validates, tokenizes and prefills a request; the job is ready for its first step.
-    pub fn start(&self, prompt: &str, params: &GenerateParams) -> Result<GenJob> {
+    /// Validates and tokenizes a request (the conditional prompt and its unconditional twin).
+    pub fn prepare(&self, prompt: &str, params: &GenerateParams) -> Result<GenPrepared> {
         params.validate()?;
         let (cond, uncond) = self.tokenizer.encode_generation(prompt)?;
         let total = self.image_tokens();
@@ -307,11 +353,104 @@ impl GenerationModel {
                 context: self.context,
             });
         }
-        let l = cond.len();
-        let (mut cache, last) = self.prefill_pair(cond, uncond)?;
+        Ok(GenPrepared {
+            cond,
+            uncond,
+            params: params.clone(),
+        })
+    }
+
+    /// Starts prefilling a prepared request: nothing is computed yet. The unconditional row is
+    /// taken from the cache of recent prefills when a prompt of equal length was seen.
+    pub fn begin(&self, prepared: GenPrepared) -> GenPrefill {
+        let total = self.image_tokens();
+        let row = |ids: &[u32]| {
+            let mut cache = self.llm.new_cache(1);
+            cache.reserve(ids.len() + total);
+            RowPrefill {
+                cache,
+                done: 0,
+                last: None,
+            }
+        };
+        let cond = row(&prepared.cond);
+        let cached = self.uncond.lock().ok().and_then(|mut c| {
+            let i = c.entries.iter().position(|e| e.ids == prepared.uncond)?;
+            let hit = c.entries.remove(i);
+            // A copy: the request appends to its rows, the cached prefill stays as it is.
+            let out = hit.cache.deep_copy().map(|cache| (cache, hit.last.clone()));
+            c.entries.push(hit);
+            c.reuses += 1;
+            out.ok()
+        });
+        let (uncond, uncond_cached) = match cached {
+            Some((mut cache, last)) => {
+                cache.reserve(prepared.uncond.len() + total);
+                let done = prepared.uncond.len();
+                (
+                    RowPrefill {
+                        cache,
+                        done,
+                        last: Some(last),
+                    },
+                    true,
+                )
+            }
+            None => (row(&prepared.uncond), false),
+        };
+        GenPrefill {
+            prepared,
+            cond,
+            uncond,
+            uncond_cached,
+        }
+    }
+
+    /// Prompt positions left to prefill (the budget unit of a scheduler).
+    pub fn cost_left(&self, pre: &GenPrefill) -> usize {
+        (pre.prepared.cond.len() - pre.cond.done) + (pre.prepared.uncond.len() - pre.uncond.done)
+    }
+
+    /// Prefills up to `budget` more prompt positions (the conditional row, then the
+    /// unconditional one; each row on its own, so a request's numerics do not depend on the
+    /// cache state; at least one position per call). When both rows are complete, returns the
+    /// job, its pair broadcast to `n` interleaved image pairs, ready for its first step.
+    pub fn prefill(&self, pre: &mut GenPrefill, budget: usize) -> Result<Option<GenJob>> {
+        let mut left = budget.max(1);
+        for (row, ids) in [
+            (&mut pre.cond, &pre.prepared.cond),
+            (&mut pre.uncond, &pre.prepared.uncond),
+        ] {
+            if left == 0 || row.done == ids.len() {
+                continue;
+            }
+            let n = left.min(ids.len() - row.done);
+            let t = Tensor::from_vec(ids[row.done..row.done + n].to_vec(), (1, n), &self.device)?;
+            let hidden = self.llm.forward(&self.llm.embed(&t)?, &mut row.cache)?;
+            row.done += n;
+            left -= n;
+            if row.done == ids.len() {
+                row.last = Some(Llm::last(&hidden)?);
+            }
+        }
+        if self.cost_left(pre) > 0 {
+            return Ok(None);
+        }
+        let (Some(clast), Some(ulast)) = (pre.cond.last.clone(), pre.uncond.last.clone()) else {
+            return Err(Error::invalid("prompt", "empty prompt"));
+        };
+        let mut cache = std::mem::replace(&mut pre.cond.cache, self.llm.new_cache(0));
+        let ucache = std::mem::replace(&mut pre.uncond.cache, self.llm.new_cache(0));
+        if !pre.uncond_cached {
+            self.remember_uncond(&pre.prepared.uncond, &ucache, &ulast);
+        }
+        cache.merge(ucache)?;
+        let params = pre.prepared.params.clone();
+        let total = self.image_tokens();
         // Broadcast the (cond, uncond) pair to n interleaved pairs.
         let rows: Vec<usize> = (0..params.n).flat_map(|_| [0, 1]).collect();
         cache.select_rows(&rows)?;
+        let last = Tensor::cat(&[&clast, &ulast], 0)?;
         let idx = Tensor::from_vec(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             rows.len(),
@@ -328,15 +467,51 @@ impl GenerationModel {
                 )
             })
             .collect();
-        Ok(GenJob {
+        Ok(Some(GenJob {
             cache,
             last_hidden,
             samplers,
             tokens: vec![Vec::with_capacity(total); params.n],
-            params: params.clone(),
-            prompt_tokens: l,
+            prompt_tokens: pre.prepared.cond.len(),
+            params,
             total,
-        })
+        }))
+    }
+
+    /// Keeps a compact copy of an unconditional prefill for later requests of equal length,
+    /// within [`UNCOND_CACHE_ENTRIES`] entries and [`UNCOND_CACHE_BYTES`].
+    fn remember_uncond(&self, ids: &[u32], cache: &KvCache, last: &Tensor) {
+        let bytes = ids.len() * self.llm.kv_bytes_per_token();
+        if bytes > UNCOND_CACHE_BYTES {
+            return;
+        }
+        let Ok(copy) = cache.deep_copy() else {
+            return;
+        };
+        if let Ok(mut c) = self.uncond.lock() {
+            c.entries.push(UncondEntry {
+                ids: ids.to_vec(),
+                cache: copy,
+                last: last.clone(),
+                bytes,
+            });
+            while c.entries.len() > UNCOND_CACHE_ENTRIES
+                || c.entries.iter().map(|e| e.bytes).sum::<usize>() > UNCOND_CACHE_BYTES
+            {
+                c.entries.remove(0);
+            }
+        }
+    }
+
+    /// Validates, tokenizes and prefills a request in one go; the job is ready for its first
+    /// step.
+    pub fn start(&self, prompt: &str, params: &GenerateParams) -> Result<GenJob> {
+        let mut pre = self.begin(self.prepare(prompt, params)?);
+        loop {
+            if let Some(job) = self.prefill(&mut pre, usize::MAX)? {
+                return Ok(job);
+            }
+        }
     }
 
     /// `gen_head` logits `[rows, codes]` for final-normed hidden states `[rows, hidden]`.
@@ -357,12 +532,25 @@ impl GenerationModel {
     /// Guided logits `[n, codes]` (f32) for the job's next step:
     /// `uncond + cfg_weight · (cond − uncond)`.
     pub fn guided_logits(&self, job: &GenJob) -> Result<Tensor> {
-        let logits = self.head_logits(&job.last_hidden)?;
+        self.guide(&job.last_hidden, &vec![job.params.cfg_weight; job.tokens.len()])
+    }
+
+    /// Classifier-free guidance for interleaved `[c0, u0, c1, u1, …]` hidden states
+    /// `[2k, hidden]` with one weight per pair: `[k, codes]` (f32).
+    pub(crate) fn guide(&self, hidden: &Tensor, weights: &[f32]) -> Result<Tensor> {
+        let logits = self.head_logits(hidden)?;
         let (rows, v) = logits.dims2()?;
+        if rows != 2 * weights.len() {
+            return Err(Error::invalid(
+                "weights",
+                format!("{} guidance weights for {rows} rows", weights.len()),
+            ));
+        }
         let pairs = logits.reshape((rows / 2, 2, v))?;
         let cond = pairs.narrow(1, 0, 1)?.squeeze(1)?;
         let uncond = pairs.narrow(1, 1, 1)?.squeeze(1)?;
-        Ok((&uncond + ((cond - &uncond)? * job.params.cfg_weight as f64)?)?)
+        let w = Tensor::from_vec(weights.to_vec(), (rows / 2, 1), logits.device())?;
+        Ok((&uncond + (cond - &uncond)?.broadcast_mul(&w)?)?.to_dtype(DType::F32)?)
     }
 
     /// Appends one token per image and, unless the images are complete, runs the LLM on them.
@@ -419,7 +607,72 @@ impl GenerationModel {
 
     /// Decodes complete token grids to RGB8 images.
     pub fn decode(&self, tokens: &[Vec<u32>]) -> Result<Vec<Rgb8>> {
-        Ok(janus_vq::to_rgb8(&self.decode_raw(tokens)?)?)
+        Ok(self
+            .decode_until(tokens, &|| false)?
+            .expect("a decode that is never stopped completes"))
+    }
+
+    /// Decodes complete grids, asking `stop` between decoder blocks: `None` when it stopped
+    /// (a cancelled request's decode ends within one block). Every decoded image also refines
+    /// the preview palette.
+    pub fn decode_until(
+        &self,
+        tokens: &[Vec<u32>],
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<Rgb8>>> {
+        let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+        let raw = match self.vq.decode_codes_until(&flat, tokens.len(), stop) {
+            Ok(raw) => raw,
+            Err(e) if is_stopped(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let images = janus_vq::to_rgb8(&raw)?;
+        if let Ok(mut p) = self.palette()?.lock() {
+            for (codes, img) in tokens.iter().zip(&images) {
+                p.observe(codes, img);
+            }
+        }
+        Ok(Some(images))
+    }
+
+    /// The preview palette, created on first use from the codebook.
+    fn palette(&self) -> Result<&std::sync::Mutex<PreviewPalette>> {
+        if let Some(p) = self.palette.get() {
+            return Ok(p);
+        }
+        let cb = self.vq.codebook().to_dtype(DType::F32)?;
+        let dim = cb.dim(1)?;
+        let flat = cb.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self
+            .palette
+            .get_or_init(|| std::sync::Mutex::new(PreviewPalette::new(flat, dim))))
+    }
+
+    /// A cheap `size`×`size` preview of a partial grid (see [`crate::preview`]): no VQ decode,
+    /// except one calibration decode the first time (when no image was decoded yet).
+    pub fn preview(&self, tokens: &[u32], size: u32) -> Result<Rgb8> {
+        let total = self.image_tokens();
+        let side = (total as f64).sqrt().round() as usize;
+        let calibrated = self.palette()?.lock().map(|p| p.observed() > 0).unwrap_or(true);
+        if !calibrated {
+            // A seeded random grid through the real decoder (observed by `decode_until`).
+            let codes = self.config.gen_head.image_token_size.max(1) as u64;
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            let grid: Vec<u32> = (0..total)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % codes) as u32
+                })
+                .collect();
+            self.decode(&[grid])?;
+        }
+        let p = self
+            .palette()?
+            .lock()
+            .map_err(|_| Error::invalid("preview", "palette lock poisoned"))?;
+        Ok(p.render(tokens, side, size))
     }
 
     /// Runs a request to the end; `on_step(done, total)` after every step.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod gen_batch;
 pub mod generate;
+pub mod preview;
 pub mod prompt;
 pub mod sampling;
 pub mod synth;
@@ -18,12 +19,12 @@ pub mod weights;
 pub use candle_core::{DType, Device};
 pub use config::JanusConfig;
 pub use error::{Error, Result};
-pub use generate::{GenJob, GenerateParams, GeneratedImage, GenerationModel};
+pub use generate::{GenJob, GenPrefill, GenPrepared, GenerateParams, GeneratedImage, GenerationModel};
 pub use janus_imageproc::{decode_rgb, ImageLimits};
 pub use prompt::{Message, Role};
 pub use sampling::SamplingParams;
 pub use understand::{
-    Conversation, FinishReason, PendingPrefill, TokenEvent, UnderstandBatch, UnderstandingModel,
+    Conversation, FinishReason, Prefill, TokenEvent, UnderstandBatch, UnderstandingModel,
 };
 
 use std::path::{Path, PathBuf};
@@ -33,10 +34,12 @@ use std::path::{Path, PathBuf};
 pub struct LoadOptions {
     /// Where tensors live and run.
     pub device: Device,
-    /// Activation (compute) dtype: f32 by default, bf16 selectable.
+    /// Activation (compute) dtype; [`default_dtype`] of the device by default (f32 on the CPU,
+    /// bf16 on CUDA).
     pub dtype: DType,
-    /// Weight storage dtype; defaults to `dtype`. bf16 storage with f32 compute halves the memory
-    /// read per decode step on the CPU (weights are widened on the fly).
+    /// Weight storage dtype; `None`: the checkpoint's (bf16 for the hub's Janus-Pro checkpoints),
+    /// see [`LoadOptions::resolve_weight_dtype`]. bf16 storage with f32 compute halves the memory
+    /// held and read per decode step on the CPU (weights are widened on the fly).
     pub weight_dtype: Option<DType>,
     /// Context window in tokens; defaults to the config's `max_position_embeddings`.
     pub max_context: Option<usize>,
@@ -44,13 +47,82 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
+        Self::for_device(Device::Cpu)
+    }
+}
+
+impl LoadOptions {
+    /// Defaults for `device`: its [`default_dtype`], weights in the checkpoint's dtype.
+    pub fn for_device(device: Device) -> Self {
         Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
+            dtype: default_dtype(&device),
+            device,
             weight_dtype: None,
             max_context: None,
         }
     }
+
+    /// The weight storage dtype for a checkpoint stored as `checkpoint`: `weight_dtype` when
+    /// set; otherwise the checkpoint's own dtype when it is the compute dtype, or bf16 under f32
+    /// compute (the CPU kernels widen bf16 weights on the fly); otherwise the compute dtype
+    /// (weights are never kept wider than they are computed with, nor in a dtype the matmul
+    /// kernels would convert on every call).
+    pub fn resolve_weight_dtype(&self, checkpoint: DType) -> DType {
+        match self.weight_dtype {
+            Some(d) => d,
+            None if checkpoint == self.dtype => checkpoint,
+            None if checkpoint == DType::BF16 && self.dtype == DType::F32 => DType::BF16,
+            None => self.dtype,
+        }
+    }
+}
+
+/// The default compute dtype of a device: bf16 on CUDA (the reference runs the hub
+/// checkpoints in bf16), f32 elsewhere (the CPU kernels compute in f32 and read bf16 weights).
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// The storage dtype of a checkpoint directory's weights (that of most language-model
+/// weights; read from the safetensors headers or the pickle's storage types).
+pub fn checkpoint_dtype(dir: &Path) -> Result<DType> {
+    weights::WeightFiles::find(dir)?.dtype()
+}
+
+/// Loads both halves of one checkpoint. When they run on the same device with the same dtypes,
+/// the LLM (the bulk of the weights) is built once and shared read-only by both halves (each
+/// keeps its own KV caches); otherwise each half loads its own copy, in parallel.
+pub fn load_both(
+    dir: &Path,
+    understanding: &LoadOptions,
+    generation: &LoadOptions,
+) -> Result<(UnderstandingModel, GenerationModel)> {
+    if shares_llm(understanding, generation) {
+        let und = UnderstandingModel::load(dir, understanding)?;
+        let llm = und.llm().clone();
+        let gen = GenerationModel::load_sharing(dir, generation, Some(llm))?;
+        return Ok((und, gen));
+    }
+    std::thread::scope(|s| {
+        let gen = s.spawn(|| GenerationModel::load(dir, generation));
+        let und = UnderstandingModel::load(dir, understanding);
+        let gen = gen
+            .join()
+            .unwrap_or_else(|_| Err(Error::Weights("generation loader panicked".into())));
+        Ok((und?, gen?))
+    })
+}
+
+/// Whether two halves loaded with these options can use one LLM.
+pub fn shares_llm(a: &LoadOptions, b: &LoadOptions) -> bool {
+    a.device.same_device(&b.device)
+        && a.dtype == b.dtype
+        && a.weight_dtype == b.weight_dtype
+        && a.max_context == b.max_context
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`.
@@ -92,9 +164,23 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f16" | "float16" => Ok(DType::F16),
         _ => Err(Error::invalid(
             "dtype",
-            format!("unknown dtype '{s}' (f32, bf16)"),
+            format!("unknown dtype '{s}' (auto, f32, bf16)"),
         )),
     }
+}
+
+/// Parses a compute dtype for `device`: `auto` is [`default_dtype`], anything else as
+/// [`parse_dtype`].
+pub fn parse_dtype_for(s: &str, device: &Device) -> Result<DType> {
+    match s {
+        "auto" => Ok(default_dtype(device)),
+        s => parse_dtype(s),
+    }
+}
+
+/// The name `--dtype` / `Info` use for a dtype (`f32`, `bf16`, `f16`, …).
+pub fn dtype_name(d: DType) -> &'static str {
+    d.as_str()
 }
 
 /// The files every half needs: configuration, tokenizer and weights.
@@ -138,8 +224,11 @@ impl Checkpoint {
         })
     }
 
+    /// Parses the weight headers once; tensors are stored as
+    /// [`LoadOptions::resolve_weight_dtype`] of the checkpoint's dtype.
     pub fn var_builder(&self, opts: &LoadOptions) -> Result<candle_nn::VarBuilder<'static>> {
-        self.weights
-            .var_builder(opts.weight_dtype.unwrap_or(opts.dtype), &opts.device)
+        let index = self.weights.open()?;
+        let dtype = opts.resolve_weight_dtype(index.dtype());
+        Ok(index.into_var_builder(dtype, &opts.device))
     }
 }

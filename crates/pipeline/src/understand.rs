@@ -11,6 +11,7 @@ use image::RgbImage;
 use janus_llm::{KvCache, Llm};
 use janus_vision::{MlpAligner, VisionTower};
 use std::path::Path;
+use std::sync::Arc;
 
 /// A conversation and its images, in the order their `<image_placeholder>` tags appear.
 #[derive(Debug, Clone)]
@@ -59,6 +60,26 @@ pub enum TokenEvent {
     },
 }
 
+impl TokenEvent {
+    /// The same event for row `row`.
+    fn on_row(self, row: usize) -> Self {
+        match self {
+            TokenEvent::Token { id, text, .. } => TokenEvent::Token { row, id, text },
+            TokenEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => TokenEvent::Finished {
+                row,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Row {
     id: usize,
@@ -71,17 +92,17 @@ struct Row {
 }
 
 impl Row {
-    fn new(id: usize, p: Prepared) -> Self {
+    fn new(id: usize, params: SamplingParams, prompt_tokens: usize) -> Self {
         Row {
             id,
             sampler: Sampler::new(
-                p.params.seed,
-                p.params.temperature,
-                p.params.top_k,
-                p.params.top_p,
+                params.seed,
+                params.temperature,
+                params.top_k,
+                params.top_p,
             ),
-            prompt_tokens: p.ids.len(),
-            params: p.params,
+            prompt_tokens,
+            params,
             generated: Vec::new(),
             emitted: 0,
             done: false,
@@ -89,19 +110,33 @@ impl Row {
     }
 }
 
-/// A batch whose prompt is being prefilled in chunks (see [`UnderstandingModel::begin`]).
+/// One request on its way into a batch: its images go through the vision tower a few blocks
+/// at a time, then its prompt is prefilled chunk by chunk into its own cache (see
+/// [`UnderstandingModel::begin`] and [`UnderstandingModel::prefill`]). Extra memory while it
+/// runs is one chunk's activations and attention scores against the cache, never O(prompt²).
 #[derive(Debug)]
-pub struct PendingPrefill {
-    embeds: Tensor,
+pub struct Prefill {
+    prepared: Prepared,
+    /// Tower activations of the request's images `[images, patches, width]` and blocks done.
+    tower: Option<(Tensor, usize)>,
+    /// Aligned image features `[images · patches, hidden]`, once the tower is done.
+    features: Option<Tensor>,
     cache: KvCache,
+    /// Prompt positions prefilled so far.
     done: usize,
-    batch: Vec<Prepared>,
+    /// Image-placeholder ids among the positions prefilled so far.
+    image_rows_done: usize,
 }
 
-impl PendingPrefill {
+impl Prefill {
     /// Prompt positions prefilled so far and in total.
     pub fn progress(&self) -> (usize, usize) {
-        (self.done, self.embeds.dim(1).unwrap_or(0))
+        (self.done, self.prepared.ids.len())
+    }
+
+    /// True while its images are still in the vision tower.
+    pub fn in_vision(&self) -> bool {
+        !self.prepared.images.is_empty() && self.features.is_none()
     }
 }
 
@@ -179,7 +214,7 @@ pub struct UnderstandingModel {
     pre: PreprocessorConfig,
     vision: VisionTower,
     aligner: MlpAligner,
-    llm: Llm,
+    llm: Arc<Llm>,
     context: usize,
     device: Device,
     dtype: DType,
@@ -188,6 +223,13 @@ pub struct UnderstandingModel {
 impl UnderstandingModel {
     /// Loads the vision tower, aligner, LLM and `lm_head` from a checkpoint directory.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_sharing(dir, opts, None)
+    }
+
+    /// Like [`Self::load`], but uses `llm` (loaded with its `lm_head` from the same checkpoint,
+    /// on `opts.device`) instead of loading the LLM again: `janus serve` builds the LLM once
+    /// for both halves.
+    pub fn load_sharing(dir: &Path, opts: &LoadOptions, llm: Option<Arc<Llm>>) -> Result<Self> {
         let ck = Checkpoint::open(dir)?;
         let vb = ck.var_builder(opts)?;
         let cfg = &ck.config;
@@ -200,8 +242,13 @@ impl UnderstandingModel {
             cfg.aligner.depth,
         )
         .map_err(weights_err)?;
-        let llm =
-            Llm::load(vb.pp("language_model"), &cfg.llm, opts.dtype, true).map_err(weights_err)?;
+        let llm = match llm {
+            Some(llm) => llm,
+            None => Arc::new(
+                Llm::load(vb.pp("language_model"), &cfg.llm, opts.dtype, true)
+                    .map_err(weights_err)?,
+            ),
+        };
         let pre = PreprocessorConfig::from_dir(&ck.dir)?;
         if pre.image_size as usize != cfg.vision.image_size {
             return Err(Error::Config {
@@ -234,6 +281,11 @@ impl UnderstandingModel {
     /// The tokenizer and special ids.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// The language model (shared with the generation half in `janus serve`).
+    pub fn llm(&self) -> &Arc<Llm> {
+        &self.llm
     }
 
     /// Context window in tokens.
@@ -318,107 +370,184 @@ impl UnderstandingModel {
         Ok(Tensor::from_vec(data, (images.len(), 3, s, s), &self.device)?.to_dtype(self.dtype)?)
     }
 
-    /// Left-padded input embeddings `[b, T, hidden]` with image features spliced in, and each
-    /// row's pad count.
-    pub fn embed_batch(&self, batch: &[Prepared]) -> Result<(Tensor, Vec<usize>)> {
-        let t = batch.iter().map(|p| p.ids.len()).max().unwrap_or(0);
-        let pad = self.tokenizer.ids.pad;
-        let mut ids = Vec::with_capacity(batch.len() * t);
-        let mut pads = Vec::with_capacity(batch.len());
-        for p in batch {
-            let n = t - p.ids.len();
-            pads.push(n);
-            ids.extend(std::iter::repeat_n(pad, n));
-            ids.extend_from_slice(&p.ids);
-        }
-        let ids_t = Tensor::from_vec(ids.clone(), (batch.len(), t), &self.device)?;
-        let mut embeds = self.llm.embed(&ids_t)?;
-        let images: Vec<RgbImage> = batch
-            .iter()
-            .flat_map(|p| p.images.iter().cloned())
-            .collect();
-        if !images.is_empty() {
-            let (_, aligned) = self.image_features(&images)?;
-            let h = self.config.llm.hidden_size;
-            let aligned = aligned.to_dtype(embeds.dtype())?.reshape(((), h))?;
-            // Positions of placeholders across the flattened batch, in order = image order.
-            let positions: Vec<u32> = ids
-                .iter()
-                .enumerate()
-                .filter(|(_, &id)| id == self.tokenizer.ids.image)
-                .map(|(i, _)| i as u32)
-                .collect();
-            if positions.len() != aligned.dim(0)? {
-                return Err(Error::ImageCountMismatch {
-                    placeholders: positions.len() / self.config.vision.num_patches(),
-                    images: images.len(),
-                });
-            }
-            let flat = embeds.reshape(((), h))?;
-            let idx = Tensor::from_vec(positions, aligned.dim(0)?, &self.device)?;
-            let flat = flat.index_add(&idx, &(aligned - flat.index_select(&idx, 0)?)?, 0)?;
-            embeds = flat.reshape((batch.len(), t, h))?;
-        }
-        Ok((embeds, pads))
+    /// Cost of one vision-tower block for one image in *prompt-token units* (the multiply-adds
+    /// of one LLM token): a scheduler spends one budget on both kinds of work.
+    pub fn vision_block_cost(&self) -> usize {
+        self.vision
+            .block_macs()
+            .div_ceil(self.llm.token_macs().max(1))
+            .max(1)
     }
 
-    /// Prefills `embeds` and returns the cache and the last position's logits `[b, vocab]` (f32).
-    pub fn prefill(&self, embeds: &Tensor, pads: Vec<usize>) -> Result<(KvCache, Tensor)> {
-        let mut cache = self.llm.new_cache(pads);
-        let hidden = self.llm.forward(embeds, &mut cache)?;
-        let logits = self.llm.lm_logits(&Llm::last(&hidden)?)?;
-        Ok((cache, logits))
+    /// Work left before `pre` yields its first token, in prompt-token units.
+    pub fn cost_left(&self, pre: &Prefill) -> usize {
+        let images = pre.prepared.images.len();
+        let blocks_left = if pre.in_vision() {
+            self.vision.num_blocks() - pre.tower.as_ref().map_or(0, |t| t.1)
+        } else {
+            0
+        };
+        blocks_left * images * self.vision_block_cost() + pre.prepared.ids.len() - pre.done
     }
 
-    /// Prefills a batch in one go and samples each row's first token.
-    pub fn start(&self, batch: Vec<Prepared>) -> Result<(UnderstandBatch, Vec<TokenEvent>)> {
-        let mut pending = self.begin(batch)?;
-        Ok(self
-            .prefill_chunk(&mut pending, usize::MAX)?
-            .expect("the whole prompt in one chunk"))
-    }
-
-    /// Starts a batch whose prefill runs in pieces ([`Self::prefill_chunk`]), so a scheduler can
-    /// interleave a long prompt with the decode steps of running requests.
-    pub fn begin(&self, batch: Vec<Prepared>) -> Result<PendingPrefill> {
-        if batch.is_empty() {
-            return Err(Error::invalid("batch", "no requests"));
-        }
-        let (embeds, pads) = self.embed_batch(&batch)?;
-        let cache = self.llm.new_cache(pads);
-        Ok(PendingPrefill {
-            embeds,
+    /// Starts a request: nothing is computed yet. Its cache is reserved for the prompt plus
+    /// `max_new_tokens`, so it is allocated once.
+    pub fn begin(&self, prepared: Prepared) -> Prefill {
+        let mut cache = self.llm.new_cache(1);
+        cache.reserve(prepared.ids.len() + prepared.params.max_new_tokens);
+        Prefill {
+            prepared,
+            tower: None,
+            features: None,
             cache,
             done: 0,
-            batch,
-        })
+            image_rows_done: 0,
+        }
     }
 
-    /// Runs up to `max_tokens` more prompt positions of a pending prefill. When the prompt is
-    /// complete, returns the batch ready for [`Self::step`] and the first sampled tokens.
-    pub fn prefill_chunk(
+    /// Spends up to `budget` prompt-token units on `pre` (vision blocks first, then prompt
+    /// positions; at least one block or one position, so every call makes progress). When the
+    /// prompt is complete, returns a one-row batch ready for [`Self::step`] and its first token.
+    pub fn prefill(
         &self,
-        pending: &mut PendingPrefill,
-        max_tokens: usize,
+        pre: &mut Prefill,
+        budget: usize,
     ) -> Result<Option<(UnderstandBatch, Vec<TokenEvent>)>> {
-        let total = pending.embeds.dim(1)?;
-        let n = max_tokens.max(1).min(total - pending.done);
-        let chunk = pending.embeds.narrow(1, pending.done, n)?;
-        let hidden = self.llm.forward(&chunk, &mut pending.cache)?;
-        pending.done += n;
-        if pending.done < total {
+        let mut left = budget;
+        if pre.in_vision() {
+            let images = pre.prepared.images.len();
+            let per = self.vision_block_cost() * images;
+            let (x, done) = match pre.tower.take() {
+                Some(t) => t,
+                None => (self.vision.embed(&self.pixels(&pre.prepared.images)?)?, 0),
+            };
+            let total = self.vision.num_blocks();
+            let blocks = (left / per).clamp(1, total - done);
+            let x = self.vision.blocks(&x, done..done + blocks)?;
+            left = left.saturating_sub(blocks * per);
+            if done + blocks < total {
+                pre.tower = Some((x, done + blocks));
+                return Ok(None);
+            }
+            let feats = self.vision.finish(&x)?;
+            let h = self.config.llm.hidden_size;
+            pre.features = Some(self.aligner.forward(&feats)?.reshape(((), h))?);
+            if left == 0 {
+                return Ok(None);
+            }
+        }
+        let total = pre.prepared.ids.len();
+        let n = left.max(1).min(total - pre.done);
+        let embeds = self.embed_chunk(pre, n)?;
+        let hidden = self.llm.forward(&embeds, &mut pre.cache)?;
+        pre.done += n;
+        if pre.done < total {
             return Ok(None);
         }
         let logits = self.llm.lm_logits(&Llm::last(&hidden)?)?;
-        let rows = std::mem::take(&mut pending.batch)
-            .into_iter()
-            .enumerate()
-            .map(|(id, p)| Row::new(id, p))
-            .collect();
-        let cache = std::mem::replace(&mut pending.cache, self.llm.new_cache(Vec::new()));
-        let mut b = UnderstandBatch { cache, rows };
+        let cache = std::mem::replace(&mut pre.cache, self.llm.new_cache(0));
+        let mut b = UnderstandBatch {
+            cache,
+            rows: vec![Row::new(0, pre.prepared.params.clone(), total)],
+        };
         let events = self.sample_rows(&mut b, &logits)?;
         Ok(Some((b, events)))
+    }
+
+    /// Input embeddings `[1, n, hidden]` of the next `n` prompt positions, image features
+    /// spliced in at the placeholder ids.
+    fn embed_chunk(&self, pre: &mut Prefill, n: usize) -> Result<Tensor> {
+        let ids = &pre.prepared.ids[pre.done..pre.done + n];
+        let t = Tensor::from_vec(ids.to_vec(), (1, n), &self.device)?;
+        let embeds = self.llm.embed(&t)?;
+        let image = self.tokenizer.ids.image;
+        let at: Vec<u32> = (0..n as u32).filter(|&i| ids[i as usize] == image).collect();
+        if at.is_empty() {
+            return Ok(embeds);
+        }
+        let Some(features) = &pre.features else {
+            return Err(Error::ImageCountMismatch {
+                placeholders: 1,
+                images: 0,
+            });
+        };
+        let from = pre.image_rows_done;
+        if from + at.len() > features.dim(0)? {
+            return Err(Error::ImageCountMismatch {
+                placeholders: (from + at.len()) / self.config.vision.num_patches(),
+                images: pre.prepared.images.len(),
+            });
+        }
+        pre.image_rows_done += at.len();
+        let h = self.config.llm.hidden_size;
+        let feats = features.narrow(0, from, at.len())?.to_dtype(embeds.dtype())?;
+        let flat = embeds.reshape((n, h))?;
+        let idx = Tensor::from_vec(at.clone(), at.len(), &self.device)?;
+        let flat = flat.index_add(&idx, &(feats - flat.index_select(&idx, 0)?)?, 0)?;
+        Ok(flat.reshape((1, n, h))?)
+    }
+
+    /// Runs a started request's images through the tower (and aligner) in one go.
+    fn encode_images(&self, pre: &mut Prefill) -> Result<()> {
+        if pre.in_vision() {
+            let vision = self.cost_left(pre) - (pre.prepared.ids.len() - pre.done);
+            self.prefill(pre, vision)?;
+        }
+        Ok(())
+    }
+
+    /// The input embeddings `[1, prompt, hidden]` of a request: token embeddings with its
+    /// image features spliced in at the placeholders (what the LLM is prefilled with).
+    pub fn input_embeds(&self, prepared: Prepared) -> Result<Tensor> {
+        let mut pre = self.begin(prepared);
+        self.encode_images(&mut pre)?;
+        let n = pre.prepared.ids.len();
+        self.embed_chunk(&mut pre, n)
+    }
+
+    /// Prefills one request (chunks of `chunk` positions; vision in one go) and returns the
+    /// logits of its last prompt position `[1, vocab]` (f32): what chunking must not change.
+    pub fn prompt_logits(&self, prepared: Prepared, chunk: usize) -> Result<Tensor> {
+        let mut pre = self.begin(prepared);
+        self.encode_images(&mut pre)?;
+        let total = pre.prepared.ids.len();
+        loop {
+            let n = chunk.max(1).min(total - pre.done);
+            let embeds = self.embed_chunk(&mut pre, n)?;
+            let hidden = self.llm.forward(&embeds, &mut pre.cache)?;
+            pre.done += n;
+            if pre.done == total {
+                return Ok(self.llm.lm_logits(&Llm::last(&hidden)?)?);
+            }
+        }
+    }
+
+    /// Prefills each request on its own (in one go) and returns them as one batch with their
+    /// first tokens; row `i` is `batch[i]`.
+    pub fn start(&self, batch: Vec<Prepared>) -> Result<(UnderstandBatch, Vec<TokenEvent>)> {
+        if batch.is_empty() {
+            return Err(Error::invalid("batch", "no requests"));
+        }
+        let mut out = UnderstandBatch {
+            cache: self.llm.new_cache(0),
+            rows: Vec::new(),
+        };
+        let mut events = Vec::new();
+        for (i, p) in batch.into_iter().enumerate() {
+            let mut pre = self.begin(p);
+            let (one, ev) = loop {
+                if let Some(done) = self.prefill(&mut pre, usize::MAX)? {
+                    break done;
+                }
+            };
+            out.cache.merge(one.cache)?;
+            out.rows.extend(one.rows.into_iter().map(|mut r| {
+                r.id = i;
+                r
+            }));
+            events.extend(ev.into_iter().map(|e| e.on_row(i)));
+        }
+        Ok((out, events))
     }
 
     /// One decode step for every running row.

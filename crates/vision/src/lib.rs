@@ -165,6 +165,25 @@ impl VisionTower {
     /// Features after the final LayerNorm for a batch of normalised images.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
+        let x = self.embed(pixels)?;
+        let x = self.blocks(&x, 0..self.blocks.len())?;
+        self.finish(&x)
+    }
+
+    /// Transformer blocks of the tower (a scheduler can run them a few at a time).
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Multiply-adds of one block for one image, counted on its matmuls (attention included):
+    /// what a scheduler weighs a block against LLM tokens with.
+    pub fn block_macs(&self) -> usize {
+        let (n, w) = (self.cfg.num_patches(), self.cfg.width);
+        n * (4 * w * w + 2 * w * self.cfg.mlp_hidden()) + 2 * n * n * w
+    }
+
+    /// Patch embedding plus position embedding: the input of block 0 `[b, patches, width]`.
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = pixels.dims4()?;
         let (s, p, g) = (self.cfg.image_size, self.cfg.patch_size, self.cfg.grid());
         if c != 3 || h != s || w != s {
@@ -180,14 +199,23 @@ impl VisionTower {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b, g * g, 3 * p * p))?;
-        let mut x = self
-            .patch_embed
+        self.patch_embed
             .forward(&patches)?
-            .broadcast_add(&self.pos_embed)?;
-        for block in &self.blocks {
+            .broadcast_add(&self.pos_embed)
+    }
+
+    /// Runs blocks `range` on `x`.
+    pub fn blocks(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks[range] {
             x = block.forward(&x)?;
         }
-        self.norm.forward(&x)
+        Ok(x)
+    }
+
+    /// The final LayerNorm after the last block.
+    pub fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 }
 

@@ -249,13 +249,23 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+    /// Decodes `z`; `stop` is asked between blocks and ends the decode with
+    /// [`DecodeStopped`] when it answers true.
+    fn forward(&self, z: &Tensor, stop: &dyn Fn() -> bool) -> Result<Tensor> {
+        let check = || {
+            if stop() {
+                Err(candle_core::Error::wrap(DecodeStopped))
+            } else {
+                Ok(())
+            }
+        };
         let mut h = self.conv_in.forward(z)?;
         h = self.mid.0.forward(&h)?;
         h = self.mid.1.forward(&h)?;
         h = self.mid.2.forward(&h)?;
         for level in &self.levels {
             for (j, r) in level.res.iter().enumerate() {
+                check()?;
                 h = r.forward(&h)?;
                 if let Some(a) = level.attn.get(j) {
                     h = a.forward(&h)?;
@@ -361,6 +371,18 @@ impl Encoder {
     }
 }
 
+/// Why a decode ended early: its `stop` callback asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeStopped;
+
+impl std::fmt::Display for DecodeStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VQ decode stopped")
+    }
+}
+
+impl std::error::Error for DecodeStopped {}
+
 /// The VQ model. The decoder half is what image generation needs; the encoder is optional.
 #[derive(Debug, Clone)]
 pub struct VqModel {
@@ -407,6 +429,11 @@ impl VqModel {
         })
     }
 
+    /// The L2-normalised codebook `[codebook_size, embed_dim]` (f32).
+    pub fn codebook(&self) -> &Tensor {
+        &self.codebook
+    }
+
     /// The model's shape.
     pub fn config(&self) -> &VqConfig {
         &self.cfg
@@ -415,6 +442,17 @@ impl VqModel {
     /// Decodes `n` square grids of codes (`codes.len() == n * side²`, raster order) to images
     /// `[n, 3, 16·side, 16·side]` in nominal [-1, 1] (not clamped).
     pub fn decode_codes(&self, codes: &[u32], n: usize) -> Result<Tensor> {
+        self.decode_codes_until(codes, n, &|| false)
+    }
+
+    /// [`Self::decode_codes`] that asks `stop` between decoder blocks (a cancelled request's
+    /// decode ends within one block); a stopped decode is an error wrapping [`DecodeStopped`].
+    pub fn decode_codes_until(
+        &self,
+        codes: &[u32],
+        n: usize,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Tensor> {
         let _enter = self.span.enter();
         if n == 0 || !codes.len().is_multiple_of(n) {
             candle_core::bail!("{} codes do not split into {n} images", codes.len());
@@ -441,7 +479,7 @@ impl VqModel {
             .reshape((n, side, side, e))?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
-        self.decoder.forward(&self.post_quant_conv.forward(&z)?)
+        self.decoder.forward(&self.post_quant_conv.forward(&z)?, stop)
     }
 
     /// Encodes images `[n, 3, H, W]` in [-1, 1] to their nearest codebook ids (raster order).

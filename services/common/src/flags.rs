@@ -17,10 +17,11 @@ pub struct ModelFlags {
     /// Device: cpu or cuda:N (needs a build with `--features cuda`).
     #[arg(long, env = "JANUS_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype: f32 or bf16.
-    #[arg(long, env = "JANUS_DTYPE", default_value = "f32")]
+    /// Compute dtype: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
+    #[arg(long, env = "JANUS_DTYPE", default_value = "auto")]
     pub dtype: String,
-    /// Weight storage dtype (default: the compute dtype).
+    /// Weight storage dtype (default: the checkpoint's, bf16 for the hub checkpoints; the
+    /// compute dtype when the checkpoint is stored wider or in another 16-bit format).
     #[arg(long, env = "JANUS_WEIGHT_DTYPE")]
     pub weight_dtype: Option<String>,
     /// Context window in tokens (default: the checkpoint's).
@@ -31,9 +32,10 @@ pub struct ModelFlags {
 impl ModelFlags {
     /// Load options for `device` (defaults to `--device`).
     pub fn load_options(&self, device: Option<&str>) -> anyhow::Result<LoadOptions> {
+        let device = janus_pipeline::parse_device(device.unwrap_or(&self.device))?;
         Ok(LoadOptions {
-            device: janus_pipeline::parse_device(device.unwrap_or(&self.device))?,
-            dtype: janus_pipeline::parse_dtype(&self.dtype)?,
+            dtype: janus_pipeline::parse_dtype_for(&self.dtype, &device)?,
+            device,
             weight_dtype: self
                 .weight_dtype
                 .as_deref()
@@ -43,17 +45,54 @@ impl ModelFlags {
         })
     }
 
-    /// Info about the model as it will be reported, for `device` (defaults to `--device`).
+    /// Info about the model as it will be reported, for `device` (defaults to `--device`):
+    /// the resolved compute and weight dtypes (`auto` and the checkpoint's dtype resolved
+    /// against the checkpoint in `path`), as the model was loaded.
     pub fn info(&self, path: &std::path::Path, device: Option<&str>) -> crate::ModelInfo {
+        let device_name = device.unwrap_or(&self.device).to_string();
+        // Resolved by name: building a device here would open another GPU context.
+        let compute = if self.dtype == "auto" {
+            Ok(if device_name.starts_with("cuda") {
+                janus_pipeline::DType::BF16
+            } else {
+                janus_pipeline::DType::F32
+            })
+        } else {
+            janus_pipeline::parse_dtype(&self.dtype)
+        };
+        let weight = self
+            .weight_dtype
+            .as_deref()
+            .map(janus_pipeline::parse_dtype)
+            .transpose();
+        let (dtype, weight_dtype) = match (compute, weight) {
+            (Ok(dtype), Ok(weight_dtype)) => {
+                let opts = LoadOptions {
+                    dtype,
+                    weight_dtype,
+                    ..LoadOptions::default()
+                };
+                let weight = janus_pipeline::checkpoint_dtype(path)
+                    .map(|c| opts.resolve_weight_dtype(c))
+                    .ok()
+                    .or(weight_dtype)
+                    .unwrap_or(dtype);
+                (
+                    janus_pipeline::dtype_name(dtype).to_string(),
+                    janus_pipeline::dtype_name(weight).to_string(),
+                )
+            }
+            _ => (
+                self.dtype.clone(),
+                self.weight_dtype.clone().unwrap_or_default(),
+            ),
+        };
         crate::ModelInfo {
             model_id: self.model.clone(),
             model_path: path.display().to_string(),
-            device: device.unwrap_or(&self.device).to_string(),
-            dtype: self.dtype.clone(),
-            weight_dtype: self
-                .weight_dtype
-                .clone()
-                .unwrap_or_else(|| self.dtype.clone()),
+            device: device_name,
+            dtype,
+            weight_dtype,
         }
     }
 
@@ -129,9 +168,12 @@ pub struct UnderstandingFlags {
     /// max_new_tokens fit (a larger request runs alone).
     #[arg(long, env = "JANUS_MAX_BATCH_TOKENS", default_value_t = 32_768)]
     pub max_batch_tokens: usize,
-    /// Prompt positions prefilled per step while other requests decode (0 = all at once).
-    #[arg(long, env = "JANUS_PREFILL_CHUNK", default_value_t = 256)]
-    pub prefill_chunk: usize,
+    /// Work per engine step in prompt-token units: each running row takes one, the rest goes
+    /// to prompts being prefilled (in chunks) and images being encoded (a few vision blocks at a
+    /// time). Bounds the time between two tokens and a prefill's extra memory (`janus serve`:
+    /// both engines).
+    #[arg(long, env = "JANUS_STEP_TOKENS", default_value_t = 256, alias = "prefill-chunk")]
+    pub step_tokens: usize,
 }
 
 impl UnderstandingFlags {
@@ -147,7 +189,7 @@ impl UnderstandingFlags {
                 max_pixels: self.max_image_pixels,
             },
             max_batch_tokens: self.max_batch_tokens,
-            prefill_chunk: self.prefill_chunk,
+            step_tokens: self.step_tokens,
             ..Default::default()
         }
     }
@@ -165,25 +207,36 @@ pub struct GenerationFlags {
     /// Side of preview thumbnails in pixels.
     #[arg(long, env = "JANUS_PREVIEW_SIZE", default_value_t = 96)]
     pub preview_size: u32,
+    /// Work per engine step in prompt-token units: each running CFG row takes one, the rest
+    /// prefills waiting prompts in chunks.
+    #[arg(long, env = "JANUS_STEP_TOKENS", default_value_t = 256)]
+    pub step_tokens: usize,
 }
 
 impl GenerationFlags {
     /// As engine configuration.
     pub fn config(&self) -> janus_engine::GenerationConfig {
-        generation_config(self.max_queue, self.max_batch, self.preview_size)
+        generation_config(
+            self.max_queue,
+            self.max_batch,
+            self.preview_size,
+            self.step_tokens,
+        )
     }
 }
 
-/// Generation engine configuration from its three knobs.
+/// Generation engine configuration from its knobs.
 pub fn generation_config(
     max_queue: usize,
     max_batch: usize,
     preview_size: u32,
+    step_tokens: usize,
 ) -> janus_engine::GenerationConfig {
     janus_engine::GenerationConfig {
         max_queue,
         max_batch,
         preview_size: preview_size.clamp(8, 384),
+        step_tokens,
         ..Default::default()
     }
 }

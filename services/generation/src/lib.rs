@@ -26,7 +26,12 @@ pub fn load(
     config: GenerationConfig,
 ) -> anyhow::Result<GenerationEngine> {
     let model = GenerationModel::load(dir, load)?;
-    Ok(GenerationEngine::start(model, config))
+    Ok(start(model, config))
+}
+
+/// Starts the engine of an already loaded model (e.g. one of [`janus_pipeline::load_both`]).
+pub fn start(model: GenerationModel, config: GenerationConfig) -> GenerationEngine {
+    GenerationEngine::start(model, config)
 }
 
 /// The gRPC service.

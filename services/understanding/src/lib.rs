@@ -28,7 +28,12 @@ pub fn load(
     config: UnderstandingConfig,
 ) -> anyhow::Result<UnderstandingEngine> {
     let model = UnderstandingModel::load(dir, load)?;
-    Ok(UnderstandingEngine::start(model, config))
+    Ok(start(model, config))
+}
+
+/// Starts the engine of an already loaded model (e.g. one of [`janus_pipeline::load_both`]).
+pub fn start(model: UnderstandingModel, config: UnderstandingConfig) -> UnderstandingEngine {
+    UnderstandingEngine::start(model, config)
 }
 
 /// The gRPC service.

@@ -1,0 +1,125 @@
+//! Who gets the model next: the per-step token budget shared by running rows and prompts that
+//! are being prefilled. Pure bookkeeping, apart from the loops that run the model.
+//!
+//! Every engine iteration has a budget in *prompt-token units* (one unit = the multiply-adds
+//! of one LLM token; a vision-tower block of one image costs several, see
+//! `UnderstandingModel::vision_block_cost`). Running decode rows are served first, one unit
+//! each. What is left goes to requests still being prefilled, in arrival order, except that a
+//! request whose remaining work fits in what is left goes ahead of longer ones: a short prompt
+//! that arrives during a long prefill gets its first token within a few steps, and a burst of
+//! requests gets its first tokens one after another instead of all at the end.
+
+/// Budget units granted to the waiting request at `index` (arrival order) for this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub index: usize,
+    pub units: usize,
+}
+
+/// The token budget of one engine iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StepBudget {
+    /// Units per iteration (decode rows + prefill work).
+    pub units: usize,
+}
+
+impl StepBudget {
+    pub fn new(units: usize) -> Self {
+        Self {
+            units: units.max(1),
+        }
+    }
+
+    /// Plans one iteration: `decode_rows` running rows take their unit first; `waiting[i]` is
+    /// the work left (units) of the `i`-th waiting request in arrival order. Grants are
+    /// returned in the order to run them. When decode rows take the whole budget the oldest
+    /// waiting request still gets a minimal grant, so prefills always progress.
+    pub fn plan(&self, decode_rows: usize, waiting: &[usize]) -> Vec<Grant> {
+        let mut left = self.units.saturating_sub(decode_rows);
+        let mut granted = vec![0usize; waiting.len()];
+        let mut out = Vec::new();
+        // Requests that finish within what is left go first (shortest work is not reordered
+        // beyond that: among those that fit, arrival order).
+        for (i, &need) in waiting.iter().enumerate() {
+            if need > 0 && need <= left {
+                granted[i] = need;
+                left -= need;
+                out.push(Grant {
+                    index: i,
+                    units: need,
+                });
+            }
+        }
+        // Then the oldest longer ones, as far as the budget goes.
+        for (i, &need) in waiting.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
+            if granted[i] == 0 && need > 0 {
+                let units = need.min(left);
+                granted[i] = units;
+                left -= units;
+                out.push(Grant { index: i, units });
+            }
+        }
+        if out.is_empty() {
+            if let Some(i) = waiting.iter().position(|&w| w > 0) {
+                out.push(Grant { index: i, units: 1 });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(index: usize, units: usize) -> Grant {
+        Grant { index, units }
+    }
+
+    #[test]
+    fn decode_rows_first_then_oldest_prefill() {
+        let b = StepBudget::new(256);
+        // 8 running rows leave 248 for a 16k-token prompt.
+        assert_eq!(b.plan(8, &[16_000]), vec![g(0, 248)]);
+        // Nothing running: the whole budget.
+        assert_eq!(b.plan(0, &[16_000]), vec![g(0, 256)]);
+    }
+
+    #[test]
+    fn a_short_prompt_goes_ahead_of_a_long_one() {
+        let b = StepBudget::new(256);
+        // The long prompt arrived first, the 10-token one after: the short one finishes in this
+        // step and the long one takes the rest.
+        assert_eq!(b.plan(2, &[9_000, 10]), vec![g(1, 10), g(0, 244)]);
+    }
+
+    #[test]
+    fn a_burst_is_served_oldest_first() {
+        let b = StepBudget::new(256);
+        // Eight equal requests larger than the budget: only the oldest advances, so first tokens
+        // come one after another.
+        assert_eq!(b.plan(0, &[700; 8]), vec![g(0, 256)]);
+        // When the oldest is nearly done, the rest of the budget goes to the next one.
+        assert_eq!(b.plan(1, &[100, 700, 700]), vec![g(0, 100), g(1, 155)]);
+    }
+
+    #[test]
+    fn prefill_progresses_when_decode_takes_the_budget() {
+        let b = StepBudget::new(16);
+        assert_eq!(b.plan(32, &[0, 50, 3]), vec![g(1, 1)]);
+        assert!(b.plan(32, &[]).is_empty());
+        assert!(b.plan(0, &[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn several_fitting_requests_share_a_step() {
+        let b = StepBudget::new(100);
+        assert_eq!(
+            b.plan(10, &[30, 500, 40, 30]),
+            vec![g(0, 30), g(2, 40), g(1, 20)]
+        );
+    }
+}
