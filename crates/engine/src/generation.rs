@@ -373,11 +373,13 @@ impl Runner {
         loop {
             if self.control.aborted() {
                 let shutting = || EngineError::Unavailable("the server is shutting down".into());
-                for (_, j) in self.jobs.drain() {
+                for (_, j) in std::mem::take(&mut self.jobs) {
+                    self.leave();
                     let _ = j.out.send(Err(shutting()));
                     Stats::bump(&self.control.stats.cancelled);
                 }
-                for w in self.waiting.drain(..) {
+                for w in std::mem::take(&mut self.waiting) {
+                    self.leave();
                     let _ = w.work.out.send(Err(shutting()));
                     Stats::bump(&self.control.stats.cancelled);
                 }
@@ -488,7 +490,7 @@ impl Runner {
                 Err(e) => done.push((grant.index, Err(e))),
             }
         }
-        done.sort_by(|a, b| b.0.cmp(&a.0));
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
         let mut ready = Vec::new();
         for (i, res) in done {
             ready.push((self.waiting.remove(i), res));
@@ -658,7 +660,7 @@ struct FinalTask {
 
 #[derive(Default)]
 struct PixelState {
-    finals: VecDeque<(u64, FinalTask)>,
+    finals: VecDeque<(u64, Box<FinalTask>)>,
     /// The latest preview per request: an older one not yet rendered is replaced.
     previews: BTreeMap<u64, PreviewTask>,
     closed: bool,
@@ -695,7 +697,7 @@ impl PixelQueue {
         self.finals.fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock();
         s.previews.remove(&id);
-        s.finals.push_back((id, task));
+        s.finals.push_back((id, Box::new(task)));
         drop(s);
         self.ready.notify_one();
     }
@@ -708,7 +710,7 @@ impl PixelQueue {
 
 enum PixelWork {
     Preview(u64, PreviewTask),
-    Final(u64, FinalTask),
+    Final(u64, Box<FinalTask>),
 }
 
 /// Turns tokens into pixels off the model thread: cheap previews first (latest wins), then
@@ -752,7 +754,7 @@ impl PixelWorker {
             match work {
                 PixelWork::Preview(id, task) => self.preview(id, task),
                 PixelWork::Final(id, task) => {
-                    self.finish(id, task);
+                    self.finish(id, *task);
                     self.queue.finals.fetch_sub(1, Ordering::Relaxed);
                 }
             }

@@ -191,6 +191,13 @@ fn sampling_field(f: &str) -> String {
 impl UnderstandingEngine {
     /// Starts the engine thread that owns `model`.
     pub fn start(model: UnderstandingModel, config: UnderstandingConfig) -> Self {
+        let per_token = model.llm().kv_bytes_per_token();
+        tracing::info!(
+            kv_bytes_per_token = per_token,
+            max_batch_tokens = config.max_batch_tokens,
+            kv_budget_gib = (per_token * config.max_batch_tokens) as f64 / (1u64 << 30) as f64,
+            "understanding engine: KV cache budget"
+        );
         let model = Arc::new(model);
         let control = Arc::new(Control::new(config.max_queue));
         let engine = Self {
@@ -638,8 +645,7 @@ impl Runner {
             .iter()
             .map(|w| self.model.cost_left(&w.prefill))
             .collect();
-        let mut finished = Vec::new();
-        let mut failed = Vec::new();
+        let mut done = Vec::new();
         for grant in self.budget.plan(decode_rows, &costs) {
             let model = self.model.clone();
             let w = &mut self.waiting[grant.index];
@@ -662,30 +668,23 @@ impl Runner {
             observe_step(&self.config.step_observer, 1);
             match res {
                 Ok(None) => {}
-                Ok(Some(done)) => finished.push((grant.index, done)),
-                Err(e) => failed.push((grant.index, e)),
+                Ok(Some(first)) => done.push((grant.index, Ok(first))),
+                Err(e) => done.push((grant.index, Err(e))),
             }
         }
         // Take the finished and failed ones out, highest index first so indices stay valid.
-        let mut done: Vec<(usize, Option<(UnderstandBatch, Vec<TokenEvent>)>, Option<EngineError>)> =
-            finished
-                .into_iter()
-                .map(|(i, d)| (i, Some(d), None))
-                .chain(failed.into_iter().map(|(i, e)| (i, None, Some(e))))
-                .collect();
-        done.sort_by(|a, b| b.0.cmp(&a.0));
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
         let mut joined = Vec::new();
-        for (i, ok, err) in done {
+        for (i, res) in done {
             let w = self.waiting.remove(i);
-            match (ok, err) {
-                (Some((batch, events)), _) => joined.push((w, batch, events)),
-                (None, Some(e)) => {
+            match res {
+                Ok((batch, events)) => joined.push((w, batch, events)),
+                Err(e) => {
                     tracing::error!("understanding prefill failed: {e}");
                     self.leave();
                     let _ = w.out.send(Err(e));
                     Stats::bump(&self.stats().failed);
                 }
-                (None, None) => {}
             }
         }
         // Join in arrival order.

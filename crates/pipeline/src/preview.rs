@@ -59,7 +59,7 @@ impl PreviewPalette {
     /// recomputes every code's colour.
     pub fn observe(&mut self, codes: &[u32], image: &Rgb8) {
         let side = (codes.len() as f64).sqrt() as usize;
-        if side == 0 || side * side != codes.len() || image.width as usize % side != 0 {
+        if side == 0 || side * side != codes.len() || !(image.width as usize).is_multiple_of(side) {
             return;
         }
         let patch = image.width as usize / side;
@@ -77,12 +77,12 @@ impl PreviewPalette {
             }
             x[self.dim] = 1.0;
             let mean = patch_mean(image, (i % side) * patch, (i / side) * patch, patch);
-            for a in 0..d1 {
-                for b in 0..d1 {
-                    self.xtx[a * d1 + b] += x[a] * x[b];
+            for (a, &xa) in x.iter().enumerate() {
+                for (b, &xb) in x.iter().enumerate() {
+                    self.xtx[a * d1 + b] += xa * xb;
                 }
-                for c in 0..3 {
-                    self.xty[a * 3 + c] += x[a] * mean[c];
+                for (c, &m) in mean.iter().enumerate() {
+                    self.xty[a * 3 + c] += xa * m;
                 }
             }
         }
@@ -141,8 +141,8 @@ fn patch_mean(img: &Rgb8, x0: usize, y0: usize, patch: usize) -> [f64; 3] {
     for y in y0..y0 + patch {
         for x in x0..x0 + patch {
             let p = (y * w + x) * 3;
-            for c in 0..3 {
-                sum[c] += img.data.get(p + c).copied().unwrap_or(0) as f64;
+            for (c, acc) in sum.iter_mut().enumerate() {
+                *acc += img.data.get(p + c).copied().unwrap_or(0) as f64;
             }
         }
     }

@@ -70,7 +70,7 @@ fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
         let i = ((v.len() as f64 - 1.0) * q).round() as usize;
         (v[i] * 100.0).round() / 100.0
     };
-    json!({"p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "mean": (v.iter().sum::<f64>() / v.len() as f64 * 100.0).round() / 100.0, "count": v.len()})
+    json!({"p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": p(1.0), "mean": (v.iter().sum::<f64>() / v.len() as f64 * 100.0).round() / 100.0, "count": v.len()})
 }
 
 async fn understand_once(
