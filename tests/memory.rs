@@ -148,3 +148,40 @@ fn weights_default_to_the_checkpoint_dtype() {
     );
     assert!(janus_pipeline::parse_dtype_for("fp8", &cpu).is_err());
 }
+
+#[test]
+fn info_reports_resolved_dtypes() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        model: janus_service::flags::ModelFlags,
+    }
+    let dir = fixture("model-pth");
+    let d = dir.to_str().unwrap();
+    let info = |args: &[&str]| {
+        let f = Flags::parse_from([&["janus", "--model", d], args].concat());
+        let opts = f.model.load_options(None).unwrap();
+        (f.model.info(&dir, None), opts)
+    };
+    // Defaults: `auto` resolves to f32 on the CPU, weights in the checkpoint's bf16.
+    let (i, opts) = info(&[]);
+    assert_eq!((i.dtype.as_str(), i.weight_dtype.as_str()), ("f32", "bf16"));
+    assert_eq!((opts.dtype, opts.weight_dtype), (DType::F32, None));
+    let (i, _) = info(&["--weight-dtype", "f32"]);
+    assert_eq!((i.dtype.as_str(), i.weight_dtype.as_str()), ("f32", "f32"));
+    let (i, opts) = info(&["--dtype", "bf16"]);
+    assert_eq!(
+        (i.dtype.as_str(), i.weight_dtype.as_str()),
+        ("bf16", "bf16")
+    );
+    assert_eq!(opts.dtype, DType::BF16);
+    // On CUDA `auto` is bf16 (resolved by name, no device is opened).
+    let i = Flags::parse_from(["janus", "--model", d])
+        .model
+        .info(&dir, Some("cuda:0"));
+    assert_eq!(
+        (i.dtype.as_str(), i.weight_dtype.as_str()),
+        ("bf16", "bf16")
+    );
+}
