@@ -36,7 +36,7 @@ const EXIT_CODES: &str =
     "Exit codes: 0 success; 1 internal or unexpected error; 2 invalid request \
 (INVALID_ARGUMENT, bad image or parameter); 3 model or checkpoint not found; 4 server unreachable \
 or UNAVAILABLE; 5 server overloaded (RESOURCE_EXHAUSTED); 6 deadline exceeded; 7 health check: \
-not serving.";
+not serving; 8 not authenticated (UNAUTHENTICATED: API key missing or unknown, see --api-key).";
 
 /// Where and how to load a checkpoint (`bench`).
 #[derive(clap::Args, Debug, Clone)]

@@ -48,6 +48,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // One process, one registry and one /metrics: the RPC counters see each request twice, at
     // the public gateway and at the internal service (docs/metrics.md).
     let opts = args.server.options("janus");
+    // TLS and API keys only on the public port: the internal ports are loopback.
+    let public_opts = janus_service::ServerOptions {
+        security: args.server.security.security()?,
+        ..opts.clone()
+    };
+    let scheme = if public_opts.security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     if let Some(addr) = args.server.serve_metrics(&opts.metrics).await? {
         // A stable line for scripts and tests (the port may have been chosen by the OS).
         eprintln!("janus: metrics on http://{addr}/metrics");
@@ -99,7 +109,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             understanding: vec![und_srv.url()],
             generation: vec![gen_srv.url()],
             tuning: args.tuning.clone(),
-            server: opts,
+            server: public_opts,
+            backend_tls: None,
         },
         public,
         life.child(),
@@ -110,8 +121,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         generation = %gen_srv.local_addr(),
         "internal services listening"
     );
+    // The public port's health, for probes that speak neither TLS nor keys.
+    args.server.serve_health(&gateway).await?;
     // A stable line for scripts and tests.
-    eprintln!("janus: serving on http://{}", gateway.local_addr());
+    eprintln!("janus: serving on {scheme}://{}", gateway.local_addr());
     let stop = life.clone();
     tokio::spawn(async move {
         server::shutdown_signal().await;

@@ -130,6 +130,7 @@ pub async fn start_gateway(und: Vec<String>, gen: Vec<String>, server: ServerOpt
                 ..Default::default()
             },
             server,
+            backend_tls: None,
         },
         bind().await,
         Lifecycle::new(),

@@ -134,6 +134,7 @@ struct Inner {
     prompt_tokens: IntCounter,
     images: IntCounter,
     model_load: Gauge,
+    auth: IntCounterVec,
     methods: Mutex<HashSet<Arc<str>>>,
 }
 
@@ -237,6 +238,14 @@ impl Metrics {
             "Seconds it took to load the model at startup (0 until loaded)",
         )
         .expect("valid metric");
+        let auth = IntCounterVec::new(
+            Opts::new(
+                "janus_auth_requests_total",
+                "Requests checked for an API key, by key (first 8 hex digits of its SHA-256; `none` when refused) and result",
+            ),
+            &["key", "result"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "janus_build_info",
@@ -263,6 +272,7 @@ impl Metrics {
             Box::new(prompt_tokens.clone()),
             Box::new(images.clone()),
             Box::new(model_load.clone()),
+            Box::new(auth.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -287,6 +297,7 @@ impl Metrics {
                 prompt_tokens,
                 images,
                 model_load,
+                auth,
                 methods: Mutex::new(HashSet::new()),
             }),
         }
@@ -397,6 +408,13 @@ impl Metrics {
     /// Records how long the model took to load.
     pub fn set_model_load_time(&self, d: Duration) {
         self.inner.model_load.set(d.as_secs_f64());
+    }
+
+    /// Counts a request checked for an API key: `key` is the key's short hash (`none` when
+    /// refused, so guessed keys cannot grow the label set), `result` `ok`, `missing`,
+    /// `malformed` or `unknown_key`.
+    pub fn count_auth(&self, key: &str, result: &str) {
+        self.inner.auth.with_label_values(&[key, result]).inc();
     }
 
     fn finish(&self, method: &str, start: Instant, code: Code) {

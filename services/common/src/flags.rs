@@ -1,8 +1,9 @@
 //! Command-line flags (with environment variables) shared by the server binaries and `janus`.
 
-use crate::server::ServerOptions;
+use crate::server::{Security, ServerOptions};
 use anyhow::Context;
 use janus_pipeline::LoadOptions;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Default `--model`.
@@ -114,16 +115,119 @@ pub struct ServerFlags {
     /// Address of the Prometheus `GET /metrics` endpoint, e.g. 0.0.0.0:9464 (off when not given).
     #[arg(long, env = "JANUS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Address of an extra plaintext port serving only grpc.health.v1 (no key), e.g.
+    /// 0.0.0.0:8086: for Kubernetes gRPC probes when the main port uses TLS (off when not given).
+    #[arg(long, env = "JANUS_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+    #[command(flatten)]
+    pub security: SecurityFlags,
+}
+
+/// A secret given on the command line or in the environment; `Debug` does not show it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+/// API keys and TLS of a server's listening port.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SecurityFlags {
+    /// File of accepted API keys, one per line (`#` starts a comment line). Clients send
+    /// `authorization: Bearer <key>`; grpc.health.v1 stays open.
+    #[arg(long, env = "JANUS_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Accepted API keys, comma- or newline-separated (prefer the environment variable or --api-keys-file:
+    /// command lines are visible to other users).
+    #[arg(
+        long,
+        env = "JANUS_API_KEYS",
+        hide_env_values = true,
+        value_name = "KEYS"
+    )]
+    pub api_keys: Option<Secret>,
+    /// Reflection needs an API key too (default: open, like health).
+    #[arg(long, env = "JANUS_REFLECTION_REQUIRES_KEY")]
+    pub reflection_requires_key: bool,
+    /// PEM certificate chain of this server: serve TLS (needs --tls-key).
+    #[arg(long, env = "JANUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "JANUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require client certificates signed by it (mTLS; model services behind a gateway
+    /// with --backend-tls-cert).
+    #[arg(long, env = "JANUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl SecurityFlags {
+    /// Reads the keys and certificates.
+    pub fn security(&self) -> anyhow::Result<Security> {
+        let keys = crate::auth::ApiKeys::from_sources(
+            self.api_keys_file.as_deref(),
+            self.api_keys.as_ref().map(|s| s.0.as_str()),
+        )?;
+        if let Some(k) = &keys {
+            tracing::info!(keys = k.len(), "API keys required (grpc.health.v1 open)");
+        }
+        let tls = crate::tls::server_config_from(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )?;
+        Ok(Security {
+            auth: crate::auth::AuthPolicy {
+                keys: keys.map(std::sync::Arc::new),
+                reflection_requires_key: self.reflection_requires_key,
+            },
+            tls,
+        })
+    }
 }
 
 impl ServerFlags {
-    /// As options, with a fresh metrics registry labelled `service` (`janus_build_info{service}`).
+    /// As options, with a fresh metrics registry labelled `service` (`janus_build_info{service}`),
+    /// without TLS or keys (see [`ServerFlags::secure_options`]).
     pub fn options(&self, service: &str) -> ServerOptions {
         ServerOptions {
             max_message_bytes: self.max_message_bytes,
             grace_period: Duration::from_secs_f64(self.grace_period.max(0.0)),
             metrics: janus_telemetry::Metrics::new(service, janus_telemetry::build_info!()),
+            security: Security::default(),
         }
+    }
+
+    /// As [`ServerFlags::options`], with the TLS and API keys of the flags (files read now).
+    pub fn secure_options(&self, service: &str) -> anyhow::Result<ServerOptions> {
+        Ok(ServerOptions {
+            security: self.security.security()?,
+            ..self.options(service)
+        })
+    }
+
+    /// Starts the plaintext health port of `running` when `--health-listen` is given (it
+    /// closes when the server starts draining); returns the bound address.
+    pub async fn serve_health(
+        &self,
+        running: &crate::Running,
+    ) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = &self.health_listen else {
+            return Ok(None);
+        };
+        crate::server::serve_health(addr, running.health(), running.lifecycle().shutdown.clone())
+            .await
+            .map(Some)
     }
 
     /// Starts the `/metrics` endpoint serving `metrics` when `--metrics-listen` is given;
@@ -172,7 +276,12 @@ pub struct UnderstandingFlags {
     /// to prompts being prefilled (in chunks) and images being encoded (a few vision blocks at a
     /// time). Bounds the time between two tokens and a prefill's extra memory (`janus serve`:
     /// both engines).
-    #[arg(long, env = "JANUS_STEP_TOKENS", default_value_t = 256, alias = "prefill-chunk")]
+    #[arg(
+        long,
+        env = "JANUS_STEP_TOKENS",
+        default_value_t = 256,
+        alias = "prefill-chunk"
+    )]
     pub step_tokens: usize,
 }
 

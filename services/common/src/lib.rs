@@ -2,16 +2,19 @@
 //! limits and graceful shutdown ([`server`]); the one engine-error → `tonic::Status` mapping
 //! and the deadline-aware stream forwarder ([`status`], [`stream`]); `grpc-timeout` and
 //! metadata helpers ([`meta`]); model source resolution (local directory or Hugging Face hub
-//! id, [`model_source`]); and the command-line flags the binaries share ([`flags`]).
+//! id, [`model_source`]); API keys ([`auth`]) and TLS ([`tls`]); and the command-line flags
+//! the binaries share ([`flags`]).
 
+pub mod auth;
 pub mod flags;
 pub mod meta;
 pub mod model_source;
 pub mod server;
 pub mod status;
 pub mod stream;
+pub mod tls;
 
-pub use server::{Lifecycle, ModelInfo, Running, ServerOptions};
+pub use server::{Lifecycle, ModelInfo, Running, Security, ServerOptions};
 
 /// Version of the server crates, reported by `Info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -6,8 +6,15 @@ use tonic::metadata::MetadataMap;
 /// Metadata key of the request id.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// Keys forwarded from a gateway request to the backend: the request id and W3C trace context.
-pub const PROPAGATED: &[&str] = &[REQUEST_ID, "traceparent", "tracestate", "baggage"];
+/// Keys forwarded from a gateway request to the backend: the request id, W3C trace context and
+/// the caller's API key (`authorization`, for model services that check keys too).
+pub const PROPAGATED: &[&str] = &[
+    REQUEST_ID,
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "authorization",
+];
 
 /// The deadline a client set with `grpc-timeout` (`<1–8 digits><H|M|S|m|u|n>`), if any and valid.
 pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {

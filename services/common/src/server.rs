@@ -1,17 +1,20 @@
 //! Assembling and running a tonic server: health, reflection (v1 and v1alpha), message limits,
-//! ephemeral-port friendly binding, and graceful shutdown with a bounded grace period.
+//! TLS and API keys ([`Security`]), ephemeral-port friendly binding, and graceful shutdown with
+//! a bounded grace period.
 
+use crate::auth::{AuthLayer, AuthPolicy};
 use anyhow::Context;
-use janus_telemetry::{InstrumentedRouter as Router, InstrumentedServer};
+use janus_telemetry::MetricsLayer;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tower_layer::{Identity, Stack};
 
 /// Transport settings of a server.
 #[derive(Debug, Clone)]
@@ -23,6 +26,8 @@ pub struct ServerOptions {
     /// The process's Prometheus metrics: every RPC of the server is counted here, and the
     /// model services record their engine metrics here.
     pub metrics: janus_telemetry::Metrics,
+    /// TLS and API keys of the listening port (default: plaintext, no keys).
+    pub security: Security,
 }
 
 impl Default for ServerOptions {
@@ -31,9 +36,27 @@ impl Default for ServerOptions {
             max_message_bytes: 16 * 1024 * 1024,
             grace_period: Duration::from_secs(30),
             metrics: janus_telemetry::Metrics::new("janus", janus_telemetry::build_info!()),
+            security: Security::default(),
         }
     }
 }
+
+/// TLS and API keys of a server's port, applied by [`builder`] to every RPC.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// API keys (`authorization: Bearer <key>`); no keys: every request passes.
+    pub auth: AuthPolicy,
+    /// TLS of the port (with a client CA: mTLS); `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// The layers of every server: per-RPC metrics outside, the API-key check inside (a refused
+/// request is counted as UNAUTHENTICATED).
+pub type Layers = Stack<AuthLayer, Stack<MetricsLayer, Identity>>;
+/// A server built by [`builder`].
+pub type JanusServer = Server<Layers>;
+/// The router of a [`JanusServer`] (what `add_service` returns).
+pub type Router = tonic::transport::server::Router<Layers>;
 
 /// Shutdown signalling of a server: `shutdown` starts draining (health NOT_SERVING, no new
 /// connections or requests), `abort` fires when the grace period is over (in-flight streams
@@ -81,6 +104,7 @@ pub struct ModelInfo {
 pub struct Running {
     addr: SocketAddr,
     life: Lifecycle,
+    health: HealthReporter,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -98,6 +122,11 @@ impl Running {
     /// The server's shutdown tokens.
     pub fn lifecycle(&self) -> &Lifecycle {
         &self.life
+    }
+
+    /// The server's health statuses (e.g. for [`serve_health`]).
+    pub fn health(&self) -> &HealthReporter {
+        &self.health
     }
 
     /// Starts a graceful shutdown without waiting.
@@ -119,14 +148,23 @@ impl Running {
 
 /// A server builder with the settings every Janus server uses, instrumented: a span per RPC
 /// (`janus_telemetry::server_span`, parented by the caller's `traceparent`) and per-RPC
-/// metrics (method, status code, duration, in flight) in `metrics`.
-pub fn builder(metrics: &janus_telemetry::Metrics) -> InstrumentedServer {
-    janus_telemetry::instrument(
-        Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20))),
-        metrics,
+/// metrics (method, status code, duration, in flight) in `options.metrics`; TLS and the API-key
+/// check of `options.security` (the one place where every server gets them).
+pub fn builder(options: &ServerOptions) -> anyhow::Result<JanusServer> {
+    let mut server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = &options.security.tls {
+        server = server
+            .tls_config(tls.clone())
+            .context("TLS configuration (certificate or key not usable)")?;
+    }
+    Ok(
+        janus_telemetry::instrument(server, &options.metrics).layer(AuthLayer::new(
+            options.security.auth.clone(),
+            options.metrics.clone(),
+        )),
     )
 }
 
@@ -161,6 +199,7 @@ pub fn spawn(
     life: Lifecycle,
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("local address")?;
+    let reporter = health.clone();
     let life2 = life.clone();
     let task = tokio::spawn(async move {
         let drain = life2.shutdown.clone();
@@ -197,7 +236,39 @@ pub fn spawn(
             }
         }
     });
-    Ok(Running { addr, life, task })
+    Ok(Running {
+        addr,
+        life,
+        health: reporter,
+        task,
+    })
+}
+
+/// Serves `grpc.health.v1` alone, in plaintext and without keys, on `addr` with the statuses of
+/// `health`, until `stop` fires: kubelet's native gRPC probes speak neither TLS nor API keys,
+/// so a server whose port needs them is probed here (`--health-listen`). Returns the bound
+/// address.
+pub async fn serve_health(
+    addr: &str,
+    health: &HealthReporter,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = bind(addr).await?;
+    let bound = listener.local_addr().context("local address")?;
+    let svc = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+    );
+    tokio::spawn(async move {
+        let r = Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(%bound, "health port stopped: {e}");
+        }
+    });
+    tracing::info!(%bound, "grpc.health.v1 (plaintext, no key) listening");
+    Ok(bound)
 }
 
 /// Marks `services` and the whole server SERVING.

@@ -65,8 +65,11 @@ pub struct GatewayOptions {
     pub generation: Vec<String>,
     /// Balancing and health checks.
     pub tuning: GatewayTuning,
-    /// Message limits and grace period.
+    /// Message limits and grace period; TLS and API keys of the public port.
     pub server: ServerOptions,
+    /// TLS to the backends (CA, client certificate for mTLS, name override): used for
+    /// `https://` addresses and for `host:port` ones (`http://` stays plaintext).
+    pub backend_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 struct Shared {
@@ -191,6 +194,7 @@ impl Gateway {
                     &opts.understanding,
                     opts.tuning.balance,
                     ct,
+                    opts.backend_tls.as_ref(),
                 )?,
                 gen: Pool::new(
                     janus_proto::GENERATION_SERVICE,
@@ -198,6 +202,7 @@ impl Gateway {
                     &opts.generation,
                     opts.tuning.balance,
                     ct,
+                    opts.backend_tls.as_ref(),
                 )?,
                 max_message_bytes: opts.server.max_message_bytes,
                 abort,
@@ -473,18 +478,17 @@ pub async fn serve(
     let gateway = Gateway::new(&opts, life.abort.clone())?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     let n = opts.server.max_message_bytes;
-    let router =
-        server::add_reflection(server::builder(&opts.server.metrics).add_service(health_svc))?
-            .add_service(
-                UnderstandingServer::new(gateway.clone())
-                    .max_decoding_message_size(n)
-                    .max_encoding_message_size(n),
-            )
-            .add_service(
-                GenerationServer::new(gateway.clone())
-                    .max_decoding_message_size(n)
-                    .max_encoding_message_size(n),
-            );
+    let router = server::add_reflection(server::builder(&opts.server)?.add_service(health_svc))?
+        .add_service(
+            UnderstandingServer::new(gateway.clone())
+                .max_decoding_message_size(n)
+                .max_encoding_message_size(n),
+        )
+        .add_service(
+            GenerationServer::new(gateway.clone())
+                .max_decoding_message_size(n)
+                .max_encoding_message_size(n),
+        );
     // The gateway itself is up; per-service status follows the backends' health.
     health.set_service_status("", ServingStatus::Serving).await;
     let interval = Duration::from_secs_f64(opts.tuning.health_interval.max(0.05));
@@ -540,6 +544,46 @@ pub struct Args {
     pub tuning: GatewayTuning,
     #[command(flatten)]
     pub server: janus_service::flags::ServerFlags,
+    #[command(flatten)]
+    pub backend_tls: BackendTlsFlags,
+}
+
+/// TLS from the gateway to its backends.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct BackendTlsFlags {
+    /// PEM CA of the backends' certificates: backends are reached over TLS (`host:port` means
+    /// `https://`; without this flag only `https://` addresses use TLS, with the system's roots).
+    #[arg(long, env = "JANUS_BACKEND_CA")]
+    pub backend_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate the gateway presents to the backends (mTLS; needs --backend-tls-key).
+    #[arg(long, env = "JANUS_BACKEND_TLS_CERT")]
+    pub backend_tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --backend-tls-cert.
+    #[arg(long, env = "JANUS_BACKEND_TLS_KEY")]
+    pub backend_tls_key: Option<std::path::PathBuf>,
+    /// Name the backends' certificates are checked against instead of each address's host.
+    #[arg(long, env = "JANUS_BACKEND_TLS_DOMAIN")]
+    pub backend_tls_domain: Option<String>,
+}
+
+impl BackendTlsFlags {
+    /// The client TLS configuration; `None` when no backend TLS flag is given.
+    pub fn config(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        if self.backend_ca.is_none()
+            && self.backend_tls_cert.is_none()
+            && self.backend_tls_key.is_none()
+            && self.backend_tls_domain.is_none()
+        {
+            return Ok(None);
+        }
+        janus_service::tls::client_config(
+            self.backend_ca.as_deref(),
+            self.backend_tls_cert.as_deref(),
+            self.backend_tls_key.as_deref(),
+            self.backend_tls_domain.as_deref(),
+        )
+        .map(Some)
+    }
 }
 
 /// Serves until SIGTERM/ctrl-c, then shuts down gracefully.
@@ -547,7 +591,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.understanding_backends.is_empty() && args.generation_backends.is_empty() {
         anyhow::bail!("no backends: pass --understanding-backends and/or --generation-backends");
     }
-    let server_options = args.server.options("janus-gateway");
+    let server_options = args.server.secure_options("janus-gateway")?;
+    let backend_tls = args.backend_tls.config()?;
     args.server.serve_metrics(&server_options.metrics).await?;
     let listener = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
@@ -557,12 +602,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             generation: args.generation_backends,
             tuning: args.tuning,
             server: server_options,
+            backend_tls,
         },
         listener,
         life.clone(),
     )
     .await?;
     tracing::info!("janus gateway listening on {}", running.local_addr());
+    args.server.serve_health(&running).await?;
     tokio::spawn(async move {
         server::shutdown_signal().await;
         life.shutdown.cancel();

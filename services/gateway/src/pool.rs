@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// How a backend is picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -33,14 +33,15 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// A backend at `addr` (`host:port` or a URL).
-    pub fn new(addr: &str, connect_timeout: Duration) -> anyhow::Result<Self> {
-        let url = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Endpoint::from_shared(url.clone())
+    /// A backend at `addr` (`host:port` or a URL); `https://` (and `host:port` when `tls` is
+    /// given) connects with `tls`.
+    pub fn new(
+        addr: &str,
+        connect_timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> anyhow::Result<Self> {
+        let url = janus_service::tls::backend_url(addr, tls.is_some());
+        let channel = janus_service::tls::endpoint(&url, tls)
             .map_err(|e| anyhow::anyhow!("bad backend address '{addr}': {e}"))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
@@ -131,10 +132,11 @@ impl Pool {
         addrs: &[String],
         balance: Balance,
         connect_timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
     ) -> anyhow::Result<Self> {
         let backends = addrs
             .iter()
-            .map(|a| Backend::new(a.trim(), connect_timeout).map(Arc::new))
+            .map(|a| Backend::new(a.trim(), connect_timeout, tls).map(Arc::new))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             service,
@@ -198,6 +200,7 @@ mod tests {
             &addrs,
             Balance::RoundRobin,
             Duration::from_secs(1),
+            None,
         )
         .unwrap();
         let firsts: Vec<String> = (0..3).map(|_| p.candidates()[0].url.clone()).collect();
@@ -219,6 +222,7 @@ mod tests {
             &addrs,
             Balance::LeastOutstanding,
             Duration::from_secs(1),
+            None,
         )
         .unwrap();
         let _a = Lease::new(q.backends[0].clone());

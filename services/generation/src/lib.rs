@@ -200,7 +200,7 @@ pub async fn serve(
     let svc = GenerationServer::new(service)
         .max_decoding_message_size(n)
         .max_encoding_message_size(n);
-    let router = server::add_reflection(server::builder(&options.metrics).add_service(health_svc))?
+    let router = server::add_reflection(server::builder(&options)?.add_service(health_svc))?
         .add_service(svc);
     let names = vec![janus_proto::GENERATION_SERVICE];
     server::set_serving(&health, &names).await;
@@ -234,7 +234,7 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let resolved = args.model.resolve()?;
     let opts = args.model.load_options(None)?;
-    let options = args.server.options("janus-generation");
+    let options = args.server.secure_options("janus-generation")?;
     // Up before the (long) model load: janus_model_load_seconds is 0 until it is done.
     args.server.serve_metrics(&options.metrics).await?;
     let config = with_metrics(args.engine.config(), &options.metrics);
@@ -258,6 +258,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     tracing::info!("janus.v1.Generation listening on {}", running.local_addr());
+    args.server.serve_health(&running).await?;
     tokio::spawn(async move {
         server::shutdown_signal().await;
         life.shutdown.cancel();
