@@ -76,6 +76,12 @@ SCENARIOS: dict[str, dict] = {
     "hostPath": {"model": {"source": "hostPath", "hostPath": {"path": "/srv/models/Janus-Pro-7B"}}},
     "download-to-pvc": {"model": {"download": {"revision": "main", "hfTokenSecret": {"name": "hf-token"},
                                                "volume": {"type": "pvc", "claimName": "model-cache"}}}},
+    "keys+tls+mtls": {"apiKeys": {"secretName": "janus-api-keys", "onModelServices": True, "reflectionRequiresKey": True},
+                      "tls": {"gatewaySecretName": "janus-public-tls",
+                              "internal": {"enabled": True, "servicesSecretName": "janus-services-tls",
+                                           "gatewayClientSecretName": "janus-gateway-client-tls"}}},
+    "public-tls+keys only": {"apiKeys": {"secretName": "janus-api-keys"},
+                             "tls": {"gatewaySecretName": "janus-public-tls"}},
     "gateway-only": {"understanding": {"enabled": False}, "generation": {"enabled": False},
                      "gateway": {"understandingBackends": ["und.other-ns.svc:50052"],
                                  "generationBackends": ["gen.other-ns.svc:50053"]}},
@@ -92,6 +98,9 @@ MUST_FAIL: dict[str, dict] = {
     "bad dtype": {"engine": {"dtype": "f16"}},
     "bad sampler": {"otel": {"sampler": "sometimes"}},
     "bad hub id": {"model": {"download": {"repoId": "not a repo"}}},
+    "mTLS without Secrets": {"tls": {"internal": {"enabled": True}}},
+    "misspelt tls key": {"tls": {"gatewaySecret": "x"}},
+    "api key Secret key empty": {"apiKeys": {"secretName": "k", "key": ""}},
 }
 
 
@@ -155,6 +164,61 @@ def env_of(container: dict) -> dict:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
 
+def check_security(where: str, comp: str, merged: dict, pod: dict, main: dict, f: Failures) -> None:
+    """API keys from the Secret, TLS files from mounted kubernetes.io/tls Secrets, health port iff TLS."""
+    env = {e["name"]: e for e in main.get("env", [])}
+    keys, tls = merged["apiKeys"], merged["tls"]
+    is_model = comp in MODEL_COMPONENTS
+    want_keys = bool(keys["secretName"]) and (not is_model or keys["onModelServices"])
+    f.check(("JANUS_API_KEYS" in env) == want_keys, f"{where}: JANUS_API_KEYS iff keys are configured")
+    if want_keys:
+        ref = env["JANUS_API_KEYS"].get("valueFrom", {}).get("secretKeyRef")
+        f.check(ref == {"name": keys["secretName"], "key": keys["key"]}, f"{where}: API keys from the Secret, {ref}")
+        f.check(("JANUS_REFLECTION_REQUIRES_KEY" in env) == keys["reflectionRequiresKey"], f"{where}: reflection key flag")
+    mounts = {m["mountPath"]: m for m in main.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def from_secret(var: str, secret: str, file: str) -> None:
+        value = env.get(var, {}).get("value")
+        f.check(value is not None, f"{where}: {var} set")
+        if value is None:
+            return
+        directory, _, base = value.rpartition("/")
+        f.check(base == file, f"{where}: {var} names {file}")
+        m = mounts.get(directory)
+        f.check(m is not None and m.get("readOnly") is True, f"{where}: {directory} mounted read-only")
+        if m:
+            vol = volumes.get(m["name"], {})
+            f.check(vol.get("secret", {}).get("secretName") == secret, f"{where}: {var} from Secret {secret}")
+
+    if is_model:
+        tls_on = tls["internal"]["enabled"]
+        if tls_on:
+            for var, file in (("JANUS_TLS_CERT", "tls.crt"), ("JANUS_TLS_KEY", "tls.key"), ("JANUS_TLS_CLIENT_CA", "ca.crt")):
+                from_secret(var, tls["internal"]["servicesSecretName"], file)
+        else:
+            f.check("JANUS_TLS_CERT" not in env, f"{where}: no TLS without tls.internal")
+    else:
+        tls_on = bool(tls["gatewaySecretName"])
+        if tls_on:
+            for var, file in (("JANUS_TLS_CERT", "tls.crt"), ("JANUS_TLS_KEY", "tls.key")):
+                from_secret(var, tls["gatewaySecretName"], file)
+        f.check("JANUS_TLS_CLIENT_CA" not in env, f"{where}: the public port asks no client certificate")
+        if tls["internal"]["enabled"]:
+            for var, file in (("JANUS_BACKEND_CA", "ca.crt"), ("JANUS_BACKEND_TLS_CERT", "tls.crt"),
+                              ("JANUS_BACKEND_TLS_KEY", "tls.key")):
+                from_secret(var, tls["internal"]["gatewayClientSecretName"], file)
+        else:
+            f.check("JANUS_BACKEND_CA" not in env, f"{where}: plaintext backends without tls.internal")
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    f.check(("health" in ports) == tls_on, f"{where}: health port iff TLS")
+    if tls_on:
+        f.check(ports["health"] == tls["healthPort"], f"{where}: health port number")
+        f.check(env.get("JANUS_HEALTH_LISTEN", {}).get("value") == f"0.0.0.0:{tls['healthPort']}", f"{where}: JANUS_HEALTH_LISTEN")
+    else:
+        f.check("JANUS_HEALTH_LISTEN" not in env, f"{where}: no health port without TLS")
+
+
 def check_manifests(name: str, values: dict, docs: list[dict], f: Failures) -> None:
     merged = deep_merge(yaml.safe_load((CHART / "values.yaml").read_text()), values)
     deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(docs, "Deployment")}
@@ -193,11 +257,14 @@ def check_manifests(name: str, values: dict, docs: list[dict], f: Failures) -> N
         f.check(("OTEL_EXPORTER_OTLP_ENDPOINT" in env) == bool(merged["otel"]["endpoint"]), f"{where}: OTLP endpoint iff configured")
         f.check(float(env["JANUS_GRACE_PERIOD"]) < pod["terminationGracePeriodSeconds"], f"{where}: grace period inside termination grace")
         health = merged[comp]["probes"]["healthService"]
+        check_security(where, comp, merged, pod, main, f)
+        # With TLS on the gRPC port the probes use the plaintext health-only port.
+        probe_port = ports.get("health", ports["grpc"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             p = main.get(probe)
             f.check(p is not None and "grpc" in p, f"{where}: {probe} is a native gRPC probe")
             if p and "grpc" in p:
-                f.check(p["grpc"]["port"] == ports["grpc"], f"{where}: {probe} port")
+                f.check(p["grpc"]["port"] == probe_port, f"{where}: {probe} port")
                 if probe != "livenessProbe":
                     f.check(p["grpc"].get("service", "") == health, f"{where}: {probe} service {p['grpc'].get('service')!r}")
         if comp in MODEL_COMPONENTS:
