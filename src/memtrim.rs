@@ -77,7 +77,7 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(1),
-            grow_bytes: 256 << 20,
+            grow_bytes: 32 << 20,
             quiet_ticks: 2,
             quiet_cpu: 0.1,
         }

@@ -420,14 +420,30 @@ async fn queue_full_is_resource_exhausted() {
     let url = stack.gw.url();
     let slow = || gen(|r| r.n = Some(1));
     let mut c1 = gen_client(&url).await;
-    let mut running = c1.generate(slow()).await.unwrap().into_inner();
+    // 16 images: the running request keeps the engine busy for a while.
+    let mut running = c1
+        .generate(gen(|r| r.n = Some(16)))
+        .await
+        .unwrap()
+        .into_inner();
     // The first request is admitted once it reports progress; the second then waits in the queue.
     within(WAIT, "first progress", running.message())
         .await
         .unwrap()
         .unwrap();
+    // The gateway answers a stream once its backend sent the first message, so the queued call
+    // is left pending; the engine's counters say when it waits in the queue.
     let mut c2 = gen_client(&url).await;
-    let _queued = c2.generate(slow()).await.unwrap().into_inner();
+    let _queued = tokio::spawn(async move { c2.generate(slow()).await });
+    wait_for(WAIT, "second request queued", || {
+        let url = url.clone();
+        async move {
+            let info = gen_client(&url).await.info(pb::InfoRequest {}).await;
+            info.map(|i| i.into_inner().stats.unwrap().queued == 1)
+                .unwrap_or(false)
+        }
+    })
+    .await;
     let mut c3 = gen_client(&url).await;
     let err = within(WAIT, "third request", c3.generate(slow()))
         .await

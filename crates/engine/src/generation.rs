@@ -53,7 +53,7 @@ impl Default for GenerationConfig {
             jpeg_quality: 90,
             max_prompt_bytes: 64 * 1024,
             min_preview_rows: 1,
-            step_tokens: 256,
+            step_tokens: 128,
             max_decode_queue: 8,
             decode_threads: 1,
             step_observer: None,
@@ -750,6 +750,11 @@ impl PixelWorker {
     }
 
     fn run(mut self) {
+        // Ready for the first preview before any request asks for one.
+        let model = self.model.clone();
+        if let Err(e) = guarded("preview calibration", || model.calibrate_previews()) {
+            tracing::warn!("preview calibration failed: {e}");
+        }
         while let Some(work) = self.next() {
             match work {
                 PixelWork::Preview(id, task) => self.preview(id, task),

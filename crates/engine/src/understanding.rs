@@ -52,7 +52,7 @@ impl Default for UnderstandingConfig {
             image_limits: ImageLimits::default(),
             max_stop_strings: 16,
             max_batch_tokens: 32_768,
-            step_tokens: 256,
+            step_tokens: 128,
             step_observer: None,
         }
     }

@@ -655,10 +655,23 @@ impl GenerationModel {
         let side = (total as f64).sqrt().round() as usize;
         let calibrated = self.palette()?.lock().map(|p| p.observed() > 0).unwrap_or(true);
         if !calibrated {
-            // A seeded random grid through the real decoder (observed by `decode_until`).
+            self.calibrate_previews()?;
+        }
+        let p = self
+            .palette()?
+            .lock()
+            .map_err(|_| Error::invalid("preview", "palette lock poisoned"))?;
+        Ok(p.render(tokens, side, size))
+    }
+
+    /// Fits the preview palette on one decode of a seeded random 12×12 grid (a quarter of an
+    /// image's decoder work); later decodes refine it. The decode worker calls it at start.
+    pub fn calibrate_previews(&self) -> Result<()> {
+        let side = 12usize.min((self.image_tokens() as f64).sqrt() as usize).max(1);
+        {
             let codes = self.config.gen_head.image_token_size.max(1) as u64;
             let mut x = 0x9E37_79B9_7F4A_7C15u64;
-            let grid: Vec<u32> = (0..total)
+            let grid: Vec<u32> = (0..side * side)
                 .map(|_| {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -668,11 +681,7 @@ impl GenerationModel {
                 .collect();
             self.decode(&[grid])?;
         }
-        let p = self
-            .palette()?
-            .lock()
-            .map_err(|_| Error::invalid("preview", "palette lock poisoned"))?;
-        Ok(p.render(tokens, side, size))
+        Ok(())
     }
 
     /// Runs a request to the end; `on_step(done, total)` after every step.

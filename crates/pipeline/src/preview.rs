@@ -4,7 +4,7 @@
 //! than the generation itself. A preview instead paints each generated token's 16×16 patch with
 //! a colour predicted from its codebook vector by a linear map (8 codebook dimensions + bias →
 //! RGB), fitted by least squares on images the real decoder produced: one calibration decode
-//! of a seeded random grid, then every finished image. Tokens not generated yet are grey.
+//! of a seeded random 12×12 grid, then every finished image. Tokens not generated yet are grey.
 //! Rendering is a table lookup per token: microseconds, whatever the model size.
 
 use janus_vq::image_buf::Rgb8;

@@ -279,7 +279,7 @@ pub struct UnderstandingFlags {
     #[arg(
         long,
         env = "JANUS_STEP_TOKENS",
-        default_value_t = 256,
+        default_value_t = 128,
         alias = "prefill-chunk"
     )]
     pub step_tokens: usize,
@@ -318,7 +318,7 @@ pub struct GenerationFlags {
     pub preview_size: u32,
     /// Work per engine step in prompt-token units: each running CFG row takes one, the rest
     /// prefills waiting prompts in chunks.
-    #[arg(long, env = "JANUS_STEP_TOKENS", default_value_t = 256)]
+    #[arg(long, env = "JANUS_STEP_TOKENS", default_value_t = 128)]
     pub step_tokens: usize,
 }
 

@@ -1,9 +1,13 @@
 //! The gateway: the one public endpoint. It holds no model; it forwards `janus.v1.Understanding`
-//! and `janus.v1.Generation` calls to configured backends (round-robin or least-outstanding),
-//! health-checks them with `grpc.health.v1` and skips unhealthy ones, streams responses
-//! through, propagates `x-request-id` (generated when absent) and W3C trace context, enforces
-//! `grpc-timeout` deadlines and turns backend failures into clear statuses.
+//! and `janus.v1.Generation` calls to backends discovered from their targets (DNS names are
+//! re-resolved: one channel per address), balanced by least outstanding streams (power of two
+//! choices) with a circuit breaker per backend, health-checks them with `grpc.health.v1`,
+//! retries a call that failed before any response message once on another backend, streams
+//! responses through, propagates `x-request-id` (generated when absent) and W3C trace context,
+//! enforces `grpc-timeout` deadlines and turns backend failures into clear statuses (a backend
+//! lost mid-stream: UNAVAILABLE naming it).
 
+pub mod discovery;
 pub mod pool;
 
 use janus_proto::v1 as pb;
@@ -14,6 +18,7 @@ use janus_proto::v1::understanding_server::{Understanding, UnderstandingServer};
 use janus_service::stream::{forward, BoxStream};
 use janus_service::{meta, server, status, Lifecycle, Running, ServerOptions};
 pub use pool::Balance;
+pub use pool::BackendSettings;
 use pool::{Backend, Lease, Pool};
 use std::future::Future;
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
+use discovery::Resolver;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
@@ -32,11 +38,13 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::Instrument as _;
 
-/// Balancing and health-checking knobs (shared by `janus-gateway` and `janus serve`).
+/// Discovery, balancing, health-checking and failure knobs (shared by `janus-gateway` and
+/// `janus serve`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayTuning {
-    /// How a backend is picked for each request.
-    #[arg(long, env = "JANUS_BALANCE", value_enum, default_value_t = Balance::RoundRobin)]
+    /// How a backend is picked for each request: least-outstanding (power of two choices over
+    /// streams in flight) or round-robin.
+    #[arg(long, env = "JANUS_BALANCE", value_enum, default_value_t = Balance::LeastOutstanding)]
     pub balance: Balance,
     /// Seconds between grpc.health.v1 checks of each backend.
     #[arg(long, env = "JANUS_HEALTH_INTERVAL", default_value_t = 2.0)]
@@ -44,14 +52,63 @@ pub struct GatewayTuning {
     /// Seconds to wait for a TCP/HTTP2 connection to a backend.
     #[arg(long, env = "JANUS_CONNECT_TIMEOUT", default_value_t = 2.0)]
     pub connect_timeout: f64,
+    /// Seconds between DNS re-resolutions of backend names (a headless Service's pods).
+    #[arg(long, env = "JANUS_RESOLVE_INTERVAL", default_value_t = 5.0)]
+    pub resolve_interval: f64,
+    /// DNS server (ip:port) to resolve backend names with, instead of /etc/resolv.conf.
+    #[arg(long, env = "JANUS_DNS_SERVER")]
+    pub dns_server: Option<std::net::SocketAddr>,
+    /// Seconds between HTTP/2 PINGs on backend connections (also while streams are open).
+    #[arg(long, env = "JANUS_BACKEND_KEEPALIVE", default_value_t = 5.0)]
+    pub backend_keepalive: f64,
+    /// Seconds a PING may go unanswered before the connection and its streams fail with
+    /// UNAVAILABLE (a frozen backend is detected within keepalive + this).
+    #[arg(long, env = "JANUS_BACKEND_KEEPALIVE_TIMEOUT", default_value_t = 5.0)]
+    pub backend_keepalive_timeout: f64,
+    /// Seconds a forwarded stream may go without a message before it ends with UNAVAILABLE
+    /// (0 = no limit; a long prefill sends nothing until its first token).
+    #[arg(long, env = "JANUS_STREAM_IDLE_TIMEOUT", default_value_t = 0.0)]
+    pub stream_idle_timeout: f64,
+    /// Consecutive failed calls that eject a backend (circuit breaker).
+    #[arg(long, env = "JANUS_EJECT_AFTER", default_value_t = 3)]
+    pub eject_after: u32,
+    /// Longest ejection in seconds (the first is 1 s, doubling while failures go on).
+    #[arg(long, env = "JANUS_MAX_EJECTION", default_value_t = 30.0)]
+    pub max_ejection: f64,
 }
 
 impl Default for GatewayTuning {
     fn default() -> Self {
         Self {
-            balance: Balance::RoundRobin,
+            balance: Balance::LeastOutstanding,
             health_interval: 2.0,
             connect_timeout: 2.0,
+            resolve_interval: 5.0,
+            dns_server: None,
+            backend_keepalive: 5.0,
+            backend_keepalive_timeout: 5.0,
+            stream_idle_timeout: 0.0,
+            eject_after: 3,
+            max_ejection: 30.0,
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.01))
+}
+
+impl GatewayTuning {
+    /// Channel and breaker settings of every backend.
+    pub fn backend_settings(&self, tls: Option<tonic::transport::ClientTlsConfig>) -> BackendSettings {
+        BackendSettings {
+            connect_timeout: secs(self.connect_timeout),
+            keepalive_interval: secs(self.backend_keepalive),
+            keepalive_timeout: secs(self.backend_keepalive_timeout),
+            tls,
+            eject_after: self.eject_after.max(1),
+            base_ejection: Duration::from_secs(1).min(secs(self.max_ejection)),
+            max_ejection: secs(self.max_ejection),
         }
     }
 }
@@ -76,6 +133,7 @@ struct Shared {
     und: Pool,
     gen: Pool,
     max_message_bytes: usize,
+    idle_limit: Option<Duration>,
     abort: CancellationToken,
 }
 
@@ -88,8 +146,8 @@ pub struct Gateway {
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("understanding", &self.shared.und.backends.len())
-            .field("generation", &self.shared.gen.backends.len())
+            .field("understanding", &self.shared.und.backends().len())
+            .field("generation", &self.shared.gen.backends().len())
             .finish()
     }
 }
@@ -149,17 +207,14 @@ impl Call {
 /// A backend's status as the gateway's answer: codes pass through; transport failures become
 /// UNAVAILABLE naming the backend.
 fn from_backend(kind: &str, b: &Backend, s: Status) -> Status {
+    if is_lost(&s) {
+        return Status::unavailable(format!(
+            "{kind} backend {} is unavailable: {}",
+            b.name(),
+            s.message()
+        ));
+    }
     match s.code() {
-        Code::Unavailable => Status::unavailable(format!(
-            "{kind} backend {} is unavailable: {}",
-            b.url,
-            s.message()
-        )),
-        Code::Unknown if is_transport(&s) => Status::unavailable(format!(
-            "{kind} backend {} is unavailable: {}",
-            b.url,
-            s.message()
-        )),
         _ => {
             // Keep the code, message and our own metadata (e.g. `janus-field`); drop the
             // backend's transport headers.
@@ -180,12 +235,29 @@ fn is_transport(s: &Status) -> bool {
         || m.contains("connect")
         || m.contains("connection")
         || m.contains("broken pipe")
+        || m.contains("h2 protocol error")
+        || m.contains("keep-alive")
+        || m.contains("stream closed")
+        || m.contains("reset")
+}
+
+/// The backend (or the connection to it) failed, as opposed to answering with a status.
+fn is_lost(s: &Status) -> bool {
+    s.code() == Code::Unavailable
+        || (matches!(s.code(), Code::Unknown | Code::Internal | Code::Cancelled) && is_transport(s))
+}
+
+/// Worth trying another backend when nothing was streamed yet: the backend is down, drains
+/// or is overloaded.
+fn retryable(s: &Status) -> bool {
+    is_lost(s) || s.code() == Code::ResourceExhausted
 }
 
 impl Gateway {
     /// A gateway over the configured backends (no connection is made yet).
     pub fn new(opts: &GatewayOptions, abort: CancellationToken) -> anyhow::Result<Self> {
-        let ct = Duration::from_secs_f64(opts.tuning.connect_timeout.max(0.01));
+        let settings = opts.tuning.backend_settings(opts.backend_tls.clone());
+        let idle = opts.tuning.stream_idle_timeout;
         Ok(Self {
             shared: Arc::new(Shared {
                 und: Pool::new(
@@ -193,26 +265,26 @@ impl Gateway {
                     "understanding",
                     &opts.understanding,
                     opts.tuning.balance,
-                    ct,
-                    opts.backend_tls.as_ref(),
+                    settings.clone(),
                 )?,
                 gen: Pool::new(
                     janus_proto::GENERATION_SERVICE,
                     "generation",
                     &opts.generation,
                     opts.tuning.balance,
-                    ct,
-                    opts.backend_tls.as_ref(),
+                    settings,
                 )?,
                 max_message_bytes: opts.server.max_message_bytes,
+                idle_limit: (idle > 0.0).then(|| Duration::from_secs_f64(idle)),
                 abort,
             }),
         })
     }
 
-    /// Tries eligible backends in policy order until one accepts the call. UNAVAILABLE from
-    /// a backend (down, draining) marks it unhealthy and moves on; any other status is the
-    /// answer.
+    /// Runs `attempt` on the policy's backend; when it fails before the backend sent anything
+    /// (down, draining, overloaded, connection lost), once more on another eligible backend.
+    /// Other statuses are the answer. Transport failures count against the backend's circuit
+    /// breaker; a success closes it.
     async fn dispatch<T, F, Fut>(
         &self,
         pool: &Pool,
@@ -228,7 +300,7 @@ impl Gateway {
             return Err(Status::unavailable(pool.unavailable_message()));
         }
         let mut last = None;
-        for b in candidates {
+        for b in candidates.into_iter().take(2) {
             let lease = Lease::new(b.clone());
             let span = janus_telemetry::client_span(call.method);
             span.record("server.address", b.url.as_str());
@@ -251,29 +323,129 @@ impl Gateway {
                 res.as_ref().err().map_or(Code::Ok, Status::code),
             );
             match res {
-                Ok(v) => return Ok((v, lease)),
-                Err(s) if s.code() == Code::Unavailable => {
-                    b.mark_unhealthy(s.message());
-                    tracing::warn!(request_id = %call.request_id, backend = %b.url, "backend unavailable: {}", s.message());
+                Ok(v) => {
+                    b.record_success();
+                    return Ok((v, lease));
+                }
+                Err(s) if retryable(&s) => {
+                    if is_lost(&s) {
+                        b.mark_unhealthy(s.message());
+                        b.record_failure(s.message(), &pool.settings);
+                    }
+                    tracing::warn!(request_id = %call.request_id, backend = %b.name(), "backend failed before answering ({:?}): {}", s.code(), s.message());
                     last = Some(from_backend(pool.kind, &b, s));
                 }
-                Err(s) => return Err(from_backend(pool.kind, &b, s)),
+                Err(s) => {
+                    b.record_success();
+                    return Err(from_backend(pool.kind, &b, s));
+                }
             }
         }
         Err(last.unwrap_or_else(|| Status::unavailable(pool.unavailable_message())))
     }
 
-    /// Streams a backend response through, holding the backend lease until it ends.
+    /// One streaming call through the pool: the backend's first message is awaited inside the
+    /// attempt (so a backend that fails before it is retried), then the stream is relayed.
+    async fn stream_call<Req, Item, F, Fut>(
+        &self,
+        pool: &Pool,
+        call: &Call,
+        body: Req,
+        open: F,
+    ) -> Result<Response<BoxStream<Item>>, Status>
+    where
+        Req: Clone,
+        Item: Send + 'static,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Streaming<Item>>, Status>>,
+    {
+        let ((first, rest), lease) = self
+            .dispatch(pool, call, |ch| {
+                let r = call.outgoing(body.clone());
+                let opened = r.map(|r| open(ch, r));
+                async move {
+                    let mut stream = opened?.await?.into_inner();
+                    let first = stream.message().await?;
+                    Ok((first, stream))
+                }
+            })
+            .await?;
+        Ok(self.relay(pool, call, first, rest, lease))
+    }
+
+    /// One unary call through the pool.
+    async fn unary_call<Req, Resp, F, Fut>(
+        &self,
+        pool: &Pool,
+        call: &Call,
+        body: Req,
+        send: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let (resp, _lease) = self
+            .dispatch(pool, call, |ch| {
+                let r = call.outgoing(body.clone());
+                let sent = r.map(|r| send(ch, r));
+                async move { sent?.await }
+            })
+            .await?;
+        let mut out = Response::new(resp.into_inner());
+        meta::set_request_id(out.metadata_mut(), &call.request_id);
+        Ok(out)
+    }
+
+    /// Streams a backend response through, holding the backend lease until it ends. A failure
+    /// of the backend mid-stream ends the stream with UNAVAILABLE naming it (and counts against
+    /// its breaker); so does a stream idle for longer than `--stream-idle-timeout`.
     fn relay<T: Send + 'static>(
         &self,
+        pool: &Pool,
         call: &Call,
+        first: Option<T>,
         stream: Streaming<T>,
         lease: Lease,
     ) -> Response<BoxStream<T>> {
-        let source = stream.map(move |item| {
-            let _held = &lease;
-            item
-        });
+        let kind = pool.kind;
+        let settings = pool.settings.clone();
+        let backend = lease.backend().clone();
+        let idle = self.shared.idle_limit;
+        let rest: BoxStream<T> = match idle {
+            None => Box::pin(stream),
+            Some(limit) => {
+                let name = backend.name();
+                Box::pin(stream.timeout(limit).map(move |r| match r {
+                    Ok(item) => item,
+                    Err(_) => Err(Status::unavailable(format!(
+                        "{kind} backend {name} sent nothing for {limit:?} (--stream-idle-timeout)"
+                    ))),
+                }))
+            }
+        };
+        let mut failed = false;
+        let source = tokio_stream::iter(first.map(Ok))
+            .chain(rest)
+            .map_while(move |item| {
+                let _held = &lease;
+                if failed {
+                    return None;
+                }
+                Some(match item {
+                    Ok(v) => Ok(v),
+                    Err(s) => {
+                        failed = true;
+                        if is_lost(&s) {
+                            backend.mark_unhealthy(s.message());
+                            backend.record_failure(s.message(), &settings);
+                            tracing::warn!(backend = %backend.name(), "{kind} backend lost mid-stream: {}", s.message());
+                        }
+                        Err(from_backend(kind, &backend, s))
+                    }
+                })
+            });
         let mut resp = Response::new(forward(
             source,
             call.deadline,
@@ -310,14 +482,11 @@ impl Understanding for Gateway {
         let call = Call::new(&req, UNDERSTAND, &req.get_ref().request_id);
         let mut body = req.into_inner();
         body.request_id = call.request_id.clone();
-        let (resp, lease) = self
-            .dispatch(&self.shared.und, &call, |ch| {
-                let r = call.outgoing(body.clone());
-                let mut client = self.und_client(ch);
-                async move { client.understand(r?).await }
-            })
-            .await?;
-        Ok(self.relay(&call, resp.into_inner(), lease))
+        self.stream_call(&self.shared.und, &call, body, |ch, r| {
+            let mut client = self.und_client(ch);
+            async move { client.understand(r).await }
+        })
+        .await
     }
 
     async fn info(
@@ -325,14 +494,11 @@ impl Understanding for Gateway {
         req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let call = Call::new(&req, UNDERSTANDING_INFO, "");
-        let (resp, _lease) = self
-            .dispatch(&self.shared.und, &call, |ch| {
-                let r = call.outgoing(pb::InfoRequest {});
-                let mut client = self.und_client(ch);
-                async move { client.info(r?).await }
-            })
-            .await?;
-        Ok(Response::new(resp.into_inner()))
+        self.unary_call(&self.shared.und, &call, pb::InfoRequest {}, |ch, r| {
+            let mut client = self.und_client(ch);
+            async move { client.info(r).await }
+        })
+        .await
     }
 }
 
@@ -347,14 +513,11 @@ impl Generation for Gateway {
         let call = Call::new(&req, GENERATE, &req.get_ref().request_id);
         let mut body = req.into_inner();
         body.request_id = call.request_id.clone();
-        let (resp, lease) = self
-            .dispatch(&self.shared.gen, &call, |ch| {
-                let r = call.outgoing(body.clone());
-                let mut client = self.gen_client(ch);
-                async move { client.generate(r?).await }
-            })
-            .await?;
-        Ok(self.relay(&call, resp.into_inner(), lease))
+        self.stream_call(&self.shared.gen, &call, body, |ch, r| {
+            let mut client = self.gen_client(ch);
+            async move { client.generate(r).await }
+        })
+        .await
     }
 
     async fn info(
@@ -362,14 +525,11 @@ impl Generation for Gateway {
         req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let call = Call::new(&req, GENERATION_INFO, "");
-        let (resp, _lease) = self
-            .dispatch(&self.shared.gen, &call, |ch| {
-                let r = call.outgoing(pb::InfoRequest {});
-                let mut client = self.gen_client(ch);
-                async move { client.info(r?).await }
-            })
-            .await?;
-        Ok(Response::new(resp.into_inner()))
+        self.unary_call(&self.shared.gen, &call, pb::InfoRequest {}, |ch, r| {
+            let mut client = self.gen_client(ch);
+            async move { client.info(r).await }
+        })
+        .await
     }
 }
 
@@ -403,14 +563,15 @@ async fn check_round(
     timeout: Duration,
 ) {
     let pool = which(shared);
-    let checks = pool.backends.iter().map(|b| async move {
+    let backends = pool.backends();
+    let checks = backends.iter().map(|b| async move {
         match check(b, pool.service, timeout).await {
             Ok(()) => b.mark_healthy(),
             Err(e) => b.mark_unhealthy(&e),
         }
     });
     futures_join(checks).await;
-    let any = pool.backends.iter().any(|b| b.healthy());
+    let any = backends.iter().any(|b| b.healthy() && !b.ejected());
     let st = if any {
         ServingStatus::Serving
     } else {
@@ -436,6 +597,31 @@ fn spawn_health_checks(
             }
             tokio::select! {
                 _ = check_round(&shared, which, &health, timeout) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Re-resolves the pool's backend names every `interval` until `stop`.
+fn spawn_discovery(
+    shared: Arc<Shared>,
+    which: fn(&Shared) -> &Pool,
+    resolver: Resolver,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    if !which(&shared).has_names() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            tokio::select! {
+                _ = which(&shared).refresh(&resolver) => {}
                 _ = stop.cancelled() => return,
             }
         }
@@ -494,7 +680,31 @@ pub async fn serve(
     let interval = Duration::from_secs_f64(opts.tuning.health_interval.max(0.05));
     let timeout =
         Duration::from_secs_f64(opts.tuning.connect_timeout.max(0.05)) + Duration::from_secs(1);
-    // A first round before serving, so health answers are right from the start.
+    // Names resolved and a first health round before serving, so answers are right from the
+    // start.
+    let resolver = match opts.tuning.dns_server {
+        Some(addr) => Resolver::nameserver(addr),
+        None => Resolver::system(),
+    };
+    tokio::join!(
+        gateway.shared.und.refresh(&resolver),
+        gateway.shared.gen.refresh(&resolver),
+    );
+    let every = secs(opts.tuning.resolve_interval);
+    spawn_discovery(
+        gateway.shared.clone(),
+        |s| &s.und,
+        resolver.clone(),
+        every,
+        life.shutdown.clone(),
+    );
+    spawn_discovery(
+        gateway.shared.clone(),
+        |s| &s.gen,
+        resolver,
+        every,
+        life.shutdown.clone(),
+    );
     tokio::join!(
         check_round(&gateway.shared, |s| &s.und, &health, timeout),
         check_round(&gateway.shared, |s| &s.gen, &health, timeout),
