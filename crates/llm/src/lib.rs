@@ -496,9 +496,9 @@ impl Llm {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let device = vb.device().clone();
         let m = vb.pp("model");
-        let embed_tokens = m
-            .get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?
-            .to_dtype(dtype)?;
+        // Kept in its storage dtype (bf16 for the hub checkpoints); `embed` widens only the rows
+        // it gathers (exact), instead of a vocab × hidden f32 copy.
+        let embed_tokens = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, dtype))
             .collect::<Result<Vec<_>>>()?;
@@ -546,7 +546,10 @@ impl Llm {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let shape = ids.dims().to_vec();
         let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
-        let e = self.embed_tokens.index_select(&flat, 0)?;
+        let e = self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .to_dtype(self.dtype)?;
         let mut out = shape;
         out.push(self.cfg.hidden_size);
         e.reshape(out)
