@@ -71,7 +71,10 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
 
     let reader = guessed_reader(bytes)?;
     match reader.format() {
-        Some(ImageFormat::Png | ImageFormat::Jpeg) => {}
+        Some(ImageFormat::Png) => {}
+        // The JPEG decoder answers a truncated stream with grey filler instead of an error:
+        // the stream must be whole (every segment, the scans, the end-of-image marker).
+        Some(ImageFormat::Jpeg) => jpeg_is_complete(bytes).map_err(ImageError::Decode)?,
         // Formats `image` recognises but this build does not accept (GIF, WebP, ...) count as unknown.
         _ => return Err(ImageError::UnknownFormat),
     }
@@ -99,6 +102,68 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
     reader.limits(decoder_limits);
     let decoded = reader.decode().map_err(decode_error)?;
     Ok(to_rgb8_like_pil(decoded, png_is_grey(bytes)))
+}
+
+/// Checks that a JPEG stream is structurally whole: from SOI, every marker segment fits in the
+/// data, every scan's entropy-coded data is followed by a marker, and the end-of-image marker
+/// (`FF D9`) is reached. Bytes after EOI are ignored (trailers some cameras append). A stream
+/// cut anywhere, even right before EOI, is refused; PIL refuses such files too ("image file is
+/// truncated") unless `LOAD_TRUNCATED_IMAGES` is set.
+pub fn jpeg_is_complete(bytes: &[u8]) -> Result<(), String> {
+    let truncated = |what: &str| {
+        Err(format!(
+            "truncated JPEG: the data ({} bytes) ends {what}, before the end-of-image marker",
+            bytes.len()
+        ))
+    };
+    if bytes.get(..2) != Some(&[0xFF, 0xD8]) {
+        return Err("not a JPEG stream (no start-of-image marker)".into());
+    }
+    let mut pos = 2;
+    loop {
+        // Tolerate stray bytes between segments (as libjpeg does), then fill bytes (FF FF ...).
+        while pos < bytes.len() && bytes[pos] != 0xFF {
+            pos += 1;
+        }
+        while pos < bytes.len() && bytes[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&marker) = bytes.get(pos) else {
+            return truncated("between segments");
+        };
+        pos += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            // Standalone markers: restart intervals, TEM, a repeated SOI.
+            0xD0..=0xD7 | 0x01 | 0xD8 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(pos..pos + 2) else {
+            return truncated(&format!("inside the length of marker FF{marker:02X}"));
+        };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if len < 2 {
+            return Err(format!(
+                "corrupt JPEG: marker FF{marker:02X} has length {len}"
+            ));
+        }
+        if pos + len > bytes.len() {
+            return truncated(&format!("inside the segment of marker FF{marker:02X}"));
+        }
+        pos += len;
+        if marker == 0xDA {
+            // Entropy-coded data: runs until a marker other than a stuffed zero or a restart.
+            loop {
+                match bytes.get(pos..pos + 2) {
+                    None => return truncated("inside a scan's entropy-coded data"),
+                    Some([0xFF, next]) if *next == 0x00 || (0xD0..=0xD7).contains(next) => pos += 2,
+                    Some([0xFF, 0xFF]) => pos += 1,
+                    Some([0xFF, _]) => break,
+                    Some(_) => pos += 1,
+                }
+            }
+        }
+    }
 }
 
 /// Whether the PNG's IHDR (always the first chunk) declares colour type 0, greyscale without alpha.
@@ -520,6 +585,44 @@ mod tests {
         let chw = to_chw(&img, [0.0; 3], [1.0; 3]);
         for (v, &got) in chw[..256].iter().enumerate() {
             assert_eq!(got, (v as f64 * RESCALE_FACTOR) as f32);
+        }
+    }
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            Rgb([(x * 7) as u8, (y * 5) as u8, (x ^ y) as u8])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn whole_jpegs_decode() {
+        let data = jpeg(40, 30);
+        assert!(jpeg_is_complete(&data).is_ok());
+        let rgb = decode_rgb(&data, &ImageLimits::default()).unwrap();
+        assert_eq!(rgb.dimensions(), (40, 30));
+        // Bytes after the end-of-image marker are ignored.
+        let mut trailer = data.clone();
+        trailer.extend_from_slice(b"camera trailer \xff\xd8");
+        assert!(decode_rgb(&trailer, &ImageLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused() {
+        let data = jpeg(64, 48);
+        for pct in [5usize, 10, 25, 50, 75, 90, 95, 99] {
+            let cut = &data[..data.len() * pct / 100];
+            let e = decode_rgb(cut, &ImageLimits::default()).unwrap_err();
+            assert!(e.to_string().contains("truncated"), "{pct}%: {e}");
+        }
+        for drop in 1..=3 {
+            let cut = &data[..data.len() - drop];
+            let e = decode_rgb(cut, &ImageLimits::default()).unwrap_err();
+            assert!(e.to_string().contains("truncated"), "-{drop} bytes: {e}");
         }
     }
 }
