@@ -23,6 +23,63 @@ impl std::fmt::Display for ExitCode {
 
 impl std::error::Error for ExitCode {}
 
+/// A progress bar over image-token steps whose rate and ETA count from the first step seen
+/// (the prompt's prefill and queueing before it would skew both), e.g.
+/// `[00:00:12] ████░░ 240/576 tokens (19.8 tokens/s, eta 17s)`.
+pub struct StepProgress {
+    bar: ProgressBar,
+    first: Option<(std::time::Instant, u64)>,
+}
+
+impl StepProgress {
+    pub fn new(total: u64, quiet: bool) -> Self {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tokens ({msg})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b.set_message("starting");
+            b
+        };
+        Self { bar, first: None }
+    }
+
+    /// `step` of the total are done (`total` may change when the server reports it).
+    pub fn set(&mut self, step: u64, total: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(step);
+        let (t0, s0) = *self.first.get_or_insert((std::time::Instant::now(), step));
+        let (dt, ds) = (t0.elapsed().as_secs_f64(), step.saturating_sub(s0));
+        if ds >= 4 && dt > 0.0 {
+            let rate = ds as f64 / dt;
+            let eta = (total.saturating_sub(step)) as f64 / rate;
+            self.bar
+                .set_message(format!("{rate:.1} tokens/s, eta {}", human_secs(eta)));
+        }
+    }
+
+    /// The bar, e.g. to print above it or finish it.
+    pub fn bar(&self) -> &ProgressBar {
+        &self.bar
+    }
+}
+
+fn human_secs(s: f64) -> String {
+    let s = s.round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 /// Exit code for a gRPC status.
 pub fn code_for(s: &Status) -> i32 {
     match s.code() {
@@ -32,7 +89,42 @@ pub fn code_for(s: &Status) -> i32 {
         Code::ResourceExhausted => 5,
         Code::DeadlineExceeded => 6,
         Code::Unauthenticated | Code::PermissionDenied => 8,
+        // The connection itself failed (a server killed mid-stream, when talking to a model
+        // service directly): as retryable as UNAVAILABLE.
+        Code::Unknown | Code::Cancelled if connection_lost(s.message()) => 4,
+        // tonic's client-side deadline (`--timeout`) ends the call as CANCELLED.
+        Code::Cancelled if s.message().contains("Timeout expired") => 6,
         _ => 1,
+    }
+}
+
+/// Messages of transport failures that tonic reports as UNKNOWN/CANCELLED.
+fn connection_lost(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "h2 protocol error",
+        "transport error",
+        "connection reset",
+        "broken pipe",
+        "connection refused",
+        "error reading a body from connection",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
+#[cfg(test)]
+mod exit_code_tests {
+    use super::*;
+
+    #[test]
+    fn lost_connections_are_unavailable() {
+        let lost = Status::unknown("h2 protocol error: error reading a body from connection");
+        assert_eq!(code_for(&lost), 4);
+        assert_eq!(code_for(&Status::unknown("model exploded")), 1);
+        assert_eq!(code_for(&Status::unavailable("gone")), 4);
+        assert_eq!(code_for(&Status::resource_exhausted("full")), 5);
+        assert_eq!(code_for(&Status::cancelled("Timeout expired")), 6);
     }
 }
 
@@ -73,6 +165,15 @@ pub struct ConnArgs {
 
 impl ConnArgs {
     async fn connect(&self) -> Result<Channel> {
+        if let Some(t) = self.timeout {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(ExitCode(
+                    2,
+                    format!("--timeout {t}: must be a positive number of seconds (leave it out for no deadline)"),
+                )
+                .into());
+            }
+        }
         let mut url = if self.server.contains("://") {
             self.server.clone()
         } else {
@@ -402,26 +503,15 @@ pub async fn generate(args: GenerateArgs) -> Result<()> {
         .into_inner();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::new(576);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    };
+    let mut bar = StepProgress::new(576, args.quiet);
     loop {
         let msg = match stream.message().await {
             Err(s) => {
-                bar.abandon();
+                bar.bar().abandon();
                 return Err(status_error("generate", s));
             }
             Ok(None) => {
-                bar.abandon();
+                bar.bar().abandon();
                 return Err(ExitCode(1, "the stream ended without a final message".into()).into());
             }
             Ok(Some(m)) => m,
@@ -429,8 +519,7 @@ pub async fn generate(args: GenerateArgs) -> Result<()> {
         use pb::generate_response::Event;
         match msg.event {
             Some(Event::Progress(p)) => {
-                bar.set_length(p.total_steps as u64);
-                bar.set_position(p.step as u64);
+                bar.set(p.step as u64, p.total_steps as u64);
             }
             Some(Event::Preview(p)) => {
                 let path = args
@@ -453,10 +542,10 @@ pub async fn generate(args: GenerateArgs) -> Result<()> {
                     std::fs::write(&path, &img.data)?;
                     path
                 };
-                bar.suspend(|| println!("{} (seed {})", path.display(), img.seed));
+                bar.bar().suspend(|| println!("{} (seed {})", path.display(), img.seed));
             }
             Some(Event::Final(f)) => {
-                bar.finish_and_clear();
+                bar.bar().finish_and_clear();
                 let t = f.timings.unwrap_or_default();
                 eprintln!(
                     "done in {:.1} s (queue {:.0} ms, prefill {:.0} ms, decode {:.0} ms, VQ {:.0} ms); request {}",

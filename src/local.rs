@@ -2,7 +2,6 @@
 
 use crate::client::{Format, GenerateArgs, UnderstandArgs};
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use janus_pipeline::generate::{GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
 use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
@@ -86,22 +85,12 @@ pub fn generate(model: &str, args: &GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed.unwrap_or(12345),
     };
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::new(m.image_tokens() as u64);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    };
+    let total = m.image_tokens() as u64;
+    let mut bar = crate::client::StepProgress::new(total, args.quiet);
     let images = m.generate(&args.prompt, &params, |done, _| {
-        bar.set_position(done as u64)
+        bar.set(done as u64, total)
     })?;
-    bar.finish_and_clear();
+    bar.bar().finish_and_clear();
     std::fs::create_dir_all(&args.out)?;
     for (i, img) in images.iter().enumerate() {
         let path = match args.format {

@@ -34,8 +34,8 @@ struct Cli {
 /// Exit codes, also in README.md.
 const EXIT_CODES: &str =
     "Exit codes: 0 success; 1 internal or unexpected error; 2 invalid request \
-(INVALID_ARGUMENT, bad image or parameter); 3 model or checkpoint not found; 4 server unreachable \
-or UNAVAILABLE; 5 server overloaded (RESOURCE_EXHAUSTED); 6 deadline exceeded; 7 health check: \
+(INVALID_ARGUMENT, bad image or parameter); 3 model or checkpoint not found; 4 server unreachable, \
+UNAVAILABLE or connection lost (retryable); 5 server overloaded (RESOURCE_EXHAUSTED); 6 deadline exceeded; 7 health check: \
 not serving; 8 not authenticated (UNAUTHENTICATED: API key missing or unknown, see --api-key).";
 
 /// Where and how to load a checkpoint (`bench`).
@@ -148,6 +148,21 @@ fn main() {
         )
     {
         memtrim::spawn_trimmer(memtrim::Policy::default());
+    }
+    if !matches!(
+        cli.command,
+        Command::Serve(_)
+            | Command::ServeUnderstanding(_)
+            | Command::ServeGeneration(_)
+            | Command::Gateway(_)
+    ) {
+        // Commands that print: a closed pipe (`janus info --json | head`) ends the process
+        // quietly, as for any Unix filter, instead of a panic in `println!`. Servers keep
+        // Rust's default (SIGPIPE ignored; socket writes report errors).
+        // SAFETY: resetting a signal disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     if let Some(t) = cli.threads {
         // Before any pool is built: rayon and candle read these once.

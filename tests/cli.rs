@@ -358,3 +358,45 @@ fn serve_exposes_prometheus_metrics() {
     assert!(status.starts_with("HTTP/1.1 404"), "{status}");
     assert!(server.terminate().success());
 }
+
+/// Rough edges of the CLI: output into a closed pipe ends quietly (no panic), deadlines map to
+/// exit 6 however short, and a `--timeout` that is not a positive number is refused (exit 2).
+#[test]
+fn pipes_and_timeouts() {
+    let server = Server::start();
+    let s = server.url.as_str();
+    // `janus health | head -0`: the reader is gone before the first line is written.
+    let mut child = Command::new(JANUS)
+        .args(["health", "--server", s])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+
+    for bad in ["0", "-1", "nan"] {
+        let flag = format!("--timeout={bad}");
+        let out = janus(&["understand", "--server", s, &flag, "hi"], &[]);
+        assert_eq!(out.code, Some(2), "--timeout {bad}: {}", out.stderr);
+        assert!(out.stderr.contains("--timeout"), "{}", out.stderr);
+    }
+    let out = janus(
+        &[
+            "understand",
+            "--server",
+            s,
+            "--timeout",
+            "0.001",
+            "--max-new-tokens",
+            "500",
+            "hi",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, Some(6), "{}", out.stderr);
+}

@@ -340,7 +340,11 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let fmt_layer = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
+        // Colour codes only when stderr is a terminal (not in files or log collectors).
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(writer)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)

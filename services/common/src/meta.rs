@@ -45,17 +45,65 @@ pub fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// The request id to use: the body's field, else `x-request-id`, else a new one.
+/// Longest client-chosen request id kept.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Whether a client-chosen request id is kept as is: 1 to [`MAX_REQUEST_ID`] characters of
+/// `A–Z a–z 0–9 . _ : / + = -` (safe in logs, headers and span attributes).
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:/+=".contains(&b))
+}
+
+/// The request id to use: the body's field, else `x-request-id`, else a new one. An id that is
+/// too long or has other characters (control characters, spaces, non-ASCII) is replaced by a
+/// new one, so it can never forge log lines or bloat response headers.
 pub fn request_id(body: &str, md: &MetadataMap) -> String {
-    if !body.trim().is_empty() {
-        return body.trim().to_string();
+    let given = if !body.trim().is_empty() {
+        Some(body.trim().to_string())
+    } else {
+        md.get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    match given {
+        Some(id) if valid_request_id(&id) => id,
+        Some(id) => {
+            let fresh = new_request_id();
+            tracing::debug!(
+                request_id = %fresh,
+                given_len = id.len(),
+                "client request id replaced: over {MAX_REQUEST_ID} characters or outside [A-Za-z0-9._:/+=-]"
+            );
+            fresh
+        }
+        None => new_request_id(),
     }
-    md.get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
-        .unwrap_or_else(new_request_id)
+}
+
+#[cfg(test)]
+mod request_id_tests {
+    use super::*;
+
+    #[test]
+    fn odd_request_ids_are_replaced() {
+        let md = MetadataMap::new();
+        assert_eq!(request_id("demo-1", &md), "demo-1");
+        assert_eq!(request_id("  a.b:c/d+e=f_g  ", &md), "a.b:c/d+e=f_g");
+        for bad in ["x\nERROR forged", "\u{1b}[31mred", "é", "a b", &"x".repeat(129)] {
+            let got = request_id(bad, &md);
+            assert_ne!(got, bad.trim());
+            assert!(valid_request_id(&got) && got.len() == 32, "{got}");
+        }
+        let mut md = MetadataMap::new();
+        md.insert(REQUEST_ID, "from-header".parse().unwrap());
+        assert_eq!(request_id("", &md), "from-header");
+    }
 }
 
 /// Copies the propagated keys from `from` into `to` and makes sure `x-request-id` is `id`.
