@@ -3,8 +3,8 @@
 use crate::control::{
     guarded, observe_step, Control, Output, RequestMeta, Stats, StatsSnapshot, StepObserver,
 };
-use crate::schedule::StepBudget;
 use crate::error::{EngineError, Result};
+use crate::schedule::StepBudget;
 use janus_pipeline::understand::{Conversation, Prefill, Prepared, TokenEvent, UnderstandBatch};
 use janus_pipeline::{
     prompt::IMAGE_TAG, FinishReason, ImageLimits, Message, Role, SamplingParams, UnderstandingModel,
@@ -290,15 +290,38 @@ impl UnderstandingEngine {
 
         // Roles, and the cheap checks that must come before any image is decoded.
         let mut messages = Vec::with_capacity(input.messages.len());
-        let (mut tags, mut images) = (0usize, 0usize);
+        let mut images = 0usize;
+        let mut system: Option<usize> = None;
         for (i, m) in input.messages.iter().enumerate() {
-            let role = Role::parse(m.role.trim()).ok_or_else(|| {
+            let role = Role::parse(&m.role).ok_or_else(|| {
                 EngineError::invalid(
                     format!("messages[{i}].role"),
-                    format!("unknown role '{}' (system, user, assistant)", m.role),
+                    format!(
+                        "unknown role '{}' (system, user or assistant, any letter case)",
+                        m.role
+                    ),
                 )
             })?;
-            tags += m.content.matches(IMAGE_TAG).count();
+            if role == Role::System {
+                if let Some(first) = system {
+                    return Err(EngineError::invalid(
+                        format!("messages[{i}].role"),
+                        format!("a second system message (messages[{first}] is one; at most one)"),
+                    ));
+                }
+                system = Some(i);
+            }
+            // Each message's images fill that message's own placeholders, in order.
+            let tags = m.content.matches(IMAGE_TAG).count();
+            if tags != m.images.len() {
+                return Err(EngineError::invalid(
+                    format!("messages[{i}].images"),
+                    format!(
+                        "message {i} has {tags} {IMAGE_TAG} tag(s) but {} image(s)",
+                        m.images.len()
+                    ),
+                ));
+            }
             images += m.images.len();
             messages.push(Message {
                 role,
@@ -309,12 +332,6 @@ impl UnderstandingEngine {
             return Err(EngineError::invalid(
                 "messages",
                 "the conversation has no user message",
-            ));
-        }
-        if tags != images {
-            return Err(EngineError::invalid(
-                "messages[].images",
-                format!("the conversation has {tags} {IMAGE_TAG} tag(s) but {images} image(s)"),
             ));
         }
         let per_image = self.model.config().vision.num_patches() + 2;
@@ -328,8 +345,13 @@ impl UnderstandingEngine {
             ));
         }
 
+        // Images in the order the template writes their tags: the system message comes first.
         let mut decoded = Vec::with_capacity(images);
-        for (i, m) in input.messages.iter().enumerate() {
+        let order = system
+            .into_iter()
+            .chain((0..input.messages.len()).filter(|&i| Some(i) != system));
+        for i in order {
+            let m = &input.messages[i];
             for (j, img) in m.images.iter().enumerate() {
                 let field = || format!("messages[{i}].images[{j}]");
                 let mime = img.mime_type.trim().to_ascii_lowercase();
@@ -605,7 +627,9 @@ impl Runner {
             let prompt_tokens = ticket.prepared.ids.len();
             let images = ticket.prepared.images.len();
             if images > 0 {
-                out.phase(|p| tracing::info_span!(parent: p, "vision_encode", images = images as i64));
+                out.phase(
+                    |p| tracing::info_span!(parent: p, "vision_encode", images = images as i64),
+                );
             } else {
                 out.phase(|p| {
                     let prompt_tokens = prompt_tokens as i64;
@@ -657,9 +681,9 @@ impl Runner {
                 w.vision += t.elapsed();
                 if !w.prefill.in_vision() {
                     let prompt_tokens = w.prompt_tokens as i64;
-                    w.out.phase(|p| {
-                        tracing::info_span!(parent: p, "prefill", rows = 1i64, prompt_tokens)
-                    });
+                    w.out.phase(
+                        |p| tracing::info_span!(parent: p, "prefill", rows = 1i64, prompt_tokens),
+                    );
                 }
             } else {
                 w.prefill_time += t.elapsed();

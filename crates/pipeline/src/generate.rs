@@ -326,6 +326,12 @@ impl GenerationModel {
         &self.tokenizer
     }
 
+    /// Reference tokenization: special-token strings typed in prompt text become special
+    /// tokens (off by default, see [`TextTokenizer::set_special_tokens_in_text`]).
+    pub fn set_special_tokens_in_text(&mut self, allow: bool) {
+        self.tokenizer.set_special_tokens_in_text(allow);
+    }
+
     /// The language model body (shared with the understanding half in `janus serve`).
     pub fn llm(&self) -> &Arc<Llm> {
         &self.llm

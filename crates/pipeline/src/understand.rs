@@ -283,6 +283,12 @@ impl UnderstandingModel {
         &self.tokenizer
     }
 
+    /// Reference tokenization: special-token strings typed in prompt text become special
+    /// tokens (off by default, see [`TextTokenizer::set_special_tokens_in_text`]).
+    pub fn set_special_tokens_in_text(&mut self, allow: bool) {
+        self.tokenizer.set_special_tokens_in_text(allow);
+    }
+
     /// The language model (shared with the generation half in `janus serve`).
     pub fn llm(&self) -> &Arc<Llm> {
         &self.llm
@@ -313,9 +319,11 @@ impl UnderstandingModel {
                 images: conv.images.len(),
             });
         }
-        let (ids, n_img) = self
-            .tokenizer
-            .encode_understanding(&text, self.config.vision.num_patches())?;
+        let (ids, n_img) = self.tokenizer.encode_conversation(
+            &conv.messages,
+            prompt::DEFAULT_SYSTEM_PROMPT,
+            self.config.vision.num_patches(),
+        )?;
         if n_img != placeholders {
             return Err(Error::ImageCountMismatch {
                 placeholders: n_img,
