@@ -571,6 +571,9 @@ fn info_json(i: &pb::InfoResponse) -> serde_json::Value {
             "max_queue": l.max_queue, "max_batch": l.max_batch, "max_images": l.max_images,
             "image_size": l.image_size, "image_tokens": l.image_tokens,
             "max_message_bytes": l.max_message_bytes, "tokens_per_input_image": l.tokens_per_input_image,
+            "max_stop_strings": l.max_stop_strings, "max_prompt_bytes": l.max_prompt_bytes,
+            "min_preview_rows": l.min_preview_rows, "default_max_new_tokens": l.default_max_new_tokens,
+            "step_tokens": l.step_tokens, "max_batch_tokens": l.max_batch_tokens,
         },
         "stats": {
             "queued": s.queued, "active": s.active, "steps": s.steps, "completed": s.completed,

@@ -490,6 +490,48 @@ async fn other_malformed_fields() {
 }
 
 #[tokio::test]
+async fn limits_are_discoverable() {
+    let url = &stack().gw;
+    let u = und_client(url)
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .limits
+        .unwrap();
+    assert_eq!(u.max_image_bytes, 100_000);
+    assert_eq!(u.max_image_pixels, 40_000);
+    assert_eq!(u.max_new_tokens, 256);
+    assert_eq!(u.default_max_new_tokens, 256);
+    assert_eq!(u.context_window, 1024);
+    assert_eq!(u.max_stop_strings, 16);
+    assert!(u.step_tokens > 0 && u.max_batch_tokens > 0 && u.tokens_per_input_image > 0);
+    let g = gen_client(url)
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .limits
+        .unwrap();
+    assert_eq!(g.max_images, 16);
+    assert_eq!(g.max_prompt_bytes, 65_536);
+    assert!(g.min_preview_rows >= 1 && g.step_tokens > 0);
+    assert_eq!(g.context_window, 1024);
+    // The limits are the ones enforced.
+    let stops = (0..=u.max_stop_strings).map(|i| format!("s{i}")).collect();
+    let r = understand(und_with(pb::SamplingParams {
+        stop: stops,
+        ..greedy_sampling(4)
+    }))
+    .await;
+    assert_invalid(r, "sampling.stop", "at most 16");
+    let long = "a".repeat(g.max_prompt_bytes as usize + 1);
+    assert_invalid(generate(gen(|r| r.prompt = long)).await, "prompt", "bytes");
+}
+
+#[tokio::test]
 async fn services_keep_serving_after_bad_requests() {
     for _ in 0..3 {
         assert!(understand(und(vec![])).await.is_err());

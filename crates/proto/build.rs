@@ -8,6 +8,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|p| root.join(format!("janus/v1/{p}.proto")))
         .collect();
+    // The protos live outside this package: without these lines cargo would not rerun the
+    // script when they change (tonic-prost-build does not emit them).
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    println!("cargo:rerun-if-changed=build.rs");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
