@@ -5,7 +5,7 @@ use crate::control::{
 };
 use crate::encode;
 use crate::error::{EngineError, Result};
-use crate::schedule::StepBudget;
+use crate::schedule::{take_done, StepBudget};
 use janus_pipeline::gen_batch::GenBatch;
 use janus_pipeline::generate::{
     GenPrefill, GenPrepared, GenerateParams, GenerationModel, MAX_IMAGES,
@@ -490,12 +490,7 @@ impl Runner {
                 Err(e) => done.push((grant.index, Err(e))),
             }
         }
-        done.sort_by_key(|d| std::cmp::Reverse(d.0));
-        let mut ready = Vec::new();
-        for (i, res) in done {
-            ready.push((self.waiting.remove(i), res));
-        }
-        for (w, res) in ready.into_iter().rev() {
+        for (w, res) in take_done(&mut self.waiting, done) {
             let Waiting {
                 id,
                 work,

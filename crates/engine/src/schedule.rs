@@ -71,6 +71,19 @@ impl StepBudget {
     }
 }
 
+/// Takes the waiting requests named by `done` (index into `waiting`, outcome) out of `waiting`
+/// and returns them with their outcomes in arrival order; the others keep their order.
+pub(crate) fn take_done<W, R>(waiting: &mut Vec<W>, mut done: Vec<(usize, R)>) -> Vec<(W, R)> {
+    // Highest index first, so the remaining indices stay valid.
+    done.sort_by_key(|d| std::cmp::Reverse(d.0));
+    let mut out: Vec<(W, R)> = done
+        .into_iter()
+        .map(|(i, r)| (waiting.remove(i), r))
+        .collect();
+    out.reverse();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +125,14 @@ mod tests {
         assert_eq!(b.plan(32, &[0, 50, 3]), vec![g(1, 1)]);
         assert!(b.plan(32, &[]).is_empty());
         assert!(b.plan(0, &[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn done_requests_leave_in_arrival_order() {
+        let mut waiting = vec!['a', 'b', 'c', 'd'];
+        let out = take_done(&mut waiting, vec![(3, 30), (1, 10)]);
+        assert_eq!(out, vec![('b', 10), ('d', 30)]);
+        assert_eq!(waiting, vec!['a', 'c']);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use crate::control::{
     guarded, observe_step, Control, Output, RequestMeta, Stats, StatsSnapshot, StepObserver,
 };
 use crate::error::{EngineError, Result};
-use crate::schedule::StepBudget;
+use crate::schedule::{take_done, StepBudget};
 use janus_pipeline::understand::{Conversation, Prefill, Prepared, TokenEvent, UnderstandBatch};
 use janus_pipeline::{
     prompt::IMAGE_TAG, FinishReason, ImageLimits, Message, Role, SamplingParams, UnderstandingModel,
@@ -696,11 +696,8 @@ impl Runner {
                 Err(e) => done.push((grant.index, Err(e))),
             }
         }
-        // Take the finished and failed ones out, highest index first so indices stay valid.
-        done.sort_by_key(|d| std::cmp::Reverse(d.0));
         let mut joined = Vec::new();
-        for (i, res) in done {
-            let w = self.waiting.remove(i);
+        for (w, res) in take_done(&mut self.waiting, done) {
             match res {
                 Ok((batch, events)) => joined.push((w, batch, events)),
                 Err(e) => {
@@ -712,7 +709,7 @@ impl Runner {
             }
         }
         // Join in arrival order.
-        for (w, batch, events) in joined.into_iter().rev() {
+        for (w, batch, events) in joined {
             let row = Row {
                 queue: w.admitted.saturating_duration_since(w.out.meta.received),
                 out: w.out,

@@ -205,6 +205,8 @@ impl ServerFlags {
             grace_period: Duration::from_secs_f64(self.grace_period.max(0.0)),
             metrics: janus_telemetry::Metrics::new(service, janus_telemetry::build_info!()),
             security: Security::default(),
+            max_connection_age: None,
+            max_connection_age_grace: None,
         }
     }
 
@@ -247,6 +249,35 @@ impl ServerFlags {
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         Ok(Some(bound))
+    }
+}
+
+/// How long a model service keeps a client connection (the gateway's) before asking it to
+/// re-dial, so that replicas added by a scale-up get a share of long-lived connections.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectionAgeFlags {
+    /// Seconds after which a connection gets an HTTP/2 GOAWAY: the client finishes its streams
+    /// on it and opens a new connection for new calls (0 = never).
+    #[arg(long, env = "JANUS_MAX_CONNECTION_AGE", default_value_t = 300.0)]
+    pub max_connection_age: f64,
+    /// Seconds streams may still run on a connection past its maximum age before it is closed
+    /// (default: --grace-period).
+    #[arg(long, env = "JANUS_MAX_CONNECTION_AGE_GRACE")]
+    pub max_connection_age_grace: Option<f64>,
+}
+
+impl ConnectionAgeFlags {
+    /// Sets the connection age and grace of `options`.
+    pub fn apply(&self, options: ServerOptions) -> ServerOptions {
+        let age = (self.max_connection_age > 0.0)
+            .then(|| Duration::from_secs_f64(self.max_connection_age));
+        ServerOptions {
+            max_connection_age: age,
+            max_connection_age_grace: self
+                .max_connection_age_grace
+                .map(|g| Duration::from_secs_f64(g.max(0.0))),
+            ..options
+        }
     }
 }
 

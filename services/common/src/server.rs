@@ -5,11 +5,13 @@
 use crate::auth::{AuthLayer, AuthPolicy};
 use anyhow::Context;
 use janus_telemetry::MetricsLayer;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
@@ -28,6 +30,13 @@ pub struct ServerOptions {
     pub metrics: janus_telemetry::Metrics,
     /// TLS and API keys of the listening port (default: plaintext, no keys).
     pub security: Security,
+    /// Connections older than this get an HTTP/2 GOAWAY (clients finish their streams there
+    /// and re-dial, so long-lived gateway connections rebalance over new replicas); `None`:
+    /// connections live on.
+    pub max_connection_age: Option<Duration>,
+    /// After `max_connection_age`, streams still open on the connection may run this much
+    /// longer before it is closed (default: `grace_period`).
+    pub max_connection_age_grace: Option<Duration>,
 }
 
 impl Default for ServerOptions {
@@ -37,6 +46,8 @@ impl Default for ServerOptions {
             grace_period: Duration::from_secs(30),
             metrics: janus_telemetry::Metrics::new("janus", janus_telemetry::build_info!()),
             security: Security::default(),
+            max_connection_age: None,
+            max_connection_age_grace: None,
         }
     }
 }
@@ -155,6 +166,12 @@ pub fn builder(options: &ServerOptions) -> anyhow::Result<JanusServer> {
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    // Only the graceful part comes from tonic: with its `max_connection_age_grace` set, tonic
+    // 0.14 sends no GOAWAY at the age and just drops the connection at age + grace. The forced
+    // close at age + grace is [`AgedIo`]'s (see [`spawn`]).
+    if let Some(age) = options.max_connection_age {
+        server = server.max_connection_age(age);
+    }
     if let Some(tls) = &options.security.tls {
         server = server
             .tls_config(tls.clone())
@@ -198,6 +215,45 @@ pub fn spawn(
     grace: Duration,
     life: Lifecycle,
 ) -> anyhow::Result<Running> {
+    spawn_inner(router, listener, health, services, grace, None, life)
+}
+
+/// [`spawn`] with the grace period and connection age of `options`: a connection older than
+/// `max_connection_age` gets a GOAWAY (from [`builder`]) and is closed
+/// `max_connection_age_grace` (default: the grace period) later if streams still hold it.
+pub fn spawn_with(
+    router: Router,
+    listener: TcpListener,
+    health: HealthReporter,
+    services: Vec<&'static str>,
+    options: &ServerOptions,
+    life: Lifecycle,
+) -> anyhow::Result<Running> {
+    let close_after = options.max_connection_age.map(|age| {
+        age + options
+            .max_connection_age_grace
+            .unwrap_or(options.grace_period)
+    });
+    spawn_inner(
+        router,
+        listener,
+        health,
+        services,
+        options.grace_period,
+        close_after,
+        life,
+    )
+}
+
+fn spawn_inner(
+    router: Router,
+    listener: TcpListener,
+    health: HealthReporter,
+    services: Vec<&'static str>,
+    grace: Duration,
+    close_after: Option<Duration>,
+    life: Lifecycle,
+) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("local address")?;
     let reporter = health.clone();
     let life2 = life.clone();
@@ -217,7 +273,9 @@ pub fn spawn(
                 .await;
             tracing::info!(%addr, "shutting down: draining in-flight requests");
         };
-        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        let incoming = TcpListenerStream::new(listener)
+            .map(move |r| r.map(|tcp| AgedIo::new(tcp, close_after)));
+        let serve = router.serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(serve);
         tokio::select! {
             r = &mut serve => return r.context("server"),
@@ -242,6 +300,90 @@ pub fn spawn(
         health: reporter,
         task,
     })
+}
+
+pin_project_lite::pin_project! {
+    /// An accepted connection that fails every read and write once `close_after` has passed
+    /// since it was accepted: the forced end of a connection that outlived its maximum age
+    /// plus grace (the GOAWAY at the age itself is tonic's).
+    struct AgedIo {
+        #[pin]
+        tcp: tokio::net::TcpStream,
+        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl AgedIo {
+    fn new(tcp: tokio::net::TcpStream, close_after: Option<Duration>) -> Self {
+        Self {
+            tcp,
+            deadline: close_after.map(|d| Box::pin(tokio::time::sleep(d))),
+        }
+    }
+}
+
+fn aged_out(
+    deadline: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    cx: &mut std::task::Context<'_>,
+) -> Option<std::io::Error> {
+    let d = deadline.as_mut()?;
+    d.as_mut().poll(cx).is_ready().then(|| {
+        tracing::debug!("connection past its maximum age and grace: closing it");
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connection past --max-connection-age + --max-connection-age-grace",
+        )
+    })
+}
+
+impl tokio::io::AsyncRead for AgedIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        if let Some(e) = aged_out(this.deadline, cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        this.tcp.poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for AgedIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.project();
+        if let Some(e) = aged_out(this.deadline, cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        this.tcp.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().tcp.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().tcp.poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for AgedIo {
+    type ConnectInfo = <tokio::net::TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
 }
 
 /// Serves `grpc.health.v1` alone, in plaintext and without keys, on `addr` with the statuses of
@@ -302,3 +444,4 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
 }
+

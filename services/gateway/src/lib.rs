@@ -245,6 +245,15 @@ fn is_transport(s: &Status) -> bool {
 fn is_lost(s: &Status) -> bool {
     s.code() == Code::Unavailable
         || (matches!(s.code(), Code::Unknown | Code::Internal | Code::Cancelled) && is_transport(s))
+        || refused_by_connection(s)
+}
+
+/// CANCELLED made by the gateway's own HTTP/2 client (the status has a source error; a
+/// backend's CANCELLED status has none): the request was not taken by the connection, e.g. it
+/// raced the GOAWAY of a backend closing a connection at `--max-connection-age`. The backend
+/// is fine and the channel re-dials: the call is resent, to the same backend if need be.
+fn refused_by_connection(s: &Status) -> bool {
+    s.code() == Code::Cancelled && std::error::Error::source(s).is_some()
 }
 
 /// Worth trying another backend when nothing was streamed yet: the backend is down, drains
@@ -300,7 +309,11 @@ impl Gateway {
             return Err(Status::unavailable(pool.unavailable_message()));
         }
         let mut last = None;
-        for b in candidates.into_iter().take(2) {
+        let mut order = candidates.into_iter();
+        let mut next = order.next();
+        let mut tries = 0;
+        while let Some(b) = next.take() {
+            tries += 1;
             let lease = Lease::new(b.clone());
             let span = janus_telemetry::client_span(call.method);
             span.record("server.address", b.url.as_str());
@@ -328,12 +341,18 @@ impl Gateway {
                     return Ok((v, lease));
                 }
                 Err(s) if retryable(&s) => {
-                    if is_lost(&s) {
+                    let refused = refused_by_connection(&s);
+                    if is_lost(&s) && !refused {
                         b.mark_unhealthy(s.message());
                         b.record_failure(s.message(), &pool.settings);
                     }
                     tracing::warn!(request_id = %call.request_id, backend = %b.name(), "backend failed before answering ({:?}): {}", s.code(), s.message());
                     last = Some(from_backend(pool.kind, &b, s));
+                    if tries < 2 {
+                        // Another backend; the same one again only when its connection
+                        // refused the request (it re-dials).
+                        next = order.next().or_else(|| refused.then(|| b.clone()));
+                    }
                 }
                 Err(s) => {
                     b.record_success();
@@ -539,7 +558,12 @@ async fn check(b: &Backend, service: &str, timeout: Duration) -> Result<(), Stri
     let req = HealthCheckRequest {
         service: service.to_string(),
     };
-    match tokio::time::timeout(timeout, client.check(req)).await {
+    let mut res = tokio::time::timeout(timeout, client.check(req.clone())).await;
+    if matches!(&res, Ok(Err(s)) if refused_by_connection(s)) {
+        // Raced a connection the backend is closing (its maximum age): ask again.
+        res = tokio::time::timeout(timeout, client.check(req)).await;
+    }
+    match res {
         Err(_) => Err(format!("health check timed out after {timeout:?}")),
         Ok(Err(s)) => Err(format!(
             "health check failed: {} ({:?})",

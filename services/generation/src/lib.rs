@@ -219,7 +219,7 @@ pub async fn serve(
             e.abort();
         });
     }
-    server::spawn(router, listener, health, names, options.grace_period, life)
+    server::spawn_with(router, listener, health, names, &options, life)
 }
 
 /// Command-line arguments of `janus-generation` / `janus serve-generation`.
@@ -233,6 +233,8 @@ pub struct Args {
     #[command(flatten)]
     pub server: janus_service::flags::ServerFlags,
     #[command(flatten)]
+    pub connection_age: janus_service::flags::ConnectionAgeFlags,
+    #[command(flatten)]
     pub engine: janus_service::flags::GenerationFlags,
 }
 
@@ -240,7 +242,9 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let resolved = args.model.resolve()?;
     let opts = args.model.load_options(None)?;
-    let options = args.server.secure_options("janus-generation")?;
+    let options = args
+        .connection_age
+        .apply(args.server.secure_options("janus-generation")?);
     // Up before the (long) model load: janus_model_load_seconds is 0 until it is done.
     args.server.serve_metrics(&options.metrics).await?;
     let config = with_metrics(args.engine.config(), &options.metrics);
