@@ -40,6 +40,8 @@ pub struct ServeArgs {
 
 /// Loads both halves (one shared LLM when they share a device), starts the three servers, serves until SIGTERM/ctrl-c.
 pub async fn run(args: ServeArgs) -> Result<()> {
+    // The public port first: a busy port fails in a second, not after the model loaded.
+    let public = server::bind(&args.listen).await?;
     let resolved = args.model.resolve()?;
     let und_dev = args.understanding_device.clone();
     let gen_dev = args.generation_device.clone();
@@ -85,8 +87,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     .await??;
     opts.metrics.set_model_load_time(started.elapsed());
 
-    // Bind the public port before starting anything so a busy port fails fast.
-    let public = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
     let und_srv = janus_understanding::serve(
         und,
@@ -125,11 +125,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     args.server.serve_health(&gateway).await?;
     // A stable line for scripts and tests.
     eprintln!("janus: serving on {scheme}://{}", gateway.local_addr());
-    let stop = life.clone();
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        stop.shutdown.cancel();
-    });
+    server::spawn_signal_handler(
+        life.clone(),
+        std::time::Duration::from_secs_f64(args.server.grace_period.max(0.0)),
+    );
     let (a, b, c) = tokio::join!(gateway.wait(), und_srv.wait(), gen_srv.wait());
     a.and(b).and(c)
 }

@@ -402,3 +402,88 @@ fn pipes_and_timeouts() {
     );
     assert_eq!(out.code, Some(6), "{}", out.stderr);
 }
+
+/// A busy port is reported before the model is looked at (loading a 7B takes minutes): with the
+/// port taken and no model at all, the error is about the port.
+#[test]
+fn a_busy_port_fails_before_the_model_loads() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for cmd in ["serve", "serve-understanding", "serve-generation"] {
+        let out = janus(&[cmd, "--model", "/nonexistent/janus", "--listen", &addr], &[]);
+        assert_ne!(out.code, Some(0), "{cmd}");
+        assert!(
+            out.stderr.contains(&addr) && !out.stderr.contains("/nonexistent"),
+            "{cmd}: {}",
+            out.stderr
+        );
+    }
+}
+
+/// The first SIGTERM drains (and says for how long), a second one exits at once even while a
+/// stream is still running and the grace period is long.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let model = fixture().join("model");
+    let mut server = Command::new(JANUS)
+        .args(["serve", "--model", model.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--grace-period", "600"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = server.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_line = |what: &str| loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) if l.contains(what) => return l,
+            Ok(_) => {}
+            Err(_) => panic!("no line with '{what}'"),
+        }
+    };
+    let url = wait_line("janus: serving on ")
+        .trim_start_matches("janus: serving on ")
+        .trim()
+        .to_string();
+    // A long answer keeps the drain busy.
+    let mut stream = Command::new(JANUS)
+        .args(["understand", "--server", &url, "--max-new-tokens", "2000"])
+        .args(["--min-new-tokens", "2000", "Tell me a long story."])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(stream.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let pid = server.id().to_string();
+    let term = || {
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    term();
+    let said = wait_line("draining for up to");
+    assert!(said.contains("600 s"), "{said}");
+    term();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        // Far below the 600 s grace period: only the second signal can end it this soon.
+        assert!(start.elapsed() < Duration::from_secs(60), "still draining");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    let _ = stream.kill();
+    let _ = stream.wait();
+}

@@ -445,3 +445,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Drains `life` on the first SIGTERM/ctrl-c (the log says how long the drain may take), and
+/// exits the process at once on a second one.
+pub fn spawn_signal_handler(life: Lifecycle, grace: Duration) {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::warn!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: in-flight requests may run for up to {grace:?}; a second ctrl-c or SIGTERM exits now"
+        );
+        eprintln!(
+            "janus: draining for up to {:.0} s (ctrl-c again to exit now)",
+            grace.as_secs_f64()
+        );
+        life.shutdown.cancel();
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without waiting for in-flight requests");
+        eprintln!("janus: second signal, exiting now");
+        std::process::exit(130);
+    });
+}

@@ -844,9 +844,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     tracing::info!("janus gateway listening on {}", running.local_addr());
     args.server.serve_health(&running).await?;
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        life.shutdown.cancel();
-    });
+    server::spawn_signal_handler(
+        life,
+        std::time::Duration::from_secs_f64(args.server.grace_period.max(0.0)),
+    );
     running.wait().await
 }

@@ -240,6 +240,8 @@ pub struct Args {
 
 /// Resolves and loads the model, serves until SIGTERM/ctrl-c, then shuts down gracefully.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // The address first: a busy port fails in a second, not after the model loaded.
+    let listener = server::bind(&args.listen).await?;
     let resolved = args.model.resolve()?;
     let opts = args.model.load_options(None)?;
     let options = args
@@ -257,7 +259,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         seconds = started.elapsed().as_secs_f64(),
         "generation half loaded"
     );
-    let listener = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
     let running = serve(
         engine,
@@ -269,9 +270,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     tracing::info!("janus.v1.Generation listening on {}", running.local_addr());
     args.server.serve_health(&running).await?;
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        life.shutdown.cancel();
-    });
+    server::spawn_signal_handler(
+        life,
+        std::time::Duration::from_secs_f64(args.server.grace_period.max(0.0)),
+    );
     running.wait().await
 }

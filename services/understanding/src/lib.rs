@@ -236,6 +236,8 @@ pub struct Args {
 
 /// Resolves and loads the model, serves until SIGTERM/ctrl-c, then shuts down gracefully.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    // The address first: a busy port fails in a second, not after the model loaded.
+    let listener = server::bind(&args.listen).await?;
     let resolved = args.model.resolve()?;
     let opts = args.model.load_options(None)?;
     let options = args
@@ -253,7 +255,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         seconds = started.elapsed().as_secs_f64(),
         "understanding half loaded"
     );
-    let listener = server::bind(&args.listen).await?;
     let life = Lifecycle::new();
     let running = serve(
         engine,
@@ -268,9 +269,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         running.local_addr()
     );
     args.server.serve_health(&running).await?;
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        life.shutdown.cancel();
-    });
+    server::spawn_signal_handler(
+        life,
+        std::time::Duration::from_secs_f64(args.server.grace_period.max(0.0)),
+    );
     running.wait().await
 }
