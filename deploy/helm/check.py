@@ -301,10 +301,14 @@ def check_manifests(name: str, values: dict, docs: list[dict], f: Failures) -> N
                 if listed:
                     f.check(value == ",".join(listed), f"{where}: {backend_comp} backends {value!r}")
                 elif merged[backend_comp]["enabled"]:
+                    # The headless Service of the component, by its full name (one backend per pod).
                     host, _, port = value.partition(":")
-                    svc = services.get(host)
+                    short, dot, rest = host.partition(".")
+                    f.check(rest == f"{NAMESPACE}.svc.cluster.local", f"{where}: backend {value} is not a full cluster name")
+                    svc = services.get(short)
                     f.check(svc is not None, f"{where}: backend {value} is not a Service of the release")
                     if svc:
+                        f.check(svc["spec"].get("clusterIP") == "None", f"{where}: backend Service {short} is not headless")
                         f.check(any(p["port"] == int(port) and p["name"] == "grpc" for p in svc["spec"]["ports"]),
                                 f"{where}: backend port {port}")
                         f.check(selects(svc["spec"]["selector"], deployments[backend_comp]["spec"]["template"]["metadata"]["labels"]),
@@ -316,7 +320,18 @@ def check_manifests(name: str, values: dict, docs: list[dict], f: Failures) -> N
     for svc in services.values():
         matched = [c for c, d in deployments.items() if selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
         f.check(len(matched) == 1, f"{name}: Service {svc['metadata']['name']} selects {matched}")
-        f.check({p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}, f"{name}: Service ports")
+        headless = svc["spec"].get("clusterIP") == "None"
+        want_ports = {"grpc"} if headless else {"grpc", "metrics"}
+        f.check({p["name"] for p in svc["spec"]["ports"]} == want_ports, f"{name}: Service ports")
+    # Each enabled model component has a headless Service (the gateway's discovery).
+    for comp in MODEL_COMPONENTS:
+        if merged[comp]["enabled"]:
+            f.check(sum(1 for svc in services.values() if svc["spec"].get("clusterIP") == "None"
+                        and selects(svc["spec"]["selector"], deployments[comp]["spec"]["template"]["metadata"]["labels"])) == 1,
+                    f"{name}: one headless Service for {comp}")
+            env = {e["name"]: e.get("value") for e in deployments[comp]["spec"]["template"]["spec"]["containers"][0]["env"]}
+            f.check(env.get("JANUS_MAX_CONNECTION_AGE") == str(merged[comp]["maxConnectionAgeSeconds"]),
+                    f"{name}: {comp} JANUS_MAX_CONNECTION_AGE")
 
     for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
         ref = hpa["spec"]["scaleTargetRef"]

@@ -115,6 +115,14 @@ Takes (dict "root" $ "component" "understanding"|"generation").
 {{- if $list }}
 {{- join "," $list }}
 {{- else if (index .root.Values .component).enabled }}
-{{- printf "%s:%d" (include "janus.componentName" .) (int (index .root.Values .component).port) }}
+{{- printf "%s.%s.svc.cluster.local:%d" (include "janus.headlessName" .) .root.Release.Namespace (int (index .root.Values .component).port) }}
 {{- end }}
+{{- end }}
+
+{{/*
+Headless Service of a model component: DNS answers with one address per ready pod; the gateway
+re-resolves it and keeps one connection per pod.
+*/}}
+{{- define "janus.headlessName" -}}
+{{- printf "%s-headless" (include "janus.componentName" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
