@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // At run time, not `env!`: a build-script binary reused from another checkout of the same
+    // sources must still read this checkout's protos.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let protos: Vec<PathBuf> = ["common", "understanding", "generation"]
         .iter()
         .map(|p| root.join(format!("janus/v1/{p}.proto")))
