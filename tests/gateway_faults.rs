@@ -57,10 +57,6 @@ struct Replica {
 }
 
 impl Replica {
-    fn spawn(addr: SocketAddr) -> Self {
-        Self::spawn_with(addr, &[])
-    }
-
     fn spawn_with(addr: SocketAddr, extra: &[&str]) -> Self {
         let child = Command::new(JANUS)
             .args([
