@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod flags;
+pub mod half;
 pub mod meta;
 pub mod model_source;
 pub mod server;

@@ -15,7 +15,6 @@ use janus_service::{
 };
 use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
-use std::time::Instant;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -238,41 +237,41 @@ pub struct Args {
     pub engine: janus_service::flags::GenerationFlags,
 }
 
+/// This service as a [`janus_service::half::ModelHalf`].
+pub struct Half;
+
+impl janus_service::half::ModelHalf for Half {
+    type Engine = GenerationEngine;
+    type Config = GenerationConfig;
+    const NAME: &'static str = "generation";
+
+    fn with_metrics(config: GenerationConfig, metrics: &Metrics) -> GenerationConfig {
+        with_metrics(config, metrics)
+    }
+
+    fn load(dir: &Path, opts: &LoadOptions, config: GenerationConfig) -> anyhow::Result<GenerationEngine> {
+        load(dir, opts, config)
+    }
+
+    fn serve(
+        engine: GenerationEngine,
+        info: ModelInfo,
+        options: ServerOptions,
+        listener: TcpListener,
+        life: Lifecycle,
+    ) -> impl std::future::Future<Output = anyhow::Result<Running>> + Send {
+        serve(engine, info, options, listener, life)
+    }
+}
+
 /// Resolves and loads the model, serves until SIGTERM/ctrl-c, then shuts down gracefully.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    // The address first: a busy port fails in a second, not after the model loaded.
-    let listener = server::bind(&args.listen).await?;
-    let resolved = args.model.resolve()?;
-    let opts = args.model.load_options(None)?;
-    let options = args
-        .connection_age
-        .apply(args.server.secure_options("janus-generation")?);
-    // Up before the (long) model load: janus_model_load_seconds is 0 until it is done.
-    args.server.serve_metrics(&options.metrics).await?;
-    let config = with_metrics(args.engine.config(), &options.metrics);
-    let dir = resolved.path.clone();
-    tracing::info!(model = %resolved.id, path = %dir.display(), device = %args.model.device, "loading the generation half");
-    let started = Instant::now();
-    let engine = tokio::task::spawn_blocking(move || load(&dir, &opts, config)).await??;
-    options.metrics.set_model_load_time(started.elapsed());
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        "generation half loaded"
-    );
-    let life = Lifecycle::new();
-    let running = serve(
-        engine,
-        args.model.info(&resolved.path, None),
-        options,
-        listener,
-        life.clone(),
+    janus_service::half::run::<Half>(
+        &args.listen,
+        &args.model,
+        &args.server,
+        &args.connection_age,
+        args.engine.config(),
     )
-    .await?;
-    tracing::info!("janus.v1.Generation listening on {}", running.local_addr());
-    args.server.serve_health(&running).await?;
-    server::spawn_signal_handler(
-        life,
-        std::time::Duration::from_secs_f64(args.server.grace_period.max(0.0)),
-    );
-    running.wait().await
+    .await
 }

@@ -234,44 +234,41 @@ pub struct Args {
     pub engine: janus_service::flags::UnderstandingFlags,
 }
 
+/// This service as a [`janus_service::half::ModelHalf`].
+pub struct Half;
+
+impl janus_service::half::ModelHalf for Half {
+    type Engine = UnderstandingEngine;
+    type Config = UnderstandingConfig;
+    const NAME: &'static str = "understanding";
+
+    fn with_metrics(config: UnderstandingConfig, metrics: &Metrics) -> UnderstandingConfig {
+        with_metrics(config, metrics)
+    }
+
+    fn load(dir: &Path, opts: &LoadOptions, config: UnderstandingConfig) -> anyhow::Result<UnderstandingEngine> {
+        load(dir, opts, config)
+    }
+
+    fn serve(
+        engine: UnderstandingEngine,
+        info: ModelInfo,
+        options: ServerOptions,
+        listener: TcpListener,
+        life: Lifecycle,
+    ) -> impl std::future::Future<Output = anyhow::Result<Running>> + Send {
+        serve(engine, info, options, listener, life)
+    }
+}
+
 /// Resolves and loads the model, serves until SIGTERM/ctrl-c, then shuts down gracefully.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    // The address first: a busy port fails in a second, not after the model loaded.
-    let listener = server::bind(&args.listen).await?;
-    let resolved = args.model.resolve()?;
-    let opts = args.model.load_options(None)?;
-    let options = args
-        .connection_age
-        .apply(args.server.secure_options("janus-understanding")?);
-    // Up before the (long) model load: janus_model_load_seconds is 0 until it is done.
-    args.server.serve_metrics(&options.metrics).await?;
-    let config = with_metrics(args.engine.config(), &options.metrics);
-    let dir = resolved.path.clone();
-    tracing::info!(model = %resolved.id, path = %dir.display(), device = %args.model.device, "loading the understanding half");
-    let started = Instant::now();
-    let engine = tokio::task::spawn_blocking(move || load(&dir, &opts, config)).await??;
-    options.metrics.set_model_load_time(started.elapsed());
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        "understanding half loaded"
-    );
-    let life = Lifecycle::new();
-    let running = serve(
-        engine,
-        args.model.info(&resolved.path, None),
-        options,
-        listener,
-        life.clone(),
+    janus_service::half::run::<Half>(
+        &args.listen,
+        &args.model,
+        &args.server,
+        &args.connection_age,
+        args.engine.config(),
     )
-    .await?;
-    tracing::info!(
-        "janus.v1.Understanding listening on {}",
-        running.local_addr()
-    );
-    args.server.serve_health(&running).await?;
-    server::spawn_signal_handler(
-        life,
-        std::time::Duration::from_secs_f64(args.server.grace_period.max(0.0)),
-    );
-    running.wait().await
+    .await
 }
