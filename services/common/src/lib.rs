@@ -14,6 +14,7 @@ pub mod server;
 pub mod status;
 pub mod stream;
 pub mod tls;
+pub mod wire;
 
 pub use server::{Lifecycle, ModelInfo, Running, Security, ServerOptions};
 

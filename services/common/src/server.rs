@@ -62,8 +62,12 @@ pub struct Security {
 }
 
 /// The layers of every server: per-RPC metrics outside, the API-key check inside (a refused
-/// request is counted as UNAUTHENTICATED).
-pub type Layers = Stack<AuthLayer, Stack<MetricsLayer, Identity>>;
+/// request is counted as UNAUTHENTICATED), innermost the statuses of undecodable or oversized
+/// requests ([`crate::wire`]).
+pub type Layers = Stack<
+    crate::wire::RequestStatusLayer,
+    Stack<AuthLayer, Stack<MetricsLayer, Identity>>,
+>;
 /// A server built by [`builder`].
 pub type JanusServer = Server<Layers>;
 /// The router of a [`JanusServer`] (what `add_service` returns).
@@ -178,10 +182,12 @@ pub fn builder(options: &ServerOptions) -> anyhow::Result<JanusServer> {
             .context("TLS configuration (certificate or key not usable)")?;
     }
     Ok(
-        janus_telemetry::instrument(server, &options.metrics).layer(AuthLayer::new(
-            options.security.auth.clone(),
-            options.metrics.clone(),
-        )),
+        janus_telemetry::instrument(server, &options.metrics)
+            .layer(AuthLayer::new(
+                options.security.auth.clone(),
+                options.metrics.clone(),
+            ))
+            .layer(crate::wire::RequestStatusLayer),
     )
 }
 
