@@ -366,6 +366,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        masks: &[Option<Tensor>],
         cache: &mut KvCache,
         li: usize,
     ) -> Result<Tensor> {
@@ -383,8 +384,7 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut ys = Vec::with_capacity(b);
-        for (r, row) in cache.rows.iter_mut().enumerate() {
-            let start = row.len;
+        for (r, (row, mask)) in cache.rows.iter_mut().zip(masks).enumerate() {
             let (k, v) = row.append(li, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
             let (k, v) = if nkv != nh {
                 let rep = nh / nkv;
@@ -401,7 +401,6 @@ impl Attention {
             } else {
                 (k, v)
             };
-            let mask = causal_mask(start, n, x.device())?;
             let q = if b == 1 { q.clone() } else { q.narrow(0, r, 1)? };
             ys.push(attention::sdpa(&q, &k, &v, scale, mask.as_ref())?);
         }
@@ -588,11 +587,17 @@ impl Llm {
         let half = self.cfg.head_dim() / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, n, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, n, half))?;
+        // One causal mask per row for all layers (none for a single position).
+        let masks = cache
+            .rows
+            .iter()
+            .map(|r| causal_mask(r.len, n, &self.device))
+            .collect::<Result<Vec<_>>>()?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (li, block) in self.layers.iter().enumerate() {
             let _enter = block.span.enter();
             let h = block.input_layernorm.forward(&x)?;
-            let h = block.self_attn.forward(&h, &cos, &sin, cache, li)?;
+            let h = block.self_attn.forward(&h, &cos, &sin, &masks, cache, li)?;
             x = (x + h)?;
             let h = block.post_attention_layernorm.forward(&x)?;
             x = (&x + block.mlp.forward(&h)?)?;

@@ -444,15 +444,10 @@ impl UnderstandingModel {
                 return Ok(None);
             }
         }
-        let total = pre.prepared.ids.len();
-        let n = left.max(1).min(total - pre.done);
-        let embeds = self.embed_chunk(pre, n)?;
-        let hidden = self.llm.forward(&embeds, &mut pre.cache)?;
-        pre.done += n;
-        if pre.done < total {
+        let Some(logits) = self.prompt_chunk(pre, left)? else {
             return Ok(None);
-        }
-        let logits = self.llm.lm_logits(&Llm::last(&hidden)?)?;
+        };
+        let total = pre.prepared.ids.len();
         let cache = std::mem::replace(&mut pre.cache, self.llm.new_cache(0));
         let mut b = UnderstandBatch {
             cache,
@@ -460,6 +455,20 @@ impl UnderstandingModel {
         };
         let events = self.sample_rows(&mut b, &logits)?;
         Ok(Some((b, events)))
+    }
+
+    /// Prefills up to `max` more prompt positions (at least one); the last position's logits
+    /// `[1, vocab]` (f32) when the prompt is complete.
+    fn prompt_chunk(&self, pre: &mut Prefill, max: usize) -> Result<Option<Tensor>> {
+        let total = pre.prepared.ids.len();
+        let n = max.max(1).min(total - pre.done);
+        let embeds = self.embed_chunk(pre, n)?;
+        let hidden = self.llm.forward(&embeds, &mut pre.cache)?;
+        pre.done += n;
+        if pre.done < total {
+            return Ok(None);
+        }
+        Ok(Some(self.llm.lm_logits(&Llm::last(&hidden)?)?))
     }
 
     /// Input embeddings `[1, n, hidden]` of the next `n` prompt positions, image features
@@ -518,14 +527,9 @@ impl UnderstandingModel {
     pub fn prompt_logits(&self, prepared: Prepared, chunk: usize) -> Result<Tensor> {
         let mut pre = self.begin(prepared);
         self.encode_images(&mut pre)?;
-        let total = pre.prepared.ids.len();
         loop {
-            let n = chunk.max(1).min(total - pre.done);
-            let embeds = self.embed_chunk(&mut pre, n)?;
-            let hidden = self.llm.forward(&embeds, &mut pre.cache)?;
-            pre.done += n;
-            if pre.done == total {
-                return Ok(self.llm.lm_logits(&Llm::last(&hidden)?)?);
+            if let Some(logits) = self.prompt_chunk(&mut pre, chunk)? {
+                return Ok(logits);
             }
         }
     }
