@@ -75,6 +75,14 @@ fn assert_invalid<T: std::fmt::Debug>(r: Result<T, Status>, field: &str, also: &
         Some(field),
         "janus-field metadata"
     );
+    // gRPC's standard field error, readable by any language's client.
+    use tonic_types::StatusExt as _;
+    let bad = s
+        .get_details_bad_request()
+        .expect("google.rpc.BadRequest details");
+    assert_eq!(bad.field_violations.len(), 1, "{bad:?}");
+    assert_eq!(bad.field_violations[0].field, field);
+    assert!(!bad.field_violations[0].description.is_empty());
 }
 
 fn und(messages: Vec<pb::ChatMessage>) -> pb::UnderstandRequest {

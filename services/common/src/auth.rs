@@ -24,9 +24,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 /// Path prefix of the health service (never needs a key).
-const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+pub(crate) const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 /// Path prefix of both reflection versions.
-const REFLECTION_PREFIX: &str = "/grpc.reflection.";
+pub(crate) const REFLECTION_PREFIX: &str = "/grpc.reflection.";
 
 /// The accepted API keys, as SHA-256 digests.
 #[derive(Clone)]

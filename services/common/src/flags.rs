@@ -227,7 +227,7 @@ impl ServerFlags {
         let Some(addr) = &self.health_listen else {
             return Ok(None);
         };
-        crate::server::serve_health(addr, running.health(), running.lifecycle().shutdown.clone())
+        crate::server::serve_health(addr, running.health(), running.lifecycle().closed.clone())
             .await
             .map(Some)
     }

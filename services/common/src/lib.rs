@@ -6,6 +6,7 @@
 //! the binaries share ([`flags`]).
 
 pub mod auth;
+pub mod drain;
 pub mod flags;
 pub mod half;
 pub mod meta;

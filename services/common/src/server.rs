@@ -3,6 +3,7 @@
 //! a bounded grace period.
 
 use crate::auth::{AuthLayer, AuthPolicy};
+use crate::drain::{Drain, DrainLayer};
 use anyhow::Context;
 use janus_telemetry::MetricsLayer;
 use std::future::Future as _;
@@ -62,26 +63,31 @@ pub struct Security {
 }
 
 /// The layers of every server: per-RPC metrics outside, the API-key check inside (a refused
-/// request is counted as UNAUTHENTICATED), innermost the statuses of undecodable or oversized
+/// request is counted as UNAUTHENTICATED), then the drain ([`crate::drain`]: refuses new RPCs
+/// during shutdown, counts those in flight), innermost the statuses of undecodable or oversized
 /// requests ([`crate::wire`]).
 pub type Layers = Stack<
     crate::wire::RequestStatusLayer,
-    Stack<AuthLayer, Stack<MetricsLayer, Identity>>,
+    Stack<DrainLayer, Stack<AuthLayer, Stack<MetricsLayer, Identity>>>,
 >;
 /// A server built by [`builder`].
 pub type JanusServer = Server<Layers>;
 /// The router of a [`JanusServer`] (what `add_service` returns).
 pub type Router = tonic::transport::server::Router<Layers>;
 
-/// Shutdown signalling of a server: `shutdown` starts draining (health NOT_SERVING, no new
-/// connections or requests), `abort` fires when the grace period is over (in-flight streams
-/// are cancelled).
+/// Shutdown signalling of a server: `shutdown` starts draining (health NOT_SERVING, new RPCs
+/// UNAVAILABLE, [`crate::drain`]), `abort` fires when the grace period is over (in-flight
+/// streams are cancelled).
 #[derive(Debug, Clone, Default)]
 pub struct Lifecycle {
     /// Cancel to start a graceful shutdown.
     pub shutdown: CancellationToken,
     /// Cancelled by the server when the grace period ends.
     pub abort: CancellationToken,
+    /// The server's drain state (its layer is installed by [`builder`]).
+    pub drain: Drain,
+    /// Cancelled by the server when the drain is over and its listener closes.
+    pub closed: CancellationToken,
 }
 
 impl Lifecycle {
@@ -95,6 +101,8 @@ impl Lifecycle {
         Self {
             shutdown: self.shutdown.child_token(),
             abort: self.abort.child_token(),
+            drain: Drain::default(),
+            closed: CancellationToken::new(),
         }
     }
 }
@@ -164,8 +172,9 @@ impl Running {
 /// A server builder with the settings every Janus server uses, instrumented: a span per RPC
 /// (`janus_telemetry::server_span`, parented by the caller's `traceparent`) and per-RPC
 /// metrics (method, status code, duration, in flight) in `options.metrics`; TLS and the API-key
-/// check of `options.security` (the one place where every server gets them).
-pub fn builder(options: &ServerOptions) -> anyhow::Result<JanusServer> {
+/// check of `options.security` (the one place where every server gets them); the drain of
+/// `life` (serve it with [`spawn`] or [`spawn_with`] and the same `life`).
+pub fn builder(options: &ServerOptions, life: &Lifecycle) -> anyhow::Result<JanusServer> {
     let mut server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -187,6 +196,7 @@ pub fn builder(options: &ServerOptions) -> anyhow::Result<JanusServer> {
                 options.security.auth.clone(),
                 options.metrics.clone(),
             ))
+            .layer(life.drain.layer())
             .layer(crate::wire::RequestStatusLayer),
     )
 }
@@ -210,9 +220,11 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Runs `router` on `listener` until `life.shutdown` fires, then: marks `services` (and the
-/// whole server) NOT_SERVING, stops accepting, lets in-flight streams run for the grace period,
-/// fires `life.abort`, and gives streams a few more seconds to end before dropping them.
+/// Runs `router` on `listener` until `life.shutdown` fires, then drains: marks `services` (and
+/// the whole server) NOT_SERVING and refuses new RPCs with UNAVAILABLE while still accepting
+/// connections, lets in-flight streams run until none is left or the grace period is over, then
+/// stops accepting; if streams are still running, fires `life.abort` and gives them a few more
+/// seconds to end before dropping them.
 pub fn spawn(
     router: Router,
     listener: TcpListener,
@@ -264,31 +276,43 @@ fn spawn_inner(
     let reporter = health.clone();
     let life2 = life.clone();
     let task = tokio::spawn(async move {
-        let drain = life2.shutdown.clone();
-        let health2 = health.clone();
-        let names = services.clone();
-        let signal = async move {
-            drain.cancelled().await;
-            for name in &names {
-                health2
-                    .set_service_status(*name, ServingStatus::NotServing)
-                    .await;
-            }
-            health2
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            tracing::info!(%addr, "shutting down: draining in-flight requests");
-        };
+        // tonic's graceful shutdown (stop accepting, GOAWAY) starts only when the drain is
+        // over: until then new connections are accepted and answered (see [`crate::drain`]).
+        let close = CancellationToken::new();
         let incoming = TcpListenerStream::new(listener)
             .map(move |r| r.map(|tcp| AgedIo::new(tcp, close_after)));
-        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        let serve = router.serve_with_incoming_shutdown(incoming, close.clone().cancelled_owned());
         tokio::pin!(serve);
         tokio::select! {
             r = &mut serve => return r.context("server"),
             _ = life2.shutdown.cancelled() => {}
         }
-        if let Ok(r) = tokio::time::timeout(grace, &mut serve).await {
-            return r.context("server");
+        let started = tokio::time::Instant::now();
+        life2.drain.start();
+        for name in &services {
+            health.set_service_status(*name, ServingStatus::NotServing).await;
+        }
+        health.set_service_status("", ServingStatus::NotServing).await;
+        let running = life2.drain.in_flight();
+        tracing::info!(
+            %addr,
+            in_flight = running,
+            "shutting down: draining {running} in-flight requests for up to {grace:?} \
+             (health NOT_SERVING, new requests UNAVAILABLE)"
+        );
+        let idle = tokio::select! {
+            r = &mut serve => return r.context("server"),
+            _ = life2.drain.idle() => true,
+            _ = tokio::time::sleep(grace) => false,
+        };
+        close.cancel();
+        life2.closed.cancel();
+        if idle {
+            tracing::info!(%addr, "drained: closing the listener");
+            let left = grace.saturating_sub(started.elapsed());
+            if let Ok(r) = tokio::time::timeout(left, &mut serve).await {
+                return r.context("server");
+            }
         }
         tracing::warn!(%addr, "grace period of {grace:?} over: cancelling in-flight streams");
         life2.abort.cancel();

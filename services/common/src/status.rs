@@ -1,22 +1,47 @@
 //! The single mapping from engine errors to gRPC statuses.
 
 use janus_engine::EngineError;
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Metadata key carrying the offending field of an INVALID_ARGUMENT status.
 pub const FIELD_METADATA: &str = "janus-field";
 
-/// Client errors → INVALID_ARGUMENT (the message and `janus-field` name the field), a full
+/// An INVALID_ARGUMENT naming the offending request `field` three ways: in the message, in
+/// gRPC's standard `google.rpc.BadRequest` details (one field violation, readable by every
+/// language's client: `grpc-status-details-bin`) and in the `janus-field` metadata.
+pub fn invalid_field(field: &str, message: impl Into<String>, description: &str) -> Status {
+    field_status(Code::InvalidArgument, field, message, description)
+}
+
+/// [`invalid_field`] with another code (RESOURCE_EXHAUSTED for a request over the size limit).
+pub fn field_status(
+    code: Code,
+    field: &str,
+    message: impl Into<String>,
+    description: &str,
+) -> Status {
+    let mut md = MetadataMap::new();
+    if let Ok(v) = field.parse() {
+        md.insert(FIELD_METADATA, v);
+    }
+    Status::with_error_details_and_metadata(
+        code,
+        message,
+        ErrorDetails::with_bad_request_violation(field, description),
+        md,
+    )
+}
+
+/// Client errors → INVALID_ARGUMENT (the message, a `google.rpc.BadRequest` field violation
+/// and `janus-field` name the field), a full
 /// queue → RESOURCE_EXHAUSTED, deadline → DEADLINE_EXCEEDED, shutdown → UNAVAILABLE, the rest →
 /// INTERNAL.
 pub fn to_status(e: &EngineError) -> Status {
     match e {
-        EngineError::InvalidArgument { field, .. } => {
-            let mut s = Status::invalid_argument(e.to_string());
-            if let Ok(v) = field.parse() {
-                s.metadata_mut().insert(FIELD_METADATA, v);
-            }
-            s
+        EngineError::InvalidArgument { field, reason } => {
+            invalid_field(field, e.to_string(), reason)
         }
         EngineError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
         EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(e.to_string()),
@@ -43,6 +68,18 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("sampling.top_p"));
         assert_eq!(s.metadata().get(FIELD_METADATA).unwrap(), "sampling.top_p");
+        let bad = s.get_details_bad_request().expect("BadRequest details");
+        assert_eq!(bad.field_violations.len(), 1);
+        assert_eq!(bad.field_violations[0].field, "sampling.top_p");
+        assert_eq!(bad.field_violations[0].description, "must be in (0, 1]");
+        // The details survive the trip through HTTP/2 headers (as the gateway sees them).
+        let mut headers = http::HeaderMap::new();
+        s.add_header(&mut headers).unwrap();
+        let back = Status::from_header_map(&headers).unwrap();
+        assert_eq!(
+            back.get_details_bad_request().unwrap().field_violations[0].field,
+            "sampling.top_p"
+        );
         let s = to_status(&EngineError::Overloaded {
             queued: 1,
             limit: 1,

@@ -21,17 +21,22 @@ pub fn fix_request_status<B>(mut response: Response<B>) -> Response<B> {
     let msg = status.message();
     let fixed = match status.code() {
         Code::Internal if msg.starts_with("failed to decode Protobuf message") => {
-            Status::invalid_argument(format!("invalid request: {msg}"))
+            crate::status::invalid_field(
+                "request",
+                format!("invalid request: {msg}"),
+                "not a valid protobuf message of the method's request type",
+            )
         }
         Code::OutOfRange if msg.contains("decoded message length too large") => {
-            Status::resource_exhausted(format!("request too large: {msg}"))
+            crate::status::field_status(
+                Code::ResourceExhausted,
+                "request",
+                format!("request too large: {msg}"),
+                "larger than the server's maximum message size (Info.limits)",
+            )
         }
         _ => return response,
     };
-    let mut fixed = fixed;
-    if let Ok(v) = "request".parse() {
-        fixed.metadata_mut().insert(crate::status::FIELD_METADATA, v);
-    }
     let headers = response.headers_mut();
     headers.remove(Status::GRPC_MESSAGE);
     let _ = fixed.add_header(headers);

@@ -216,15 +216,20 @@ fn from_backend(kind: &str, b: &Backend, s: Status) -> Status {
     }
     match s.code() {
         _ => {
-            // Keep the code, message and our own metadata (e.g. `janus-field`); drop the
-            // backend's transport headers.
+            // Keep the code, message, details (`google.rpc.BadRequest`) and our own metadata
+            // (e.g. `janus-field`); drop the backend's transport headers.
             let mut md = MetadataMap::new();
             for key in [status::FIELD_METADATA, meta::REQUEST_ID] {
                 if let Some(v) = s.metadata().get(key) {
                     md.insert(key, v.clone());
                 }
             }
-            Status::with_metadata(s.code(), s.message().to_string(), md)
+            Status::with_details_and_metadata(
+                s.code(),
+                s.message().to_string(),
+                bytes::Bytes::copy_from_slice(s.details()),
+                md,
+            )
         }
     }
 }
@@ -688,7 +693,7 @@ pub async fn serve(
     let gateway = Gateway::new(&opts, life.abort.clone())?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     let n = opts.server.max_message_bytes;
-    let router = server::add_reflection(server::builder(&opts.server)?.add_service(health_svc))?
+    let router = server::add_reflection(server::builder(&opts.server, &life)?.add_service(health_svc))?
         .add_service(
             UnderstandingServer::new(gateway.clone())
                 .max_decoding_message_size(n)

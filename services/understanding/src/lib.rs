@@ -202,7 +202,7 @@ pub async fn serve(
     let svc = UnderstandingServer::new(service)
         .max_decoding_message_size(n)
         .max_encoding_message_size(n);
-    let router = server::add_reflection(server::builder(&options)?.add_service(health_svc))?
+    let router = server::add_reflection(server::builder(&options, &life)?.add_service(health_svc))?
         .add_service(svc);
     let names = vec![janus_proto::UNDERSTANDING_SERVICE];
     server::set_serving(&health, &names).await;
