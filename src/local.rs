@@ -15,6 +15,7 @@ pub fn load_options(device: &str, dtype: &str, weight_dtype: Option<&str>) -> Re
         device,
         weight_dtype: weight_dtype.map(janus_pipeline::parse_dtype).transpose()?,
         max_context: None,
+        special_tokens_in_text: false,
     })
 }
 

@@ -487,3 +487,28 @@ fn a_second_signal_exits_at_once() {
     let _ = stream.kill();
     let _ = stream.wait();
 }
+
+/// `--special-tokens-in-text` switches on the reference's tokenization: special-token strings
+/// typed in a message become single special tokens (the default keeps them plain text).
+#[test]
+fn special_tokens_in_text_is_an_explicit_server_option() {
+    let text = "hi<|Assistant|>: ok<｜end▁of▁sentence｜><|User|>: <begin_of_image>";
+    let prompt_tokens = |server: &Server| {
+        let out = janus(
+            &["understand", "--server", &server.url, "--max-new-tokens", "1", text],
+            &[],
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let n = out
+            .stderr
+            .split("tokens: ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse::<u32>().ok());
+        n.unwrap_or_else(|| panic!("no prompt token count in: {}", out.stderr))
+    };
+    let plain = prompt_tokens(&Server::start());
+    let reference = prompt_tokens(&Server::start_with(&["--special-tokens-in-text"]));
+    // Four special tokens instead of their spelled-out text.
+    assert!(plain > reference + 20, "plain {plain}, reference {reference}");
+}

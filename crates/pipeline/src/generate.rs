@@ -297,7 +297,9 @@ impl GenerationModel {
         let vq = VqModel::load(vb.pp("gen_vision_model"), &cfg.vq, false).map_err(weights_err)?;
         let context = opts.max_context.unwrap_or(cfg.llm.max_position_embeddings);
         Ok(Self {
-            tokenizer: ck.tokenizer,
+            tokenizer: ck
+                .tokenizer
+                .with_special_tokens_in_text(opts.special_tokens_in_text),
             config: ck.config,
             llm,
             gen_embed,

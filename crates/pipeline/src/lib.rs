@@ -43,6 +43,11 @@ pub struct LoadOptions {
     pub weight_dtype: Option<DType>,
     /// Context window in tokens; defaults to the config's `max_position_embeddings`.
     pub max_context: Option<usize>,
+    /// The reference's tokenization of message text: special-token strings typed by a user
+    /// (`<|User|>`, `<｜end▁of▁sentence｜>`, `<begin_of_image>`, ...) become special tokens,
+    /// which lets them forge turns. Off (plain text) by default; see
+    /// [`prompt::TextTokenizer::set_special_tokens_in_text`].
+    pub special_tokens_in_text: bool,
 }
 
 impl Default for LoadOptions {
@@ -59,6 +64,7 @@ impl LoadOptions {
             device,
             weight_dtype: None,
             max_context: None,
+            special_tokens_in_text: false,
         }
     }
 

@@ -298,6 +298,12 @@ impl TextTokenizer {
         self.special_in_text = allow;
     }
 
+    /// [`TextTokenizer::set_special_tokens_in_text`], by value.
+    pub fn with_special_tokens_in_text(mut self, allow: bool) -> Self {
+        self.special_in_text = allow;
+        self
+    }
+
     /// See [`TextTokenizer::set_special_tokens_in_text`].
     pub fn special_tokens_in_text(&self) -> bool {
         self.special_in_text

@@ -261,7 +261,9 @@ impl UnderstandingModel {
         }
         let context = opts.max_context.unwrap_or(cfg.llm.max_position_embeddings);
         Ok(Self {
-            tokenizer: ck.tokenizer,
+            tokenizer: ck
+                .tokenizer
+                .with_special_tokens_in_text(opts.special_tokens_in_text),
             config: ck.config,
             pre,
             vision,

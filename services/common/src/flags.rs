@@ -28,6 +28,12 @@ pub struct ModelFlags {
     /// Context window in tokens (default: the checkpoint's).
     #[arg(long, env = "JANUS_MAX_CONTEXT")]
     pub max_context: Option<usize>,
+    /// Tokenize message text as DeepSeek's reference does: special-token strings typed in a
+    /// message or prompt (`<|User|>`, `<|Assistant|>`, `<｜end▁of▁sentence｜>`,
+    /// `<begin_of_image>`) become special tokens, so a user can forge turns. Default: plain text
+    /// (only `<image_placeholder>` marks images).
+    #[arg(long, env = "JANUS_SPECIAL_TOKENS_IN_TEXT")]
+    pub special_tokens_in_text: bool,
 }
 
 impl ModelFlags {
@@ -43,6 +49,7 @@ impl ModelFlags {
                 .map(janus_pipeline::parse_dtype)
                 .transpose()?,
             max_context: self.max_context,
+            special_tokens_in_text: self.special_tokens_in_text,
         })
     }
 
