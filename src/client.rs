@@ -542,7 +542,8 @@ pub async fn generate(args: GenerateArgs) -> Result<()> {
                     std::fs::write(&path, &img.data)?;
                     path
                 };
-                bar.bar().suspend(|| println!("{} (seed {})", path.display(), img.seed));
+                bar.bar()
+                    .suspend(|| println!("{} (seed {})", path.display(), img.seed));
             }
             Some(Event::Final(f)) => {
                 bar.bar().finish_and_clear();

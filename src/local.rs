@@ -88,9 +88,7 @@ pub fn generate(model: &str, args: &GenerateArgs) -> Result<()> {
     };
     let total = m.image_tokens() as u64;
     let mut bar = crate::client::StepProgress::new(total, args.quiet);
-    let images = m.generate(&args.prompt, &params, |done, _| {
-        bar.set(done as u64, total)
-    })?;
+    let images = m.generate(&args.prompt, &params, |done, _| bar.set(done as u64, total))?;
     bar.bar().finish_and_clear();
     std::fs::create_dir_all(&args.out)?;
     for (i, img) in images.iter().enumerate() {

@@ -298,9 +298,7 @@ fn chunked_prefill_equals_one_shot() {
     let whole = m
         .prompt_logits(m.prepare(&conv, p.clone()).unwrap(), usize::MAX)
         .unwrap();
-    let chunked = m
-        .prompt_logits(m.prepare(&conv, p).unwrap(), 100)
-        .unwrap();
+    let chunked = m.prompt_logits(m.prepare(&conv, p).unwrap(), 100).unwrap();
     let d = (whole - chunked)
         .unwrap()
         .abs()

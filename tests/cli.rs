@@ -410,7 +410,10 @@ fn a_busy_port_fails_before_the_model_loads() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     for cmd in ["serve", "serve-understanding", "serve-generation"] {
-        let out = janus(&[cmd, "--model", "/nonexistent/janus", "--listen", &addr], &[]);
+        let out = janus(
+            &[cmd, "--model", "/nonexistent/janus", "--listen", &addr],
+            &[],
+        );
         assert_ne!(out.code, Some(0), "{cmd}");
         assert!(
             out.stderr.contains(&addr) && !out.stderr.contains("/nonexistent"),
@@ -495,7 +498,14 @@ fn special_tokens_in_text_is_an_explicit_server_option() {
     let text = "hi<|Assistant|>: ok<｜end▁of▁sentence｜><|User|>: <begin_of_image>";
     let prompt_tokens = |server: &Server| {
         let out = janus(
-            &["understand", "--server", &server.url, "--max-new-tokens", "1", text],
+            &[
+                "understand",
+                "--server",
+                &server.url,
+                "--max-new-tokens",
+                "1",
+                text,
+            ],
             &[],
         );
         assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -510,5 +520,8 @@ fn special_tokens_in_text_is_an_explicit_server_option() {
     let plain = prompt_tokens(&Server::start());
     let reference = prompt_tokens(&Server::start_with(&["--special-tokens-in-text"]));
     // Four special tokens instead of their spelled-out text.
-    assert!(plain > reference + 20, "plain {plain}, reference {reference}");
+    assert!(
+        plain > reference + 20,
+        "plain {plain}, reference {reference}"
+    );
 }

@@ -111,11 +111,17 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
     .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("draining"), "{}", err.message());
-    let err = collect_images(&mut gen_client(&url).await, Request::new(Default::default()))
-        .await
-        .unwrap_err();
+    let err = collect_images(
+        &mut gen_client(&url).await,
+        Request::new(Default::default()),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(!reader.is_finished(), "the checks ran while the request was in flight");
+    assert!(
+        !reader.is_finished(),
+        "the checks ran while the request was in flight"
+    );
 
     // The running request finishes whole, then the server exits on its own (grace: 600 s).
     let (tokens, fin) = within(WAIT, "long request", reader).await.unwrap();
@@ -132,7 +138,9 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
     .await;
     assert_eq!(status.code(), Some(0));
     // The listener is closed now.
-    assert!(tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
-        .await
-        .is_err());
+    assert!(
+        tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+            .await
+            .is_err()
+    );
 }

@@ -129,7 +129,11 @@ async fn short_request_completes_while_a_long_prompt_prefills() {
     });
     let context = engine.model().context();
     // The most words whose prompt still fits the context window with 4 new tokens.
-    let fits = |words: usize| engine.prepare(ask(&engine, &"sea ".repeat(words), &[], 4)).is_ok();
+    let fits = |words: usize| {
+        engine
+            .prepare(ask(&engine, &"sea ".repeat(words), &[], 4))
+            .is_ok()
+    };
     let (mut lo, mut hi) = (1, context);
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
@@ -141,7 +145,11 @@ async fn short_request_completes_while_a_long_prompt_prefills() {
     }
     let long_text = "sea ".repeat(lo);
     let long = engine.prepare(ask(&engine, &long_text, &[], 4)).unwrap();
-    assert!(long.prompt_tokens() > context - 80, "{}", long.prompt_tokens());
+    assert!(
+        long.prompt_tokens() > context - 80,
+        "{}",
+        long.prompt_tokens()
+    );
     let log: Log = Default::default();
     let long_rx = engine.submit(long, RequestMeta::new("long", None)).unwrap();
     let a = record(&log, "long", long_rx, kind_u);
@@ -177,8 +185,13 @@ async fn running_rows_stream_while_a_burst_of_images_is_encoded() {
     for name in names {
         let rx = submit_u(
             &engine,
-            ask(&engine, "<image_placeholder>\nWhat is shown?", &["wide.png"], 24),
-            );
+            ask(
+                &engine,
+                "<image_placeholder>\nWhat is shown?",
+                &["wide.png"],
+                24,
+            ),
+        );
         tasks.push(record(&log, name, rx, kind_u));
     }
     for t in tasks {
@@ -237,7 +250,12 @@ async fn generation_steps_continue_while_pixels_are_made() {
     // B starts when A is a third of the way through, so it is still stepping when A finishes.
     loop {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let n = log.lock().unwrap().iter().filter(|(n, k)| *n == "a" && k == "progress").count();
+        let n = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, k)| *n == "a" && k == "progress")
+            .count();
         if n >= engine.model().image_tokens() / 3 {
             break;
         }
@@ -245,7 +263,10 @@ async fn generation_steps_continue_while_pixels_are_made() {
     let b = record(
         &log,
         "b",
-        submit_g(&engine, gen_input("a blue car", 1, OutputFormat::TokensOnly, 0)),
+        submit_g(
+            &engine,
+            gen_input("a blue car", 1, OutputFormat::TokensOnly, 0),
+        ),
         kind_g,
     );
     a.await.unwrap();
@@ -265,7 +286,10 @@ async fn generation_steps_continue_while_pixels_are_made() {
         .count();
     assert!(previews_after_b > 0, "A's previews continued beside B");
     let side = (engine.model().image_tokens() as f64).sqrt() as usize;
-    let previews = log.iter().filter(|(n, k)| *n == "a" && k == "preview").count();
+    let previews = log
+        .iter()
+        .filter(|(n, k)| *n == "a" && k == "preview")
+        .count();
     assert!(previews > 0 && previews <= 4 * side, "{previews} previews");
 }
 

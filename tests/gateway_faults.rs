@@ -199,7 +199,10 @@ async fn open_stream(gw: &str, n: u32, skip: usize) -> Streaming<pb::UnderstandR
     for _ in 0..skip {
         let m = within(WAIT, "a token", s.message()).await.unwrap();
         assert!(
-            matches!(m.and_then(|m| m.event), Some(pb::understand_response::Event::Token(_))),
+            matches!(
+                m.and_then(|m| m.event),
+                Some(pb::understand_response::Event::Token(_))
+            ),
             "a token"
         );
     }
@@ -275,9 +278,11 @@ async fn kill_9_mid_stream_then_the_replica_returns() {
         let ans = ask(&gw_url).await.expect("answered by B");
         assert!(ans.fin.is_some());
     }
-    wait_for(Duration::from_secs(10), "B counted the 4 requests", || async {
-        b.completed().await == before + 4
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "B counted the 4 requests",
+        || async { b.completed().await == before + 4 },
+    )
     .await;
 
     // A restarted on the same port returns to rotation.
@@ -345,7 +350,11 @@ async fn kill_9_mid_stream_then_the_replica_returns() {
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
-    assert_eq!(code, Some(4), "exit code of a lost backend; stderr: {stderr}");
+    assert_eq!(
+        code,
+        Some(4),
+        "exit code of a lost backend; stderr: {stderr}"
+    );
     assert!(stderr.to_lowercase().contains("unavailable"), "{stderr}");
     gw.stop().await.unwrap();
 }
@@ -527,29 +536,38 @@ async fn dns_answers_that_change() {
     })
     .await;
     let s2 = r2.stats().await;
-    assert_eq!(s2.completed, c2, ".2 got no new request after leaving the answer");
+    assert_eq!(
+        s2.completed, c2,
+        ".2 got no new request after leaving the answer"
+    );
     assert_eq!(
         s2.active, 1,
         "the long stream still runs on .2 (it is what the drain is checked with)"
     );
     let (mut tokens, mut fin) = (3usize, None);
-    within(Duration::from_secs(120), "the drained stream's end", async {
-        while let Some(m) = long.message().await.expect("the drained stream is not cut") {
-            match m.event.unwrap() {
-                pb::understand_response::Event::Token(_) => tokens += 1,
-                pb::understand_response::Event::Final(f) => fin = Some(f),
+    within(
+        Duration::from_secs(120),
+        "the drained stream's end",
+        async {
+            while let Some(m) = long.message().await.expect("the drained stream is not cut") {
+                match m.event.unwrap() {
+                    pb::understand_response::Event::Token(_) => tokens += 1,
+                    pb::understand_response::Event::Final(f) => fin = Some(f),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(tokens, LONG as usize);
     assert_eq!(
         fin.expect("a final message").finish_reason,
         pb::FinishReason::Length as i32
     );
-    wait_for(Duration::from_secs(10), ".2 completed the stream", || async {
-        r2.completed().await == c2 + 1
-    })
+    wait_for(
+        Duration::from_secs(10),
+        ".2 completed the stream",
+        || async { r2.completed().await == c2 + 1 },
+    )
     .await;
 
     // The DNS server stops answering: the last good set (.3) keeps serving.
@@ -557,7 +575,9 @@ async fn dns_answers_that_change() {
     dns.two_more_queries().await;
     let c3 = r3.completed().await;
     for _ in 0..3 {
-        ask(&gw_url).await.expect("the last good address still serves");
+        ask(&gw_url)
+            .await
+            .expect("the last good address still serves");
     }
     wait_for(Duration::from_secs(10), ".3 served 3 more", || async {
         r3.completed().await == c3 + 3
@@ -576,7 +596,12 @@ async fn connections_age_out_without_failing_calls() {
         .unwrap();
     let a = Replica::start_with(
         addr,
-        &["--max-connection-age", "1", "--max-connection-age-grace", "120"],
+        &[
+            "--max-connection-age",
+            "1",
+            "--max-connection-age-grace",
+            "120",
+        ],
     )
     .await;
     let gw = gateway(vec![addr.to_string()], tuning()).await;
@@ -587,7 +612,9 @@ async fn connections_age_out_without_failing_calls() {
     // Calls over three connection ages all succeed (health checks and calls share the
     // connections being retired).
     while started.elapsed() < Duration::from_secs(3) {
-        ask(&gw_url).await.expect("a call while connections age out");
+        ask(&gw_url)
+            .await
+            .expect("a call while connections age out");
         asked += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -613,15 +640,28 @@ async fn connections_age_out_without_failing_calls() {
     // Past age + grace the connection is closed: a stream still on it ends with UNAVAILABLE.
     let b = Replica::start_with(
         addr,
-        &["--max-connection-age", "1", "--max-connection-age-grace", "1"],
+        &[
+            "--max-connection-age",
+            "1",
+            "--max-connection-age-grace",
+            "1",
+        ],
     )
     .await;
     let gw = gateway(vec![addr.to_string()], tuning()).await;
     let mut stream = open_stream(&gw.url(), ENDLESS, 3).await;
     let err = until_error(&mut stream).await;
-    println!("closed past age + grace: {:?}: {}", err.code(), err.message());
+    println!(
+        "closed past age + grace: {:?}: {}",
+        err.code(),
+        err.message()
+    );
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains(&addr.to_string()), "{}", err.message());
+    assert!(
+        err.message().contains(&addr.to_string()),
+        "{}",
+        err.message()
+    );
     drop(b);
     gw.stop().await.unwrap();
 }

@@ -55,7 +55,9 @@ impl Codec for Raw {
 
 async fn send_raw(url: &str, path: &'static str, body: Vec<u8>) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(channel(url).await);
-    grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut stream = grpc
         .server_streaming(Request::new(body), PathAndQuery::from_static(path), Raw)
         .await?
@@ -85,9 +87,15 @@ async fn malformed_and_oversized_requests() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
-        assert!(err.message().contains("invalid request"), "{}", err.message());
+        assert!(
+            err.message().contains("invalid request"),
+            "{}",
+            err.message()
+        );
         assert_eq!(
-            err.metadata().get("janus-field").map(|v| v.to_str().unwrap()),
+            err.metadata()
+                .get("janus-field")
+                .map(|v| v.to_str().unwrap()),
             Some("request")
         );
     }

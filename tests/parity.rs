@@ -244,9 +244,7 @@ fn understanding_matches_reference() {
             }
             for (i, p) in prepared.iter().enumerate() {
                 let (pad, len) = (pads[i], p.ids.len());
-                let golden_row = |name: &str| {
-                    g.t(&case, name).narrow(0, i, 1).unwrap()
-                };
+                let golden_row = |name: &str| g.t(&case, name).narrow(0, i, 1).unwrap();
                 assert_close(
                     &format!("{case}.inputs_embeds[{i}]"),
                     &model.input_embeds(p.clone()).unwrap(),

@@ -22,7 +22,9 @@ async fn plain_ids_are_kept_and_odd_ones_replaced() {
     let mut client = und_client(&stack.gw.url()).await;
     let final_id = |a: &Answer| a.fin.as_ref().unwrap().request_id.clone();
 
-    let a = collect_answer(&mut client, ask("order-42/attempt:1")).await.unwrap();
+    let a = collect_answer(&mut client, ask("order-42/attempt:1"))
+        .await
+        .unwrap();
     assert_eq!(final_id(&a), "order-42/attempt:1");
 
     let long = "x".repeat(8 * 1024);

@@ -332,15 +332,17 @@ impl Runner {
         let threads = config.decode_threads.max(1);
         let spawned = std::thread::Builder::new()
             .name("janus-pixels".into())
-            .spawn(move || match rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("janus-pixels-{i}"))
-                .build()
-            {
-                Ok(pool) => pool.install(|| worker.run()),
-                Err(e) => {
-                    tracing::warn!("decode worker pool: {e}; using the global pool");
-                    worker.run()
+            .spawn(move || {
+                match rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("janus-pixels-{i}"))
+                    .build()
+                {
+                    Ok(pool) => pool.install(|| worker.run()),
+                    Err(e) => {
+                        tracing::warn!("decode worker pool: {e}; using the global pool");
+                        worker.run()
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -442,9 +444,9 @@ impl Runner {
         self.next_id += 1;
         let rows = 2 * w.ticket.params().n;
         let prompt_tokens = w.ticket.prompt_tokens() as i64;
-        w.out.phase(|p| {
-            tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens)
-        });
+        w.out.phase(
+            |p| tracing::info_span!(parent: p, "prefill", rows = rows as i64, prompt_tokens),
+        );
         self.stats().active.fetch_add(1, Ordering::Relaxed);
         self.waiting.push(Waiting {
             id,
@@ -632,7 +634,13 @@ impl Runner {
                     .out
                     .phase(|p| tracing::info_span!(parent: p, "vq_decode", images = images as i64)),
             }
-            self.pixels.finish(f.id, FinalTask { job: j, tokens: f.tokens });
+            self.pixels.finish(
+                f.id,
+                FinalTask {
+                    job: j,
+                    tokens: f.tokens,
+                },
+            );
         }
         if self.jobs.is_empty() {
             self.batch = GenBatch::new();
@@ -770,9 +778,8 @@ impl PixelWorker {
         let size = self.config.preview_size;
         for (index, tokens) in task.tokens.iter().enumerate() {
             let model = self.model.clone();
-            let png = guarded("preview", || model.preview(tokens, size)).and_then(|img| {
-                encode::png(img.width, img.height, &img.data)
-            });
+            let png = guarded("preview", || model.preview(tokens, size))
+                .and_then(|img| encode::png(img.width, img.height, &img.data));
             match png {
                 Ok(png) => {
                     let _ = task.tx.try_send(Ok(GenerateEvent::Preview {

@@ -265,12 +265,18 @@ impl KvCache {
                 candle_core::bail!("row {r} out of range for a batch of {}", self.rows.len());
             }
         }
-        let mut old: Vec<Option<RowKv>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
+        let mut old: Vec<Option<RowKv>> = std::mem::take(&mut self.rows)
+            .into_iter()
+            .map(Some)
+            .collect();
         let mut out = Vec::with_capacity(rows.len());
         for (i, &r) in rows.iter().enumerate() {
             let again = rows[i + 1..].contains(&r);
             let row = if again {
-                old[r].as_ref().expect("present until its last use").deep_copy()?
+                old[r]
+                    .as_ref()
+                    .expect("present until its last use")
+                    .deep_copy()?
             } else {
                 old[r].take().expect("present until its last use")
             };
@@ -401,7 +407,11 @@ impl Attention {
             } else {
                 (k, v)
             };
-            let q = if b == 1 { q.clone() } else { q.narrow(0, r, 1)? };
+            let q = if b == 1 {
+                q.clone()
+            } else {
+                q.narrow(0, r, 1)?
+            };
             ys.push(attention::sdpa(&q, &k, &v, scale, mask.as_ref())?);
         }
         let y = if ys.len() == 1 {
@@ -621,7 +631,10 @@ impl Llm {
 
     /// Bytes one cached position of one row takes (keys and values of every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.cfg.num_hidden_layers * self.cfg.kv_heads() * self.cfg.head_dim() * self.dtype.size_in_bytes()
+        2 * self.cfg.num_hidden_layers
+            * self.cfg.kv_heads()
+            * self.cfg.head_dim()
+            * self.dtype.size_in_bytes()
     }
 
     /// `lm_head` logits (f32) for hidden states `[.., hidden]`; errors if loaded without the head.
@@ -771,7 +784,8 @@ mod tests {
         let hb = m.forward(&step, &mut cb).unwrap();
         let one = |c: &mut KvCache, t: u32| {
             m.forward(
-                &m.embed(&Tensor::new(&[[t]], &Device::Cpu).unwrap()).unwrap(),
+                &m.embed(&Tensor::new(&[[t]], &Device::Cpu).unwrap())
+                    .unwrap(),
                 c,
             )
             .unwrap()

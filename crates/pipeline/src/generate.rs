@@ -6,8 +6,8 @@
 //! mask. The two prompt rows are prefilled once and their cache broadcast to the `n` image pairs.
 
 use crate::config::JanusConfig;
-use crate::preview::PreviewPalette;
 use crate::error::{Error, Result};
+use crate::preview::PreviewPalette;
 use crate::prompt::TextTokenizer;
 use crate::sampling::{check_temperature, check_top_p, Sampler};
 use crate::weights::weights_err;
@@ -21,6 +21,10 @@ use std::sync::Arc;
 
 /// Most images one request may ask for.
 pub const MAX_IMAGES: usize = 16;
+
+/// Largest accepted guidance weight. Useful weights are about 1–10 (5 in the reference); far
+/// larger ones only saturate the logits, and near `f32::MAX` they overflow to infinities.
+pub const MAX_CFG_WEIGHT: f32 = 100.0;
 
 /// Settings of one text-to-image request.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,10 +65,13 @@ impl GenerateParams {
                 format!("must be in 1..={MAX_IMAGES}, got {}", self.n),
             ));
         }
-        if !self.cfg_weight.is_finite() || self.cfg_weight < 0.0 {
+        if !(0.0..=MAX_CFG_WEIGHT).contains(&self.cfg_weight) {
             return Err(Error::invalid(
                 "cfg_weight",
-                format!("must be a finite number ≥ 0, got {}", self.cfg_weight),
+                format!(
+                    "must be a finite number in [0, {MAX_CFG_WEIGHT}], got {}",
+                    self.cfg_weight
+                ),
             ));
         }
         check_temperature(self.temperature)?;
@@ -352,6 +359,13 @@ impl GenerationModel {
     /// Validates and tokenizes a request (the conditional prompt and its unconditional twin).
     pub fn prepare(&self, prompt: &str, params: &GenerateParams) -> Result<GenPrepared> {
         params.validate()?;
+        if prompt.trim().is_empty() {
+            // Most likely an unset proto3 field: refused rather than drawing unconditioned images.
+            return Err(Error::invalid(
+                "prompt",
+                "empty: describe the image to draw",
+            ));
+        }
         let (cond, uncond) = self.tokenizer.encode_generation(prompt)?;
         let total = self.image_tokens();
         if cond.len() + total > self.context {
@@ -540,7 +554,10 @@ impl GenerationModel {
     /// Guided logits `[n, codes]` (f32) for the job's next step:
     /// `uncond + cfg_weight · (cond − uncond)`.
     pub fn guided_logits(&self, job: &GenJob) -> Result<Tensor> {
-        self.guide(&job.last_hidden, &vec![job.params.cfg_weight; job.tokens.len()])
+        self.guide(
+            &job.last_hidden,
+            &vec![job.params.cfg_weight; job.tokens.len()],
+        )
     }
 
     /// Classifier-free guidance for interleaved `[c0, u0, c1, u1, …]` hidden states
@@ -661,7 +678,11 @@ impl GenerationModel {
     pub fn preview(&self, tokens: &[u32], size: u32) -> Result<Rgb8> {
         let total = self.image_tokens();
         let side = (total as f64).sqrt().round() as usize;
-        let calibrated = self.palette()?.lock().map(|p| p.observed() > 0).unwrap_or(true);
+        let calibrated = self
+            .palette()?
+            .lock()
+            .map(|p| p.observed() > 0)
+            .unwrap_or(true);
         if !calibrated {
             self.calibrate_previews()?;
         }
@@ -675,7 +696,9 @@ impl GenerationModel {
     /// Fits the preview palette on one decode of a seeded random 12×12 grid (a quarter of an
     /// image's decoder work); later decodes refine it. The decode worker calls it at start.
     pub fn calibrate_previews(&self) -> Result<()> {
-        let side = 12usize.min((self.image_tokens() as f64).sqrt() as usize).max(1);
+        let side = 12usize
+            .min((self.image_tokens() as f64).sqrt() as usize)
+            .max(1);
         {
             let codes = self.config.gen_head.image_token_size.max(1) as u64;
             let mut x = 0x9E37_79B9_7F4A_7C15u64;

@@ -19,7 +19,9 @@ pub mod weights;
 pub use candle_core::{DType, Device};
 pub use config::JanusConfig;
 pub use error::{Error, Result};
-pub use generate::{GenJob, GenPrefill, GenPrepared, GenerateParams, GeneratedImage, GenerationModel};
+pub use generate::{
+    GenJob, GenPrefill, GenPrepared, GenerateParams, GeneratedImage, GenerationModel,
+};
 pub use janus_imageproc::{decode_rgb, ImageLimits};
 pub use prompt::{Message, Role};
 pub use sampling::SamplingParams;

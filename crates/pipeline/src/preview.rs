@@ -153,7 +153,8 @@ fn patch_mean(img: &Rgb8, x0: usize, y0: usize, patch: usize) -> [f64; 3] {
 /// Solves `A X = B` (`A` n×n, `B` n×m, row-major) by Gaussian elimination with partial pivoting.
 fn solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize, m: usize) -> Option<Vec<f64>> {
     for col in 0..n {
-        let piv = (col..n).max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))?;
+        let piv =
+            (col..n).max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))?;
         if a[piv * n + col].abs() < 1e-12 {
             return None;
         }
@@ -200,7 +201,11 @@ mod tests {
         let codebook: Vec<f32> = vec![0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.2, 0.3, 0.9];
         let colour = |c: usize| {
             let (v0, v1) = (codebook[2 * c] as f64, codebook[2 * c + 1] as f64);
-            [100.0 + 50.0 * v0, 20.0 + 80.0 * v1, 200.0 - 30.0 * v0 - 30.0 * v1]
+            [
+                100.0 + 50.0 * v0,
+                20.0 + 80.0 * v1,
+                200.0 - 30.0 * v0 - 30.0 * v1,
+            ]
         };
         let codes: Vec<u32> = vec![0, 1, 2, 3, 4, 5, 0, 3, 5];
         let (side, patch) = (3usize, 4usize);

@@ -95,12 +95,7 @@ impl Row {
     fn new(id: usize, params: SamplingParams, prompt_tokens: usize) -> Self {
         Row {
             id,
-            sampler: Sampler::new(
-                params.seed,
-                params.temperature,
-                params.top_k,
-                params.top_p,
-            ),
+            sampler: Sampler::new(params.seed, params.temperature, params.top_k, params.top_p),
             prompt_tokens,
             params,
             generated: Vec::new(),
@@ -480,7 +475,9 @@ impl UnderstandingModel {
         let t = Tensor::from_vec(ids.to_vec(), (1, n), &self.device)?;
         let embeds = self.llm.embed(&t)?;
         let image = self.tokenizer.ids.image;
-        let at: Vec<u32> = (0..n as u32).filter(|&i| ids[i as usize] == image).collect();
+        let at: Vec<u32> = (0..n as u32)
+            .filter(|&i| ids[i as usize] == image)
+            .collect();
         if at.is_empty() {
             return Ok(embeds);
         }
@@ -499,7 +496,9 @@ impl UnderstandingModel {
         }
         pre.image_rows_done += at.len();
         let h = self.config.llm.hidden_size;
-        let feats = features.narrow(0, from, at.len())?.to_dtype(embeds.dtype())?;
+        let feats = features
+            .narrow(0, from, at.len())?
+            .to_dtype(embeds.dtype())?;
         let flat = embeds.reshape((n, h))?;
         let idx = Tensor::from_vec(at.clone(), at.len(), &self.device)?;
         let flat = flat.index_add(&idx, &(feats - flat.index_select(&idx, 0)?)?, 0)?;

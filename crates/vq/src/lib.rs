@@ -479,7 +479,8 @@ impl VqModel {
             .reshape((n, side, side, e))?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
-        self.decoder.forward(&self.post_quant_conv.forward(&z)?, stop)
+        self.decoder
+            .forward(&self.post_quant_conv.forward(&z)?, stop)
     }
 
     /// Encodes images `[n, 3, H, W]` in [-1, 1] to their nearest codebook ids (raster order).

@@ -240,16 +240,24 @@ mod tests {
     #[tokio::test]
     async fn counts_and_refuses() {
         let drain = Drain::default();
-        let mut svc = drain.layer().layer(tower_service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(Response::new(String::from("ok")))
-        }));
+        let mut svc = drain
+            .layer()
+            .layer(tower_service_fn(|_req: Request<()>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(String::from("ok")))
+            }));
         let req = |p: &str| Request::builder().uri(p).body(()).unwrap();
-        let a = svc.call(req("/janus.v1.Understanding/Understand")).await.unwrap();
+        let a = svc
+            .call(req("/janus.v1.Understanding/Understand"))
+            .await
+            .unwrap();
         assert_eq!(drain.in_flight(), 1);
         let h = svc.call(req("/grpc.health.v1.Health/Check")).await.unwrap();
         assert_eq!(drain.in_flight(), 1, "health is not counted");
         drain.start();
-        let refused = svc.call(req("/janus.v1.Generation/Generate")).await.unwrap();
+        let refused = svc
+            .call(req("/janus.v1.Generation/Generate"))
+            .await
+            .unwrap();
         let status = tonic::Status::from_header_map(refused.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(status.message().contains("draining"));

@@ -70,7 +70,11 @@ pub async fn run<H: ModelHalf>(
         life.clone(),
     )
     .await?;
-    tracing::info!("the {} service listens on {}", H::NAME, running.local_addr());
+    tracing::info!(
+        "the {} service listens on {}",
+        H::NAME,
+        running.local_addr()
+    );
     server_flags.serve_health(&running).await?;
     server::spawn_signal_handler(
         life,

@@ -16,9 +16,18 @@ pub const PROPAGATED: &[&str] = &[
     "authorization",
 ];
 
-/// The deadline a client set with `grpc-timeout` (`<1–8 digits><H|M|S|m|u|n>`), if any and valid.
+/// How much earlier than the client's deadline a handler gives up. tonic's transport arms its
+/// own timer from `grpc-timeout` when the request arrives and, if that fires before the
+/// handler has answered, replies CANCELLED ("Timeout expired"); stopping this much earlier
+/// lets the handler answer DEADLINE_EXCEEDED itself (the gateway waits for a backend's first
+/// message before answering, so there the race is real).
+pub const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+
+/// The time this hop has for a request whose client set `grpc-timeout`
+/// (`<1–8 digits><H|M|S|m|u|n>`), if any and valid: the timeout less [`DEADLINE_MARGIN`].
 pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
     parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)
+        .map(|d| d.saturating_sub(DEADLINE_MARGIN))
 }
 
 /// Parses a `grpc-timeout` value.
@@ -95,7 +104,13 @@ mod request_id_tests {
         let md = MetadataMap::new();
         assert_eq!(request_id("demo-1", &md), "demo-1");
         assert_eq!(request_id("  a.b:c/d+e=f_g  ", &md), "a.b:c/d+e=f_g");
-        for bad in ["x\nERROR forged", "\u{1b}[31mred", "é", "a b", &"x".repeat(129)] {
+        for bad in [
+            "x\nERROR forged",
+            "\u{1b}[31mred",
+            "é",
+            "a b",
+            &"x".repeat(129),
+        ] {
             let got = request_id(bad, &md);
             assert_ne!(got, bad.trim());
             assert!(valid_request_id(&got) && got.len() == 32, "{got}");

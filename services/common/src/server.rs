@@ -190,15 +190,13 @@ pub fn builder(options: &ServerOptions, life: &Lifecycle) -> anyhow::Result<Janu
             .tls_config(tls.clone())
             .context("TLS configuration (certificate or key not usable)")?;
     }
-    Ok(
-        janus_telemetry::instrument(server, &options.metrics)
-            .layer(AuthLayer::new(
-                options.security.auth.clone(),
-                options.metrics.clone(),
-            ))
-            .layer(life.drain.layer())
-            .layer(crate::wire::RequestStatusLayer),
-    )
+    Ok(janus_telemetry::instrument(server, &options.metrics)
+        .layer(AuthLayer::new(
+            options.security.auth.clone(),
+            options.metrics.clone(),
+        ))
+        .layer(life.drain.layer())
+        .layer(crate::wire::RequestStatusLayer))
 }
 
 /// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) over `janus.v1` and the health service.
@@ -290,9 +288,13 @@ fn spawn_inner(
         let started = tokio::time::Instant::now();
         life2.drain.start();
         for name in &services {
-            health.set_service_status(*name, ServingStatus::NotServing).await;
+            health
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
         }
-        health.set_service_status("", ServingStatus::NotServing).await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         let running = life2.drain.in_flight();
         tracing::info!(
             %addr,

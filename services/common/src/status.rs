@@ -8,6 +8,24 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// Metadata key carrying the offending field of an INVALID_ARGUMENT status.
 pub const FIELD_METADATA: &str = "janus-field";
 
+/// Longest status message (and field description) a server sends, in bytes. Messages may quote
+/// what the client sent (an unknown role, a MIME type): quoted whole, a 64 KiB value would make
+/// the `grpc-message` header larger than clients accept, and the answer unreadable.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
+/// `s` cut to [`MAX_MESSAGE_BYTES`] (at a character boundary), saying how long it was.
+pub fn capped(s: impl Into<String>) -> String {
+    let s = s.into();
+    if s.len() <= MAX_MESSAGE_BYTES {
+        return s;
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut; {} bytes in all)", &s[..end], s.len())
+}
+
 /// An INVALID_ARGUMENT naming the offending request `field` three ways: in the message, in
 /// gRPC's standard `google.rpc.BadRequest` details (one field violation, readable by every
 /// language's client: `grpc-status-details-bin`) and in the `janus-field` metadata.
@@ -28,8 +46,8 @@ pub fn field_status(
     }
     Status::with_error_details_and_metadata(
         code,
-        message,
-        ErrorDetails::with_bad_request_violation(field, description),
+        capped(message),
+        ErrorDetails::with_bad_request_violation(field, capped(description)),
         md,
     )
 }
@@ -45,8 +63,8 @@ pub fn to_status(e: &EngineError) -> Status {
         }
         EngineError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
         EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(e.to_string()),
-        EngineError::Unavailable(_) => Status::unavailable(e.to_string()),
-        EngineError::Internal(_) => Status::internal(e.to_string()),
+        EngineError::Unavailable(_) => Status::unavailable(capped(e.to_string())),
+        EngineError::Internal(_) => Status::internal(capped(e.to_string())),
     }
 }
 
@@ -93,6 +111,18 @@ mod tests {
             to_status(&EngineError::Internal("x".into())).code(),
             Code::Internal
         );
+        // Quoted client input is cut, at a character boundary.
+        let huge = format!("unknown role '{}'", "é".repeat(40_000));
+        let s = to_status(&EngineError::invalid("messages[0].role", huge.clone()));
+        assert!(
+            s.message().len() < MAX_MESSAGE_BYTES + 64,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().contains("bytes in all"));
+        let bad = s.get_details_bad_request().unwrap();
+        assert!(bad.field_violations[0].description.len() < MAX_MESSAGE_BYTES + 64);
+        assert_eq!(capped("short"), "short");
         assert_eq!(
             to_status(&EngineError::Unavailable("x".into())).code(),
             Code::Unavailable

@@ -95,7 +95,10 @@ where
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx).map(|r| r.map(fix_request_status))
+        self.project()
+            .inner
+            .poll(cx)
+            .map(|r| r.map(fix_request_status))
     }
 }
 
@@ -113,7 +116,11 @@ mod tests {
         let r = fix_request_status(bad.into_http::<()>());
         let s = status_of(&r);
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert!(s.message().contains("invalid string value"), "{}", s.message());
+        assert!(
+            s.message().contains("invalid string value"),
+            "{}",
+            s.message()
+        );
         assert_eq!(
             r.headers().get(crate::status::FIELD_METADATA).unwrap(),
             "request"

@@ -148,7 +148,10 @@ impl Resolver {
             .lookup_ip(name.as_str())
             .await
             .map_err(|e| format!("resolving {}: {e}", t.host))?;
-        let mut addrs: Vec<SocketAddr> = lookup.iter().map(|ip| SocketAddr::new(ip, t.port)).collect();
+        let mut addrs: Vec<SocketAddr> = lookup
+            .iter()
+            .map(|ip| SocketAddr::new(ip, t.port))
+            .collect();
         addrs.sort();
         addrs.dedup();
         if addrs.is_empty() {
@@ -172,7 +175,10 @@ mod tests {
         assert_eq!(t.literal(), None);
         let t = Target::parse("https://127.0.0.2:7").unwrap();
         assert_eq!(t.literal(), Some("127.0.0.2:7".parse().unwrap()));
-        assert_eq!(t.url_for("127.0.0.2:7".parse().unwrap()), "https://127.0.0.2:7");
+        assert_eq!(
+            t.url_for("127.0.0.2:7".parse().unwrap()),
+            "https://127.0.0.2:7"
+        );
         let t = Target::parse("[::1]:9").unwrap();
         assert_eq!(t.literal(), Some("[::1]:9".parse().unwrap()));
         assert!(Target::parse("nohost").is_err());
@@ -184,9 +190,15 @@ mod tests {
     async fn literals_and_hosts_file_names_resolve() {
         let r = Resolver::system();
         let t = Target::parse("127.0.0.3:80").unwrap();
-        assert_eq!(r.resolve(&t).await.unwrap(), vec!["127.0.0.3:80".parse().unwrap()]);
+        assert_eq!(
+            r.resolve(&t).await.unwrap(),
+            vec!["127.0.0.3:80".parse().unwrap()]
+        );
         let t = Target::parse("localhost:80").unwrap();
         let got = r.resolve(&t).await.unwrap();
-        assert!(got.iter().all(|a| a.ip().is_loopback() && a.port() == 80), "{got:?}");
+        assert!(
+            got.iter().all(|a| a.ip().is_loopback() && a.port() == 80),
+            "{got:?}"
+        );
     }
 }

@@ -10,6 +10,7 @@
 pub mod discovery;
 pub mod pool;
 
+use discovery::Resolver;
 use janus_proto::v1 as pb;
 use janus_proto::v1::generation_client::GenerationClient;
 use janus_proto::v1::generation_server::{Generation, GenerationServer};
@@ -17,8 +18,8 @@ use janus_proto::v1::understanding_client::UnderstandingClient;
 use janus_proto::v1::understanding_server::{Understanding, UnderstandingServer};
 use janus_service::stream::{forward, BoxStream};
 use janus_service::{meta, server, status, Lifecycle, Running, ServerOptions};
-pub use pool::Balance;
 pub use pool::BackendSettings;
+pub use pool::Balance;
 use pool::{Backend, Lease, Pool};
 use std::future::Future;
 use std::sync::Arc;
@@ -26,7 +27,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use discovery::Resolver;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
@@ -100,7 +100,10 @@ fn secs(s: f64) -> Duration {
 
 impl GatewayTuning {
     /// Channel and breaker settings of every backend.
-    pub fn backend_settings(&self, tls: Option<tonic::transport::ClientTlsConfig>) -> BackendSettings {
+    pub fn backend_settings(
+        &self,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> BackendSettings {
         BackendSettings {
             connect_timeout: secs(self.connect_timeout),
             keepalive_interval: secs(self.backend_keepalive),
@@ -693,17 +696,18 @@ pub async fn serve(
     let gateway = Gateway::new(&opts, life.abort.clone())?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     let n = opts.server.max_message_bytes;
-    let router = server::add_reflection(server::builder(&opts.server, &life)?.add_service(health_svc))?
-        .add_service(
-            UnderstandingServer::new(gateway.clone())
-                .max_decoding_message_size(n)
-                .max_encoding_message_size(n),
-        )
-        .add_service(
-            GenerationServer::new(gateway.clone())
-                .max_decoding_message_size(n)
-                .max_encoding_message_size(n),
-        );
+    let router =
+        server::add_reflection(server::builder(&opts.server, &life)?.add_service(health_svc))?
+            .add_service(
+                UnderstandingServer::new(gateway.clone())
+                    .max_decoding_message_size(n)
+                    .max_encoding_message_size(n),
+            )
+            .add_service(
+                GenerationServer::new(gateway.clone())
+                    .max_decoding_message_size(n)
+                    .max_encoding_message_size(n),
+            );
     // The gateway itself is up; per-service status follows the backends' health.
     health.set_service_status("", ServingStatus::Serving).await;
     let interval = Duration::from_secs_f64(opts.tuning.health_interval.max(0.05));

@@ -304,7 +304,9 @@ impl Pool {
                 Ok(addrs) => {
                     found.insert(i, addrs);
                 }
-                Err(e) => tracing::warn!(target = %t.display(), "{e}; keeping the last good addresses"),
+                Err(e) => {
+                    tracing::warn!(target = %t.display(), "{e}; keeping the last good addresses")
+                }
             }
         }
         if let Err(e) = self.apply(found) {
@@ -466,7 +468,10 @@ mod tests {
             *counts.entry(q.candidates()[0].url.clone()).or_insert(0) += 1;
         }
         assert_eq!(counts.get("http://127.0.0.1:1"), None, "{counts:?}");
-        assert!(counts["http://127.0.0.1:3"] > counts["http://127.0.0.1:2"], "{counts:?}");
+        assert!(
+            counts["http://127.0.0.1:3"] > counts["http://127.0.0.1:2"],
+            "{counts:?}"
+        );
         // All eligible backends are still offered for a retry.
         assert_eq!(q.candidates().len(), 3);
         drop(_a);
@@ -520,7 +525,10 @@ mod tests {
         // A new answer replaces the set; the kept address keeps its backend (and channel).
         p.apply(HashMap::from([(
             0,
-            vec!["127.0.0.2:7".parse().unwrap(), "127.0.0.3:7".parse().unwrap()],
+            vec![
+                "127.0.0.2:7".parse().unwrap(),
+                "127.0.0.3:7".parse().unwrap(),
+            ],
         )]))
         .unwrap();
         let after = p.backends();

@@ -249,7 +249,11 @@ impl janus_service::half::ModelHalf for Half {
         with_metrics(config, metrics)
     }
 
-    fn load(dir: &Path, opts: &LoadOptions, config: GenerationConfig) -> anyhow::Result<GenerationEngine> {
+    fn load(
+        dir: &Path,
+        opts: &LoadOptions,
+        config: GenerationConfig,
+    ) -> anyhow::Result<GenerationEngine> {
         load(dir, opts, config)
     }
 

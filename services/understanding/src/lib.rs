@@ -246,7 +246,11 @@ impl janus_service::half::ModelHalf for Half {
         with_metrics(config, metrics)
     }
 
-    fn load(dir: &Path, opts: &LoadOptions, config: UnderstandingConfig) -> anyhow::Result<UnderstandingEngine> {
+    fn load(
+        dir: &Path,
+        opts: &LoadOptions,
+        config: UnderstandingConfig,
+    ) -> anyhow::Result<UnderstandingEngine> {
         load(dir, opts, config)
     }
 
