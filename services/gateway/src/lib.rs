@@ -892,11 +892,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         life.clone(),
     )
     .await?;
-    tracing::info!("janus gateway listening on {}", running.local_addr());
     if let Some(h) = &http_running {
         // A stable line for scripts and tests (the port may have been chosen by the OS).
         eprintln!("janus: http api on {} (playground: {}/)", h.url(), h.url());
     }
+    tracing::info!("janus gateway listening on {}", running.local_addr());
     args.server.serve_health(&running).await?;
     server::spawn_signal_handler(
         life,
