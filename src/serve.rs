@@ -36,12 +36,23 @@ pub struct ServeArgs {
     pub preview_size: u32,
     #[command(flatten)]
     pub tuning: GatewayTuning,
+    /// Address of the OpenAI-compatible HTTP port (/v1/chat/completions,
+    /// /v1/images/generations, /v1/models, /openapi.json, playground at /); `off` turns it
+    /// off. Same API keys and TLS certificate as --listen.
+    #[arg(long, env = "JANUS_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
+    pub http_listen: String,
+    #[command(flatten)]
+    pub http: janus_gateway::http::HttpFlags,
 }
 
 /// Loads both halves (one shared LLM when they share a device), starts the three servers, serves until SIGTERM/ctrl-c.
 pub async fn run(args: ServeArgs) -> Result<()> {
     // The public port first: a busy port fails in a second, not after the model loaded.
     let public = server::bind(&args.listen).await?;
+    let http_listener = match janus_gateway::http::listen_addr(&args.http_listen) {
+        Some(addr) => Some(server::bind(addr).await?),
+        None => None,
+    };
     let resolved = args.model.resolve()?;
     let und_dev = args.understanding_device.clone();
     let gen_dev = args.generation_device.clone();
@@ -104,7 +115,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         life.child(),
     )
     .await?;
-    let gateway = janus_gateway::serve(
+    let (gateway, http) = janus_gateway::serve_with_http(
         GatewayOptions {
             understanding: vec![und_srv.url()],
             generation: vec![gen_srv.url()],
@@ -113,6 +124,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             backend_tls: None,
         },
         public,
+        http_listener.map(|listener| janus_gateway::HttpPort {
+            listener,
+            options: args.http.options(),
+        }),
         life.child(),
     )
     .await?;
@@ -123,7 +138,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     );
     // The public port's health, for probes that speak neither TLS nor keys.
     args.server.serve_health(&gateway).await?;
-    // A stable line for scripts and tests.
+    // Stable lines for scripts and tests (the HTTP one first: "serving on" means all is up).
+    if let Some(h) = &http {
+        eprintln!("janus: http api on {} (playground: {}/)", h.url(), h.url());
+    }
     eprintln!("janus: serving on {scheme}://{}", gateway.local_addr());
     server::spawn_signal_handler(
         life.clone(),

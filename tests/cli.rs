@@ -75,6 +75,9 @@ impl Server {
                 "127.0.0.1:0",
                 "--grace-period",
                 "2",
+                // The HTTP port (on by default at 127.0.0.1:8000) is tests/openai_http.rs's.
+                "--http-listen",
+                "off",
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -256,6 +259,8 @@ fn exit_codes_without_a_server() {
             "deepseek-ai/Janus-Pro-1B",
             "--listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "off",
         ],
         &[
             ("HF_HUB_OFFLINE", "1"),
@@ -431,6 +436,7 @@ fn a_second_signal_exits_at_once() {
     let mut server = Command::new(JANUS)
         .args(["serve", "--model", model.to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--grace-period", "600"])
+        .args(["--http-listen", "off"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

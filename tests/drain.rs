@@ -20,7 +20,7 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
     let mut server = Command::new(JANUS)
         .args(["serve", "--model", model.to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--grace-period", "600"])
-        .args(["--max-new-tokens-limit", "4000"])
+        .args(["--max-new-tokens-limit", "4000", "--http-listen", "off"])
         .env("RUST_LOG", "info")
         .env("JANUS_LOG_FORMAT", "text")
         .stdin(Stdio::null())

@@ -192,6 +192,7 @@ async fn api_keys_at_the_gateway() {
                 reflection_requires_key,
             },
             tls: None,
+            tls_files: None,
         },
         metrics: metrics.clone(),
         ..cfg.server.clone()
@@ -296,6 +297,7 @@ async fn mtls_backends() -> MtlsBackends {
             reflection_requires_key: false,
         },
         tls: Some(janus_service::tls::server_config(&cert, &key, Some(&client_ca)).unwrap()),
+        tls_files: None,
     };
     let und = start_understanding(&cfg).await;
     let gen = start_generation(&cfg).await;
@@ -332,6 +334,7 @@ async fn tls_to_the_gateway_and_mtls_to_the_services() {
                 reflection_requires_key: false,
             },
             tls: Some(janus_service::tls::server_config(&pub_cert, &pub_key, None).unwrap()),
+            tls_files: None,
         },
         grace_period: Duration::from_secs(2),
         ..Default::default()
@@ -551,6 +554,7 @@ fn cli_with_api_key_and_ca_file() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_janus"))
         .args(["serve", "--model", model.to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--grace-period", "1"])
+        .args(["--http-listen", "off"])
         .arg("--tls-cert")
         .arg(&cert)
         .arg("--tls-key")

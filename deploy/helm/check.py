@@ -316,12 +316,21 @@ def check_manifests(name: str, values: dict, docs: list[dict], f: Failures) -> N
         hpa_on = merged[comp]["autoscaling"]["enabled"]
         f.check(("replicas" in spec) != hpa_on, f"{where}: replicas set iff no HPA")
 
-    # Services select exactly their component's pods, with grpc and metrics ports.
+    # Services select exactly their component's pods, with grpc and metrics ports (and the
+    # gateway's OpenAI-compatible http port when enabled, on its container too).
     for svc in services.values():
         matched = [c for c, d in deployments.items() if selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
         f.check(len(matched) == 1, f"{name}: Service {svc['metadata']['name']} selects {matched}")
         headless = svc["spec"].get("clusterIP") == "None"
         want_ports = {"grpc"} if headless else {"grpc", "metrics"}
+        if matched == ["gateway"] and not headless and merged["gateway"]["http"]["enabled"]:
+            want_ports.add("http")
+            container = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+            f.check(any(p["name"] == "http" and p["containerPort"] == merged["gateway"]["http"]["port"]
+                        for p in container["ports"]), f"{name}: gateway container http port")
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            f.check(env.get("JANUS_HTTP_LISTEN") == f"0.0.0.0:{merged['gateway']['http']['port']}",
+                    f"{name}: gateway JANUS_HTTP_LISTEN")
         f.check({p["name"] for p in svc["spec"]["ports"]} == want_ports, f"{name}: Service ports")
     # Each enabled model component has a headless Service (the gateway's discovery).
     for comp in MODEL_COMPONENTS:

@@ -232,6 +232,39 @@ impl AuthPolicy {
     }
 }
 
+impl AuthPolicy {
+    /// Checks the `authorization` header of a request to `path` against the keys and counts
+    /// it in `janus_auth_requests_total`: the one check of every transport (the tower layer of
+    /// the gRPC servers, the gateway's HTTP port). UNAUTHENTICATED naming what is wrong (never
+    /// the key) when refused; always `Ok` without keys.
+    pub fn authorize(
+        &self,
+        metrics: &janus_telemetry::Metrics,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<(), tonic::Status> {
+        let Some(keys) = self.keys.as_deref() else {
+            return Ok(());
+        };
+        match keys.check(headers.get(http::header::AUTHORIZATION)) {
+            Ok(label) => {
+                metrics.count_auth(label, "ok");
+                Ok(())
+            }
+            Err(why) => {
+                metrics.count_auth("none", why.label());
+                tracing::info!(
+                    path,
+                    reason = why.label(),
+                    "request refused: {}",
+                    why.message()
+                );
+                Err(tonic::Status::unauthenticated(why.message()))
+            }
+        }
+    }
+}
+
 /// The tower layer checking API keys (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
@@ -284,22 +317,11 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
-        if let (true, Some(keys)) = (self.policy.protects(path), self.policy.keys.as_deref()) {
-            match keys.check(request.headers().get(http::header::AUTHORIZATION)) {
-                Ok(label) => self.metrics.count_auth(label, "ok"),
-                Err(why) => {
-                    self.metrics.count_auth("none", why.label());
-                    tracing::info!(
-                        path,
-                        reason = why.label(),
-                        "request refused: {}",
-                        why.message()
-                    );
-                    let status = tonic::Status::unauthenticated(why.message());
-                    return AuthFuture::Refused {
-                        response: Some(status.into_http()),
-                    };
-                }
+        if self.policy.protects(path) {
+            if let Err(status) = self.policy.authorize(&self.metrics, path, request.headers()) {
+                return AuthFuture::Refused {
+                    response: Some(status.into_http()),
+                };
             }
         }
         AuthFuture::Inner {

@@ -193,12 +193,21 @@ impl SecurityFlags {
             self.tls_key.as_deref(),
             self.tls_client_ca.as_deref(),
         )?;
+        let tls_files = match (&tls, &self.tls_cert, &self.tls_key) {
+            (Some(_), Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
         Ok(Security {
             auth: crate::auth::AuthPolicy {
                 keys: keys.map(std::sync::Arc::new),
                 reflection_requires_key: self.reflection_requires_key,
             },
             tls,
+            tls_files,
         })
     }
 }

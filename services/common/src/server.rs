@@ -60,6 +60,9 @@ pub struct Security {
     pub auth: AuthPolicy,
     /// TLS of the port (with a client CA: mTLS); `None`: plaintext.
     pub tls: Option<ServerTlsConfig>,
+    /// The PEM files `tls` was built from, for listeners that are not tonic servers (the
+    /// gateway's HTTP port uses the same certificate).
+    pub tls_files: Option<crate::tls::TlsFiles>,
 }
 
 /// The layers of every server: per-RPC metrics outside, the API-key check inside (a refused

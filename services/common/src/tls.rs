@@ -48,6 +48,31 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// The PEM files of a server's TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Private key of `cert`.
+    pub key: std::path::PathBuf,
+    /// CA that client certificates must be signed by (mTLS).
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// The certificate chain, key and client CA as PEM bytes (checked to be PEM).
+    pub fn read(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)> {
+        Ok((
+            read(&self.cert, "certificate")?,
+            read(&self.key, "private key")?,
+            self.client_ca
+                .as_deref()
+                .map(|ca| read(ca, "client CA"))
+                .transpose()?,
+        ))
+    }
+}
+
 /// Server TLS from optional flags: none without `--tls-cert`; both of `--tls-cert` and
 /// `--tls-key` are needed, and `--tls-client-ca` only makes sense with them.
 pub fn server_config_from(

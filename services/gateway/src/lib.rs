@@ -8,6 +8,8 @@
 //! lost mid-stream: UNAVAILABLE naming it).
 
 pub mod discovery;
+pub mod http;
+mod openai;
 pub mod pool;
 
 use discovery::Resolver;
@@ -693,7 +695,39 @@ pub async fn serve(
     listener: TcpListener,
     life: Lifecycle,
 ) -> anyhow::Result<Running> {
+    Ok(serve_with_http(opts, listener, None, life).await?.0)
+}
+
+/// The HTTP port of [`serve_with_http`]: where, and with which options.
+#[derive(Debug)]
+pub struct HttpPort {
+    /// The bound listener.
+    pub listener: TcpListener,
+    /// Image fetching.
+    pub options: http::HttpOptions,
+}
+
+/// [`serve`], plus the OpenAI-compatible HTTP port ([`http`]) over the same gateway when
+/// `http` is given: same keys, TLS certificate, limits and metrics as the gRPC port. The HTTP
+/// port closes to new connections when `life.shutdown` fires.
+pub async fn serve_with_http(
+    opts: GatewayOptions,
+    listener: TcpListener,
+    http: Option<HttpPort>,
+    life: Lifecycle,
+) -> anyhow::Result<(Running, Option<http::HttpRunning>)> {
     let gateway = Gateway::new(&opts, life.abort.clone())?;
+    // Built first: a TLS file problem fails before anything is served.
+    let http_running = match http {
+        Some(port) => Some(http::spawn(
+            gateway.clone(),
+            &opts.server,
+            port.options,
+            port.listener,
+            life.clone(),
+        )?),
+        None => None,
+    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let n = opts.server.max_message_bytes;
     let router =
@@ -758,7 +792,7 @@ pub async fn serve(
         timeout,
         life.shutdown.clone(),
     );
-    server::spawn(
+    let running = server::spawn(
         router,
         listener,
         health,
@@ -768,7 +802,8 @@ pub async fn serve(
         ],
         opts.server.grace_period,
         life,
-    )
+    )?;
+    Ok((running, http_running))
 }
 
 /// Command-line arguments of `janus-gateway` / `janus gateway`.
@@ -789,6 +824,13 @@ pub struct Args {
     pub server: janus_service::flags::ServerFlags,
     #[command(flatten)]
     pub backend_tls: BackendTlsFlags,
+    /// Address of the OpenAI-compatible HTTP port (/v1/chat/completions,
+    /// /v1/images/generations, /v1/models, /openapi.json, playground at /), e.g. 127.0.0.1:8000
+    /// (off when not given; `off` turns it off). Same API keys and TLS certificate as --listen.
+    #[arg(long, env = "JANUS_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    #[command(flatten)]
+    pub http: http::HttpFlags,
 }
 
 /// TLS from the gateway to its backends.
@@ -838,8 +880,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let backend_tls = args.backend_tls.config()?;
     args.server.serve_metrics(&server_options.metrics).await?;
     let listener = server::bind(&args.listen).await?;
+    let http_port = match args.http_listen.as_deref().and_then(http::listen_addr) {
+        Some(addr) => Some(HttpPort {
+            listener: server::bind(addr).await?,
+            options: args.http.options(),
+        }),
+        None => None,
+    };
     let life = Lifecycle::new();
-    let running = serve(
+    let (running, http_running) = serve_with_http(
         GatewayOptions {
             understanding: args.understanding_backends,
             generation: args.generation_backends,
@@ -848,9 +897,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             backend_tls,
         },
         listener,
+        http_port,
         life.clone(),
     )
     .await?;
+    if let Some(h) = &http_running {
+        // A stable line for scripts and tests (the port may have been chosen by the OS).
+        eprintln!("janus: http api on {} (playground: {}/)", h.url(), h.url());
+    }
     tracing::info!("janus gateway listening on {}", running.local_addr());
     args.server.serve_health(&running).await?;
     server::spawn_signal_handler(

@@ -1,0 +1,232 @@
+//! The gateway's HTTP port (`--http-listen`): OpenAI-compatible `/v1` routes, an OpenAPI
+//! document and a playground page, served by axum on hyper (the versions tonic pulls in),
+//! HTTP/1.1 and HTTP/2, with the gRPC port's certificate when it has TLS. Every `/v1` call
+//! goes through the same in-process [`Gateway`] as gRPC (see `api`).
+//!
+//! Body limit: the gateway's `--max-message-bytes` plus a third for the base64 of inline
+//! images and 64 KiB for the JSON around them ([`body_limit`]).
+
+mod api;
+pub mod fetch;
+mod tls;
+
+pub use fetch::{FetchError, FetchPolicy, Fetcher};
+
+use crate::Gateway;
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use janus_service::{Lifecycle, ServerOptions};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use api::TIMEOUT_HEADER;
+
+/// Options of the HTTP port.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// Which remote `image_url`s may be fetched.
+    pub fetch: FetchPolicy,
+}
+
+/// Flags of the HTTP port shared by `janus gateway` and `janus serve` (the listen address is
+/// each command's own: off by default for the gateway, on for `janus serve`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpFlags {
+    /// Hosts whose http(s) image URLs chat requests may use, comma-separated `host` or
+    /// `host:port` (default: none, images must be inline data: URIs).
+    #[arg(long, env = "JANUS_IMAGE_FETCH_HOSTS", value_delimiter = ',')]
+    pub image_fetch_hosts: Vec<String>,
+    /// Largest fetched image in bytes.
+    #[arg(long, env = "JANUS_IMAGE_FETCH_MAX_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub image_fetch_max_bytes: usize,
+    /// Seconds a fetch of an image URL may take.
+    #[arg(long, env = "JANUS_IMAGE_FETCH_TIMEOUT", default_value_t = 10.0)]
+    pub image_fetch_timeout: f64,
+}
+
+impl HttpFlags {
+    /// As options.
+    pub fn options(&self) -> HttpOptions {
+        HttpOptions {
+            fetch: FetchPolicy {
+                allow_hosts: self
+                    .image_fetch_hosts
+                    .iter()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .collect(),
+                max_bytes: self.image_fetch_max_bytes,
+                timeout: Duration::from_secs_f64(self.image_fetch_timeout.clamp(0.01, 3600.0)),
+            },
+        }
+    }
+}
+
+/// The address of an `--http-listen` value; `off`, `none` or empty: no HTTP port.
+pub fn listen_addr(value: &str) -> Option<&str> {
+    let v = value.trim();
+    (!v.is_empty() && !v.eq_ignore_ascii_case("off") && !v.eq_ignore_ascii_case("none"))
+        .then_some(v)
+}
+
+/// Largest HTTP request body for a gateway whose largest gRPC message is `max_message_bytes`:
+/// base64 makes inline images a third larger, and the JSON around them gets 64 KiB.
+pub fn body_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes
+        .saturating_add(max_message_bytes.div_ceil(3))
+        .saturating_add(64 * 1024)
+}
+
+/// The running HTTP port.
+#[derive(Debug)]
+pub struct HttpRunning {
+    addr: SocketAddr,
+    tls: bool,
+    task: JoinHandle<()>,
+}
+
+impl HttpRunning {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR` or `https://ADDR`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Waits until the port has stopped accepting (after the shutdown signal).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Serves the HTTP port on `listener` over `gateway` until `life.shutdown`: then no new
+/// connections, open ones finish their requests (streams end with the gateway's grace period).
+pub(crate) fn spawn(
+    gateway: Gateway,
+    server: &ServerOptions,
+    opts: HttpOptions,
+    listener: TcpListener,
+    life: Lifecycle,
+) -> anyhow::Result<HttpRunning> {
+    let addr = listener.local_addr().context("local address")?;
+    let tls = match &server.security.tls_files {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(
+            tls::server_config(files).context("TLS of the HTTP port")?,
+        )),
+        None => {
+            anyhow::ensure!(
+                server.security.tls.is_none(),
+                "the gRPC port has TLS but its PEM files are unknown: the HTTP port cannot use it"
+            );
+            None
+        }
+    };
+    let state = Arc::new(api::AppState {
+        gateway,
+        auth: server.security.auth.clone(),
+        metrics: server.metrics.clone(),
+        body_limit: body_limit(server.max_message_bytes),
+        fetcher: Fetcher::new(opts.fetch).context("image fetch client")?,
+        started: crate::openai::unix_now(),
+        infos: Mutex::new([None, None]),
+    });
+    let router = api::router(state);
+    let is_tls = tls.is_some();
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, _peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%addr, "HTTP accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = life.shutdown.cancelled() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let router = router.clone();
+            let tls = tls.clone();
+            let (stop, abort) = (life.shutdown.clone(), life.abort.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => connection(TokioIo::new(tcp), router, stop, abort).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            janus_service::tls::HANDSHAKE_TIMEOUT,
+                            acceptor.accept(tcp),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => connection(TokioIo::new(s), router, stop, abort).await,
+                            Ok(Err(e)) => tracing::debug!("HTTP TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!("HTTP TLS handshake timed out"),
+                        }
+                    }
+                }
+            });
+        }
+        tracing::info!(%addr, "HTTP port closed to new connections");
+    });
+    Ok(HttpRunning {
+        addr,
+        tls: is_tls,
+        task,
+    })
+}
+
+/// Serves one connection (HTTP/1.1 or HTTP/2); on shutdown, finishes its requests gracefully
+/// until `abort`.
+async fn connection<I>(
+    io: TokioIo<I>,
+    router: axum::Router,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder
+        .serve_connection(io, TowerToHyperService::new(router))
+        .into_owned();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = abort.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("HTTP connection ended: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_values_and_limits() {
+        assert_eq!(listen_addr("127.0.0.1:8000"), Some("127.0.0.1:8000"));
+        assert_eq!(listen_addr("off"), None);
+        assert_eq!(listen_addr(" OFF "), None);
+        assert_eq!(listen_addr(""), None);
+        assert_eq!(body_limit(3 << 20), (4 << 20) + 64 * 1024);
+    }
+}
