@@ -6,7 +6,7 @@ use janus_proto::v1::generate_response::Event;
 use janus_service::ms;
 
 /// A request as engine input (validation happens in the engine).
-pub(crate) fn input(req: pb::GenerateRequest) -> GenerateInput {
+pub fn input(req: pb::GenerateRequest) -> GenerateInput {
     let format = match pb::OutputFormat::try_from(req.output_format) {
         Ok(pb::OutputFormat::Jpeg) => OutputFormat::Jpeg,
         Ok(pb::OutputFormat::TokensOnly) => OutputFormat::TokensOnly,
@@ -26,7 +26,7 @@ pub(crate) fn input(req: pb::GenerateRequest) -> GenerateInput {
 }
 
 /// True when `output_format` holds a value this protocol version defines.
-pub(crate) fn known_format(v: i32) -> bool {
+pub fn known_format(v: i32) -> bool {
     pb::OutputFormat::try_from(v).is_ok()
 }
 

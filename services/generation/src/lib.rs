@@ -2,7 +2,9 @@
 //! encoding come from [`janus_engine::GenerationEngine`]; this crate converts the protocol,
 //! maps errors to statuses and assembles the server (health, reflection, limits, shutdown).
 
-mod adapter;
+/// Protocol → engine conversion; public only so the fuzz targets (`fuzz/`) run the real code.
+#[doc(hidden)]
+pub mod adapter;
 
 use janus_engine::{GenerateEvent, GenerationConfig, GenerationEngine, RequestMeta, StepObserver};
 use janus_pipeline::generate::MAX_IMAGES;

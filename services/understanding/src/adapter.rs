@@ -8,7 +8,7 @@ use janus_proto::v1::understand_response::Event;
 use janus_service::ms;
 
 /// A request as engine input (validation happens in the engine).
-pub(crate) fn input(req: pb::UnderstandRequest) -> UnderstandInput {
+pub fn input(req: pb::UnderstandRequest) -> UnderstandInput {
     let s = req.sampling.unwrap_or_default();
     UnderstandInput {
         messages: req

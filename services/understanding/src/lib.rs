@@ -3,7 +3,9 @@
 //! protocol, maps errors to statuses and assembles the server (health, reflection, limits,
 //! graceful shutdown).
 
-mod adapter;
+/// Protocol → engine conversion; public only so the fuzz targets (`fuzz/`) run the real code.
+#[doc(hidden)]
+pub mod adapter;
 
 use janus_engine::{
     RequestMeta, StepObserver, UnderstandEvent, UnderstandingConfig, UnderstandingEngine,
