@@ -670,7 +670,10 @@ mod tests {
         let r = ctx.request(());
         assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer k");
         assert!(r.metadata().get("cookie").is_none());
-        assert_eq!(meta::grpc_timeout(r.metadata()), Some(Duration::from_millis(2500)));
+        assert_eq!(
+            meta::grpc_timeout(r.metadata()),
+            Some(Duration::from_millis(2500) - meta::DEADLINE_MARGIN)
+        );
         h.insert(TIMEOUT_HEADER, "soon".parse().unwrap());
         assert!(ctx.deadline(&h).is_err());
     }
