@@ -4,6 +4,8 @@
 //! Understanding: time to first token, time per output token (inter-token gaps), tokens/s.
 //! Generation: time to first progress event, time per step, seconds per image, images/minute.
 //! Every request gets its own prompt (and seed), so batching cannot share identical work.
+//! Errors are counted by gRPC status code (`errors_by_code`); `request_ms` has the latency of
+//! whole requests.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
@@ -50,6 +52,11 @@ struct Args {
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 3600)]
     timeout_s: u64,
+    /// Run each level for this many seconds instead of a request count: every client sends
+    /// requests back to back until the time is up (requests running then finish, bounded by
+    /// --timeout-s).
+    #[arg(long)]
+    duration_s: Option<f64>,
 }
 
 /// One finished request's measurements.
@@ -220,29 +227,54 @@ async fn main() -> Result<()> {
         next_id += total;
         let t0 = Instant::now();
         let mut tasks = Vec::new();
+        // With --duration-s, ids past this level's are drawn from a shared counter.
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(next_id + 1_000_000));
         for w in 0..c {
             let mine: Vec<usize> = ids.iter().copied().skip(w).step_by(c).collect();
             let (ch, args2, image) = (ch.clone(), args.clone(), image.clone());
+            let counter = counter.clone();
             tasks.push(tokio::spawn(async move {
                 let mut out = Vec::new();
-                for i in mine {
-                    out.push(match args2.mode {
-                        Mode::Understand => {
-                            understand_once(ch.clone(), &args2, i, image.clone()).await
+                let one = |i: usize| {
+                    let (ch, args2, image) = (ch.clone(), args2.clone(), image.clone());
+                    async move {
+                        match args2.mode {
+                            Mode::Understand => understand_once(ch, &args2, i, image).await,
+                            Mode::Generate => generate_once(ch, &args2, i).await,
                         }
-                        Mode::Generate => generate_once(ch.clone(), &args2, i).await,
-                    });
+                    }
+                };
+                match args2.duration_s {
+                    Some(d) => {
+                        while t0.elapsed().as_secs_f64() < d {
+                            let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            out.push(one(i).await);
+                        }
+                    }
+                    None => {
+                        for i in mine {
+                            out.push(one(i).await);
+                        }
+                    }
                 }
                 out
             }));
         }
         let mut samples = Vec::new();
         let mut errors = Vec::new();
+        let mut by_code = std::collections::BTreeMap::<String, usize>::new();
         for t in tasks {
             for r in t.await? {
                 match r {
                     Ok(s) => samples.push(s),
-                    Err(e) => errors.push(format!("{e:#}")),
+                    Err(e) => {
+                        let code = match e.downcast_ref::<tonic::Status>() {
+                            Some(s) => format!("{:?}", s.code()),
+                            None => "client".to_string(),
+                        };
+                        *by_code.entry(code).or_default() += 1;
+                        errors.push(format!("{e:#}"));
+                    }
                 }
             }
         }
@@ -257,7 +289,9 @@ async fn main() -> Result<()> {
             "concurrency": c,
             "requests": samples.len(),
             "errors": errors.len(),
+            "errors_by_code": by_code,
             "wall_s": (wall * 1000.0).round() / 1000.0,
+            "request_ms": percentiles(samples.iter().map(|s| s.total_ms).collect()),
         });
         match args.mode {
             Mode::Understand => {
