@@ -1,7 +1,8 @@
 //! Shutdown of a real `janus serve` process: after SIGTERM it keeps accepting connections while
 //! it drains, a new connection sees health NOT_SERVING and a new call UNAVAILABLE ("draining"),
 //! the request already running finishes whole, and the process then exits by itself long
-//! before its grace period (the listener closes once nothing is in flight).
+//! before its grace period (the listener closes once nothing is in flight). The OpenAI HTTP
+//! port of the gateway answers 503 during the drain too.
 
 mod common;
 
@@ -20,7 +21,7 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
     let mut server = Command::new(JANUS)
         .args(["serve", "--model", model.to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--grace-period", "600"])
-        .args(["--max-new-tokens-limit", "4000", "--http-listen", "off"])
+        .args(["--max-new-tokens-limit", "4000", "--http-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .env("JANUS_LOG_FORMAT", "text")
         .stdin(Stdio::null())
@@ -42,6 +43,15 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
             None => panic!("server exited before printing '{what}'"),
         }
     };
+    let http = wait_line("janus: http api on ")
+        .await
+        .split("janus: http api on ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
     let url = wait_line("janus: serving on ")
         .await
         .split("janus: serving on ")
@@ -118,6 +128,18 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The OpenAI HTTP port of the same gateway: 503 in OpenAI's error shape.
+    let r = reqwest::Client::new()
+        .post(format!("{http}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(r#"{"model": "x", "messages": [{"role": "user", "content": "hi"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let msg = body["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("draining"), "{body}");
     assert!(
         !reader.is_finished(),
         "the checks ran while the request was in flight"

@@ -69,6 +69,20 @@ impl Drain {
         }
     }
 
+    /// Counts work that does not pass the layer (the gateway's HTTP port) as in flight until
+    /// the returned body — `body` wrapped — is dropped. Check [`Drain::is_draining`] first.
+    pub fn track<B>(&self, body: B) -> DrainBody<B> {
+        DrainBody {
+            inner: body,
+            guard: Some(self.enter()),
+        }
+    }
+
+    /// A guard counting one unit of work in flight until dropped (see [`Drain::track`]).
+    pub fn in_flight_guard(&self) -> impl Drop + Send + Sync + 'static {
+        self.enter()
+    }
+
     fn enter(&self) -> InFlight {
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight {

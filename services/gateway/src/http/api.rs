@@ -66,6 +66,9 @@ pub(crate) struct AppState {
     pub started: u64,
     /// Recent `Info` answers of each half.
     pub infos: Mutex<[Option<(Instant, pb::InfoResponse)>; 2]>,
+    /// The gateway server's drain: API calls are refused (503) while it drains and counted
+    /// in flight otherwise, as gRPC calls are.
+    pub drain: janus_service::drain::Drain,
 }
 
 type St = State<Arc<AppState>>;
@@ -81,7 +84,30 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/generations", post(image_generations))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), drain_gate))
         .with_state(state)
+}
+
+/// During the drain `/v1/` calls get 503 (UNAVAILABLE, "draining"); otherwise each counts as
+/// in flight until its response body (a whole SSE stream) is done, so the drain waits for it.
+async fn drain_gate(State(state): St, req: Request, next: axum::middleware::Next) -> Response {
+    if !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    if state.drain.is_draining() {
+        let s = Status::unavailable(
+            "the server is draining for shutdown and takes no new requests; retry on another \
+             replica",
+        );
+        return ApiError::from_status(&s, |_| None).into_response();
+    }
+    let guard = state.drain.in_flight_guard();
+    let response = next.run(req).await;
+    response.map(|body| {
+        let body = state.drain.track(body);
+        drop(guard);
+        Body::new(body)
+    })
 }
 
 async fn playground() -> Response {

@@ -110,8 +110,10 @@ impl HttpRunning {
     }
 }
 
-/// Serves the HTTP port on `listener` over `gateway` until `life.shutdown`: then no new
-/// connections, open ones finish their requests (streams end with the gateway's grace period).
+/// Serves the HTTP port on `listener` over `gateway`. From `life.shutdown` the gateway drains:
+/// new API calls get 503, running ones are counted in its drain; once its listener closes
+/// (`life.closed`) no new connections, open ones finish their requests (streams end with the
+/// gateway's grace period).
 pub(crate) fn spawn(
     gateway: Gateway,
     server: &ServerOptions,
@@ -140,6 +142,7 @@ pub(crate) fn spawn(
         fetcher: Fetcher::new(opts.fetch).context("image fetch client")?,
         started: crate::openai::unix_now(),
         infos: Mutex::new([None, None]),
+        drain: life.drain.clone(),
     });
     let router = api::router(state);
     let is_tls = tls.is_some();
@@ -154,12 +157,13 @@ pub(crate) fn spawn(
                         continue;
                     }
                 },
-                _ = life.shutdown.cancelled() => break,
+                // Accepting until the gateway's listener closes (its drain is over), as gRPC.
+                _ = life.closed.cancelled() => break,
             };
             let _ = tcp.set_nodelay(true);
             let router = router.clone();
             let tls = tls.clone();
-            let (stop, abort) = (life.shutdown.clone(), life.abort.clone());
+            let (stop, abort) = (life.closed.clone(), life.abort.clone());
             tokio::spawn(async move {
                 match tls {
                     None => connection(TokioIo::new(tcp), router, stop, abort).await,
