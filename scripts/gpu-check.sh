@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# gpu-check.sh [--device cuda:0|cpu] [--quick] — the one prepared check for a lent GPU host.
+#
+# Runs from the folder unpacked from janus-cuda-<cap>.tar.xz (scripts/build-cuda.sh): no Rust
+# toolchain needed. A few minutes on an H200; every step is time-boxed. Steps:
+#   env      uname, nproc, memory, nvidia-smi (when present)
+#   ldd      `ldd ./janus` and `ldd ./parity`; a CUDA library "not found" fails the run (not on cpu)
+#   parity   the parity test binary on the tiny fixture (tests/parity.rs: it loads the models
+#            with LoadOptions::default(), i.e. CPU/f32, whatever --device says)
+#   synth    `janus synth --preset pro-7b` into a temp dir on local disk
+#            (cpu --quick: pro-1b with 2 LLM layers)
+#   bench    `janus bench --device DEV --dtype bf16` (cpu: f32), JSON out; GPU memory sampled
+#   torch    optional: torch version and CUDA availability, when python3 has torch
+# Everything lands in $OUT (default ./gpu-check-out): one log per step, bench.json, summary.json.
+# Exit status: 0 when every required step passed, 1 otherwise.
+#
+# Env overrides: JANUS_BIN (default ./janus), PARITY_BIN (default ./parity), JANUS_FIXTURE_DIR
+# (default ./fixtures/janus-tiny, else ../tests/fixtures/janus-tiny), OUT, PRESET, LLM_LAYERS,
+# DTYPE, GEN_STEPS, DECODE_TOKENS, JANUS_THREADS, KEEP_MODEL=1 (keep the synthetic checkpoint),
+# WORK_DIR (where the checkpoint goes, default $TMPDIR or /tmp), T_<STEP> (timeout in s per step).
+set -euo pipefail
+
+DEVICE=cuda:0
+QUICK=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="${2:?--device needs a value}"; shift 2 ;;
+    --device=*) DEVICE="${1#--device=}"; shift ;;
+    --quick) QUICK=1; shift ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu-check.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+  esac
+done
+case "$DEVICE" in
+  cpu) ON_GPU=0 ;;
+  cuda:[0-9]*) ON_GPU=1 ;;
+  *) echo "gpu-check.sh: --device must be cpu or cuda:N, got '$DEVICE'" >&2; exit 2 ;;
+esac
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+JANUS_BIN="${JANUS_BIN:-$HERE/janus}"
+PARITY_BIN="${PARITY_BIN:-$HERE/parity}"
+if [ -z "${JANUS_FIXTURE_DIR:-}" ]; then
+  for d in "$HERE/fixtures/janus-tiny" "$HERE/../tests/fixtures/janus-tiny"; do
+    if [ -f "$d/golden.json" ]; then JANUS_FIXTURE_DIR="$(cd "$d" && pwd)"; break; fi
+  done
+fi
+FIXTURE="${JANUS_FIXTURE_DIR:?no fixture found: set JANUS_FIXTURE_DIR}"
+OUT="${OUT:-./gpu-check-out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+# What runs, per device and --quick (all overridable).
+if [ "$ON_GPU" = 1 ]; then
+  PRESET="${PRESET:-pro-7b}"
+  DTYPE="${DTYPE:-bf16}"
+  if [ "$QUICK" = 1 ]; then GEN_STEPS="${GEN_STEPS:-96}"; else GEN_STEPS="${GEN_STEPS:-576}"; fi
+  DECODE_TOKENS="${DECODE_TOKENS:-32}"
+else
+  DTYPE="${DTYPE:-f32}"
+  if [ "$QUICK" = 1 ]; then
+    PRESET="${PRESET:-pro-1b}"; LLM_LAYERS="${LLM_LAYERS:-2}"
+    GEN_STEPS="${GEN_STEPS:-8}"; DECODE_TOKENS="${DECODE_TOKENS:-8}"
+  else
+    PRESET="${PRESET:-pro-1b}"; LLM_LAYERS="${LLM_LAYERS:-4}"
+    GEN_STEPS="${GEN_STEPS:-96}"; DECODE_TOKENS="${DECODE_TOKENS:-32}"
+  fi
+fi
+LLM_LAYERS="${LLM_LAYERS:-}"
+
+WORK_DIR="${WORK_DIR:-${TMPDIR:-/tmp}}"
+MODEL_DIR="$(mktemp -d "$WORK_DIR/janus-gpu-check.XXXXXX")"
+SAMPLER_PID=""
+cleanup() {
+  if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null || true; fi
+  if [ "${KEEP_MODEL:-0}" = 1 ]; then echo "kept checkpoint: $MODEL_DIR" >&2; else rm -rf "$MODEL_DIR"; fi
+}
+trap cleanup EXIT
+
+STEPS_TSV="$OUT/steps.tsv"
+printf 'step\trc\tseconds\tnote\n' >"$STEPS_TSV"
+FAILED=()
+note() { printf '[gpu-check %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# step NAME TIMEOUT_S REQUIRED(1|0) CMD... : stdout -> $OUT/NAME.out, stderr -> $OUT/NAME.log
+step() {
+  local name="$1" secs="$2" required="$3"; shift 3
+  local var="T_${name^^}"
+  secs="${!var:-$secs}"
+  note "$name (timeout ${secs}s): $*"
+  local t0=$SECONDS rc=0
+  # timeout runs programs, not shell functions: run a function step in a child bash.
+  if declare -F "$1" >/dev/null; then set -- bash -c '"$@"' bash "$@"; fi
+  timeout --kill-after=10 "$secs" "$@" >"$OUT/$name.out" 2>"$OUT/$name.log" || rc=$?
+  local dt=$((SECONDS - t0)) what=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then what="timed out after ${secs}s"
+  elif [ "$rc" -ne 0 ]; then what="failed (rc $rc)"; fi
+  if [ "$rc" -ne 0 ] && [ "$required" != 1 ]; then what="$what, optional"; fi
+  printf '%s\t%d\t%d\t%s\n' "$name" "$rc" "$dt" "$what" >>"$STEPS_TSV"
+  note "$name: $what in ${dt}s"
+  if [ "$rc" -ne 0 ]; then
+    tail -n 20 "$OUT/$name.log" >&2 || true
+    if [ "$required" = 1 ]; then FAILED+=("$name"); fi
+  fi
+  return 0
+}
+
+# ---------------------------------------------------------------- CUDA libraries
+# The cuda build links libcudart/libcublas/libcurand (.so.13/.so.10) and the driver's libcuda.so.1.
+# On the GPU host they come from the PyTorch cu130 venv's nvidia wheels and from the driver.
+if [ "$ON_GPU" = 1 ]; then
+  extra=""
+  for mod in nvidia.cu13 nvidia.cudnn; do
+    d="$(timeout 60 python3 -c "import $mod as m; print(list(m.__path__)[0])" 2>/dev/null || true)"
+    if [ -n "$d" ] && [ -d "$d/lib" ]; then extra="${extra:+$extra:}$d/lib"; fi
+  done
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+    d="$(find / -xdev -name libcuda.so.1 -not -path '*/stubs/*' 2>/dev/null | head -n1 || true)"
+    if [ -n "$d" ]; then extra="${extra:+$extra:}$(dirname "$d")"; fi
+  fi
+  if [ -n "$extra" ]; then export LD_LIBRARY_PATH="$extra${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+fi
+
+note "device=$DEVICE quick=$QUICK preset=$PRESET${LLM_LAYERS:+ llm_layers=$LLM_LAYERS} dtype=$DTYPE gen_steps=$GEN_STEPS decode_tokens=$DECODE_TOKENS"
+note "janus=$JANUS_BIN parity=$PARITY_BIN fixture=$FIXTURE out=$OUT model_dir=$MODEL_DIR"
+
+# ---------------------------------------------------------------- env
+env_info() {
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(uname -srm)"
+  echo "nproc: $(nproc)"
+  free -g 2>/dev/null || true
+  df -h "$WORK_DIR" 2>/dev/null || true
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  if [ -f "$HERE/BUILD-INFO.txt" ]; then sed -n '1,8p' "$HERE/BUILD-INFO.txt"; fi
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
+    nvidia-smi || true
+  else
+    echo "nvidia-smi: not on PATH"
+  fi
+}
+export HERE WORK_DIR JANUS_BIN PARITY_BIN ON_GPU
+export -f env_info
+step env 60 0 env_info
+
+# ---------------------------------------------------------------- ldd
+ldd_check() {
+  local b missing=0
+  for b in "$JANUS_BIN" "$PARITY_BIN"; do
+    echo "== ldd $b"
+    ldd "$b" || missing=1
+  done
+  if grep -q 'not found' <(ldd "$JANUS_BIN" 2>&1; ldd "$PARITY_BIN" 2>&1); then
+    echo "MISSING:"
+    { ldd "$JANUS_BIN"; ldd "$PARITY_BIN"; } 2>&1 | grep 'not found' | sort -u
+    missing=1
+  fi
+  if [ "$missing" = 1 ] && [ "$ON_GPU" = 1 ]; then return 1; fi
+  return 0
+}
+export -f ldd_check
+step ldd 30 1 ldd_check
+cat "$OUT/ldd.out"
+
+# ---------------------------------------------------------------- parity
+# tests/parity.rs picks its fixture from JANUS_FIXTURE_DIR (the compiled-in default is the build
+# machine's path) and has no device/dtype switch: it runs on the CPU in f32. On the GPU host this
+# proves the cuda build starts and is numerically right on the CPU path, not the CUDA kernels.
+step parity 300 1 env JANUS_FIXTURE_DIR="$FIXTURE" "$PARITY_BIN" --test-threads="$(nproc)"
+PARITY_RESULT="$(grep -h '^test result:' "$OUT/parity.out" | tail -n1 || true)"
+note "parity: ${PARITY_RESULT:-no test result line}"
+
+# ---------------------------------------------------------------- synth
+synth_args=(synth --preset "$PRESET" --tokenizer "$FIXTURE/model/tokenizer.json" --out "$MODEL_DIR/model")
+if [ -n "$LLM_LAYERS" ]; then synth_args+=(--llm-layers "$LLM_LAYERS"); fi
+step synth 420 1 "$JANUS_BIN" "${synth_args[@]}"
+du -sh "$MODEL_DIR/model" >>"$OUT/synth.out" 2>&1 || true
+
+# ---------------------------------------------------------------- bench
+if [ -f "$MODEL_DIR/model/config.json" ]; then
+  if [ "$ON_GPU" = 1 ] && command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader,nounits \
+      -lms 500 >"$OUT/gpu-samples.csv" 2>/dev/null &
+    SAMPLER_PID=$!
+  fi
+  bench_cmd=("$JANUS_BIN")
+  if [ -n "${JANUS_THREADS:-}" ]; then bench_cmd+=(--threads "$JANUS_THREADS"); fi
+  bench_cmd+=(bench --model "$MODEL_DIR/model" --device "$DEVICE" --dtype "$DTYPE"
+    --decode-tokens "$DECODE_TOKENS" --gen-steps "$GEN_STEPS")
+  if [ -x /usr/bin/time ]; then bench_cmd=(/usr/bin/time -v "${bench_cmd[@]}"); fi
+  step bench 480 1 "${bench_cmd[@]}"
+  if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""; fi
+  # bench prints one JSON document on stdout.
+  cp "$OUT/bench.out" "$OUT/bench.json"
+else
+  printf 'bench\t-1\t0\tskipped: no checkpoint\n' >>"$STEPS_TSV"
+  FAILED+=(bench)
+  echo '{}' >"$OUT/bench.json"
+fi
+PEAK_RSS_KB="$(sed -n 's/.*Maximum resident set size (kbytes): *//p' "$OUT/bench.log" 2>/dev/null | tail -n1)"
+GPU_MEM_PEAK_MIB=""
+if [ -s "$OUT/gpu-samples.csv" ]; then
+  GPU_MEM_PEAK_MIB="$(awk -F', *' '$2+0 > m { m = $2+0 } END { print m+0 }' "$OUT/gpu-samples.csv")"
+fi
+
+# ---------------------------------------------------------------- torch (optional)
+torch_info() {
+  python3 - <<'PY'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      "devices", torch.cuda.device_count(),
+      "name", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+PY
+}
+if command -v python3 >/dev/null; then
+  export -f torch_info
+  step torch 120 0 torch_info
+  TORCH="$(tr -d '\n' <"$OUT/torch.out")"
+  [ -n "$TORCH" ] || TORCH="no torch ($(tail -n1 "$OUT/torch.log" 2>/dev/null || true))"
+else
+  TORCH="no python3"
+fi
+
+# ---------------------------------------------------------------- summary
+json_str() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\"/\\\"}"; s="${s//$'\t'/ }"; printf '"%s"' "$s"; }
+bench_json="$(tr -d '\n' <"$OUT/bench.json")"
+if command -v python3 >/dev/null && ! python3 -c 'import json,sys; json.loads(sys.stdin.read())' <<<"$bench_json" 2>/dev/null; then
+  bench_json="null"
+fi
+[ -n "$bench_json" ] || bench_json="null"
+{
+  printf '{\n'
+  printf '  "device": %s, "quick": %s, "preset": %s, "llm_layers": %s, "dtype": %s,\n' \
+    "$(json_str "$DEVICE")" "$([ "$QUICK" = 1 ] && echo true || echo false)" "$(json_str "$PRESET")" \
+    "${LLM_LAYERS:-null}" "$(json_str "$DTYPE")"
+  printf '  "gen_steps": %s, "decode_tokens": %s,\n' "$GEN_STEPS" "$DECODE_TOKENS"
+  printf '  "janus_bin": %s, "parity_bin": %s,\n' "$(json_str "$JANUS_BIN")" "$(json_str "$PARITY_BIN")"
+  printf '  "steps": ['
+  sep=""
+  while IFS=$'\t' read -r name rc secs what; do
+    printf '%s\n    {"step": %s, "rc": %s, "seconds": %s, "result": %s}' "$sep" "$(json_str "$name")" "$rc" "$secs" "$(json_str "$what")"
+    sep=","
+  done < <(tail -n +2 "$STEPS_TSV")
+  printf '\n  ],\n'
+  printf '  "parity": %s,\n' "$(json_str "${PARITY_RESULT:-}")"
+  printf '  "bench": %s,\n' "$bench_json"
+  printf '  "bench_peak_rss_kb": %s, "gpu_mem_peak_mib": %s,\n' "${PEAK_RSS_KB:-null}" "${GPU_MEM_PEAK_MIB:-null}"
+  printf '  "torch": %s,\n' "$(json_str "$TORCH")"
+  printf '  "failed": ['
+  sep=""
+  for f in "${FAILED[@]+"${FAILED[@]}"}"; do printf '%s%s' "$sep" "$(json_str "$f")"; sep=", "; done
+  printf '],\n  "ok": %s\n}\n' "$([ "${#FAILED[@]}" -eq 0 ] && echo true || echo false)"
+} >"$OUT/summary.json"
+
+echo
+echo "================ gpu-check summary ($DEVICE, quick=$QUICK) ================"
+column -t -s $'\t' "$STEPS_TSV" 2>/dev/null || cat "$STEPS_TSV"
+echo "parity: ${PARITY_RESULT:-none}"
+echo "bench:  $bench_json"
+echo "bench peak RSS: ${PEAK_RSS_KB:-?} kB; GPU memory peak: ${GPU_MEM_PEAK_MIB:-n/a} MiB"
+echo "torch:  $TORCH"
+echo "files:  $OUT (summary.json, steps.tsv, <step>.log/.out, bench.json)"
+if [ "${#FAILED[@]}" -ne 0 ]; then
+  echo "RESULT: FAILED (${FAILED[*]})"
+  exit 1
+fi
+echo "RESULT: OK"
