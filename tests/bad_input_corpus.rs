@@ -365,6 +365,11 @@ fn string_cases() -> Vec<Case> {
         invalid("messages", "context window"),
     );
     add(
+        "300 KiB of user text (over max_prompt_bytes, refused before tokenizing)",
+        und_messages(vec![msg("user", &"word ".repeat(61_440))]),
+        invalid("messages", "at most 262144 allowed"),
+    );
+    add(
         "5000 user messages",
         und_messages((0..5000).map(|_| msg("user", "hi")).collect()),
         invalid("messages", "context window"),

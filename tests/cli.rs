@@ -168,6 +168,7 @@ fn serve_and_the_client_commands() {
     assert_eq!(v["generation"]["half"], "MODEL_HALF_GENERATION");
     assert_eq!(v["generation"]["limits"]["image_tokens"], 576);
     assert_eq!(v["generation"]["limits"]["max_prompt_bytes"], 65536);
+    assert_eq!(v["understanding"]["limits"]["max_prompt_bytes"], 262144);
     assert_eq!(v["understanding"]["limits"]["max_stop_strings"], 16);
 
     let wide = fixture().join("wide.png");

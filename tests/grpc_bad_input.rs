@@ -514,6 +514,7 @@ async fn limits_are_discoverable() {
     assert_eq!(u.default_max_new_tokens, 256);
     assert_eq!(u.context_window, 1024);
     assert_eq!(u.max_stop_strings, 16);
+    assert_eq!(u.max_prompt_bytes, 262_144);
     assert!(u.step_tokens > 0 && u.max_batch_tokens > 0 && u.tokens_per_input_image > 0);
     let g = gen_client(url)
         .await

@@ -30,6 +30,9 @@ pub struct UnderstandingConfig {
     pub image_limits: ImageLimits,
     /// Stop strings per request at most.
     pub max_stop_strings: usize,
+    /// Most UTF-8 bytes of message text (all messages together), checked before tokenizing:
+    /// bounds the tokenizer's work on a request far beyond any context window.
+    pub max_prompt_bytes: usize,
     /// KV-cache budget in tokens: requests are admitted while the running rows' prompt plus
     /// `max_new_tokens` fit (a request larger than the whole budget runs alone).
     pub max_batch_tokens: usize,
@@ -51,6 +54,7 @@ impl Default for UnderstandingConfig {
             default_max_new_tokens: 512,
             image_limits: ImageLimits::default(),
             max_stop_strings: 16,
+            max_prompt_bytes: 256 * 1024,
             max_batch_tokens: 32_768,
             step_tokens: 128,
             step_observer: None,
@@ -241,6 +245,16 @@ impl UnderstandingEngine {
             return Err(EngineError::invalid(
                 "messages",
                 "the conversation is empty",
+            ));
+        }
+        let text: usize = input.messages.iter().map(|m| m.content.len()).sum();
+        if text > cfg.max_prompt_bytes {
+            return Err(EngineError::invalid(
+                "messages",
+                format!(
+                    "{text} bytes of message text, at most {} allowed",
+                    cfg.max_prompt_bytes
+                ),
             ));
         }
         let s = &input.sampling;

@@ -138,7 +138,7 @@ impl Understanding for UnderstandingService {
                 max_message_bytes: self.options.max_message_bytes as u64,
                 tokens_per_input_image: m.config().vision.num_patches() as u32,
                 max_stop_strings: c.max_stop_strings as u32,
-                max_prompt_bytes: 0,
+                max_prompt_bytes: c.max_prompt_bytes as u32,
                 min_preview_rows: 0,
                 default_max_new_tokens: c.default_max_new_tokens.min(c.max_new_tokens_limit) as u32,
                 step_tokens: c.step_tokens as u32,
