@@ -554,7 +554,7 @@ fn cli_with_api_key_and_ca_file() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_janus"))
         .args(["serve", "--model", model.to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--grace-period", "1"])
-        .args(["--http-listen", "off"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .arg("--tls-cert")
         .arg(&cert)
         .arg("--tls-key")
@@ -571,6 +571,7 @@ fn cli_with_api_key_and_ca_file() {
     let stderr = child.stderr.take().unwrap();
     let serve = Serve(child);
     let (tx, rx) = std::sync::mpsc::channel();
+    let (http_tx, http_rx) = std::sync::mpsc::channel();
     let log = Arc::new(std::sync::Mutex::new(String::new()));
     let log2 = log.clone();
     std::thread::spawn(move || {
@@ -580,6 +581,9 @@ fn cli_with_api_key_and_ca_file() {
         {
             if let Some(url) = line.strip_prefix("janus: serving on ") {
                 let _ = tx.send(url.trim().to_string());
+            }
+            if let Some(rest) = line.strip_prefix("janus: http api on ") {
+                let _ = http_tx.send(rest.split(' ').next().unwrap_or_default().to_string());
             }
             log2.lock().unwrap().push_str(&line);
             log2.lock().unwrap().push('\n');
@@ -672,6 +676,44 @@ fn cli_with_api_key_and_ca_file() {
         &[],
     );
     assert_ne!(out.code, Some(0), "{}", out.stderr);
+
+    // The OpenAI HTTP port: the same certificate and keys (HTTPS, 401 without a key, an
+    // untrusting client and plaintext refused).
+    let http_url = http_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("janus serve reports its HTTP address");
+    assert!(http_url.starts_with("https://127.0.0.1:"), "{http_url}");
+    let http_port = http_url.rsplit(':').next().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_file).unwrap()).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let models = format!("https://localhost:{http_port}/v1/models");
+        let r = client.get(&models).bearer_auth(KEY).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(body["object"], "list", "{body}");
+        let r = client.get(&models).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = client.get(&models).bearer_auth("nope-nope-nope").send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        // A client that does not trust the CA fails the handshake.
+        let untrusting = reqwest::Client::new().get(&models).send().await;
+        assert!(untrusting.is_err(), "{untrusting:?}");
+        // Plaintext to the TLS port gets no answer.
+        let plain = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{http_port}/v1/models"))
+            .bearer_auth(KEY)
+            .send()
+            .await;
+        assert!(plain.is_err(), "{plain:?}");
+    });
 
     // Keys never reach the logs.
     drop(serve);
