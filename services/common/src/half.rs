@@ -82,3 +82,32 @@ pub async fn run<H: ModelHalf>(
     );
     running.wait().await
 }
+
+/// Serves one model service with health and reflection on `listener`: `name` is its health
+/// name, `add` adds the service itself to the router. From `life.shutdown` the server drains
+/// and `close` runs (the engine takes no new work); when the grace period is over `abort` runs
+/// (the engine cancels what is left).
+pub async fn serve_service(
+    name: &'static str,
+    add: impl FnOnce(server::Router) -> server::Router,
+    close: impl FnOnce() + Send + 'static,
+    abort: impl FnOnce() + Send + 'static,
+    options: &ServerOptions,
+    listener: TcpListener,
+    life: Lifecycle,
+) -> anyhow::Result<Running> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let router = add(server::add_reflection(
+        server::builder(options, &life)?.add_service(health_svc),
+    )?);
+    let names = vec![name];
+    server::set_serving(&health, &names).await;
+    let l = life.clone();
+    tokio::spawn(async move {
+        l.shutdown.cancelled().await;
+        close();
+        l.abort.cancelled().await;
+        abort();
+    });
+    server::spawn_with(router, listener, health, names, options, life)
+}

@@ -13,7 +13,7 @@ use janus_proto::v1 as pb;
 use janus_proto::v1::generation_server::{Generation, GenerationServer};
 use janus_service::stream::{forward, from_engine, BoxStream};
 use janus_service::{
-    meta, server, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions,
+    meta, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions,
 };
 use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
@@ -200,27 +200,23 @@ pub async fn serve(
     listener: TcpListener,
     life: Lifecycle,
 ) -> anyhow::Result<Running> {
-    let (health, health_svc) = tonic_health::server::health_reporter();
     let n = options.max_message_bytes;
     let service = GenerationService::new(engine.clone(), info, options.clone());
     service.queue.spawn(life.shutdown.clone());
     let svc = GenerationServer::new(service)
         .max_decoding_message_size(n)
         .max_encoding_message_size(n);
-    let router = server::add_reflection(server::builder(&options, &life)?.add_service(health_svc))?
-        .add_service(svc);
-    let names = vec![janus_proto::GENERATION_SERVICE];
-    server::set_serving(&health, &names).await;
-    {
-        let (e, l) = (engine.clone(), life.clone());
-        tokio::spawn(async move {
-            l.shutdown.cancelled().await;
-            e.close();
-            l.abort.cancelled().await;
-            e.abort();
-        });
-    }
-    server::spawn_with(router, listener, health, names, &options, life)
+    let closing = engine.clone();
+    janus_service::half::serve_service(
+        janus_proto::GENERATION_SERVICE,
+        |router| router.add_service(svc),
+        move || closing.close(),
+        move || engine.abort(),
+        &options,
+        listener,
+        life,
+    )
+    .await
 }
 
 /// Command-line arguments of `janus-generation` / `janus serve-generation`.
