@@ -24,10 +24,7 @@ enum Expect {
     /// A complete answer.
     Ok,
     /// INVALID_ARGUMENT naming `field`, whose message contains `contains`.
-    Invalid {
-        field: String,
-        contains: &'static str,
-    },
+    Invalid { field: String, contains: String },
     /// Another code (message contains the text).
     Code(Code, &'static str),
     /// A deadline over on arrival: DEADLINE_EXCEEDED, or tonic's CANCELLED "Timeout expired".
@@ -53,10 +50,10 @@ struct Case {
     expect: Expect,
 }
 
-fn invalid(field: &str, contains: &'static str) -> Expect {
+fn invalid(field: &str, contains: &str) -> Expect {
     Expect::Invalid {
         field: field.into(),
-        contains,
+        contains: contains.into(),
     }
 }
 
@@ -115,10 +112,7 @@ fn image_cases() -> Vec<Case> {
         let data = std::fs::read(corpus_dir().join("images").join(file)).unwrap();
         let expect = match expected {
             "OK" => Expect::Ok,
-            "INVALID_ARGUMENT" => invalid(
-                "messages[0].images[0]",
-                Box::leak(contains.to_string().into_boxed_str()),
-            ),
+            "INVALID_ARGUMENT" => invalid("messages[0].images[0]", contains),
             other => panic!("images.tsv: unknown expectation {other}"),
         };
         cases.push(Case {

@@ -26,6 +26,13 @@ fn exempt(path: &str) -> bool {
     path.starts_with(crate::auth::HEALTH_PREFIX) || path.starts_with(crate::auth::REFLECTION_PREFIX)
 }
 
+/// The answer to new work while draining: UNAVAILABLE, so clients retry elsewhere.
+pub fn refusal() -> tonic::Status {
+    tonic::Status::unavailable(
+        "the server is draining for shutdown and takes no new requests; retry on another replica",
+    )
+}
+
 /// A server's drain state: whether it drains and how many RPCs are in flight. Cheap to clone
 /// (shared).
 #[derive(Debug, Clone, Default)]
@@ -69,21 +76,11 @@ impl Drain {
         }
     }
 
-    /// Counts work that does not pass the layer (the gateway's HTTP port) as in flight until
-    /// the returned body — `body` wrapped — is dropped. Check [`Drain::is_draining`] first.
-    pub fn track<B>(&self, body: B) -> DrainBody<B> {
-        DrainBody {
-            inner: body,
-            guard: Some(self.enter()),
-        }
-    }
-
-    /// A guard counting one unit of work in flight until dropped (see [`Drain::track`]).
-    pub fn in_flight_guard(&self) -> impl Drop + Send + Sync + 'static {
-        self.enter()
-    }
-
-    fn enter(&self) -> InFlight {
+    /// Counts one unit of work in flight until the returned guard (or the body it is moved
+    /// into, [`InFlight::body`]) is dropped. The layer does this for every RPC; call it for
+    /// work that does not pass the layer (the gateway's HTTP port), after checking
+    /// [`Drain::is_draining`].
+    pub fn enter(&self) -> InFlight {
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight {
             inner: self.inner.clone(),
@@ -101,8 +98,18 @@ impl Drain {
 /// One RPC in flight; counted until its response body is dropped (the stream ended or the
 /// client went away).
 #[derive(Debug)]
-struct InFlight {
+pub struct InFlight {
     inner: Arc<Inner>,
+}
+
+impl InFlight {
+    /// `inner` as a body that keeps this work counted until it is dropped.
+    pub fn body<B>(self, inner: B) -> DrainBody<B> {
+        DrainBody {
+            inner,
+            guard: Some(self),
+        }
+    }
 }
 
 impl Drop for InFlight {
@@ -158,12 +165,8 @@ where
             };
         }
         if self.drain.is_draining() {
-            let status = tonic::Status::unavailable(
-                "the server is draining for shutdown and takes no new requests; retry on \
-                 another replica",
-            );
             return DrainFuture::Refused {
-                response: Some(status.into_http()),
+                response: Some(refusal().into_http()),
             };
         }
         let guard = self.drain.enter();

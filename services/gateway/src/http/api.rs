@@ -84,7 +84,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/generations", post(image_generations))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), drain_gate))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            drain_gate,
+        ))
         .with_state(state)
 }
 
@@ -95,19 +98,10 @@ async fn drain_gate(State(state): St, req: Request, next: axum::middleware::Next
         return next.run(req).await;
     }
     if state.drain.is_draining() {
-        let s = Status::unavailable(
-            "the server is draining for shutdown and takes no new requests; retry on another \
-             replica",
-        );
-        return ApiError::from_status(&s, |_| None).into_response();
+        return ApiError::from_status(&janus_service::drain::refusal(), |_| None).into_response();
     }
-    let guard = state.drain.in_flight_guard();
-    let response = next.run(req).await;
-    response.map(|body| {
-        let body = state.drain.track(body);
-        drop(guard);
-        Body::new(body)
-    })
+    let flight = state.drain.enter();
+    next.run(req).await.map(|body| Body::new(flight.body(body)))
 }
 
 async fn playground() -> Response {
@@ -225,7 +219,9 @@ impl AppState {
         let req = ctx.request(pb::InfoRequest {});
         let res = match half {
             Half::Understanding => {
-                Understanding::info(&self.gateway, req).instrument(span).await
+                Understanding::info(&self.gateway, req)
+                    .instrument(span)
+                    .await
             }
             Half::Generation => Generation::info(&self.gateway, req).instrument(span).await,
         };
@@ -285,9 +281,15 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    match http_body_util::Limited::new(req.into_body(), limit).collect().await {
+    match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ApiError::too_large(limit))
         }
         Err(e) => Err(ApiError::bad_body(format!(
@@ -297,11 +299,7 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 fn json_response(v: &Value) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 /// One server-sent event.
@@ -320,10 +318,14 @@ fn sse(event: Option<&str>, data: &str) -> Bytes {
 
 /// An SSE response fed by `rx`.
 fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
+    let stream =
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
@@ -347,7 +349,11 @@ async fn get_model(State(st): St, req: Request) -> Response {
     let headers = req.headers().clone();
     respond(&headers, |ctx| async move {
         st.authorize(req.uri().path(), req.headers())?;
-        let id = req.uri().path().trim_start_matches("/v1/models/").to_string();
+        let id = req
+            .uri()
+            .path()
+            .trim_start_matches("/v1/models/")
+            .to_string();
         let ids = served_models(&st, &ctx).await?;
         if ids.contains(&id) {
             Ok(json_response(&models::model(&id, st.started)))
@@ -445,7 +451,9 @@ async fn chat(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response, Api
         }
         guard.finish(Code::Ok);
         let fin = fin.ok_or_else(|| {
-            to_api(&Status::internal("the answer ended without a final message"))
+            to_api(&Status::internal(
+                "the answer ended without a final message",
+            ))
         })?;
         let reason = chat::finish_reason(&fin).ok_or_else(|| {
             to_api(&Status::unavailable(
@@ -497,7 +505,8 @@ async fn chat(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response, Api
                             send(&tx, sse(None, &e.body().to_string())).await;
                             return;
                         };
-                        let c = completion.chunk(serde_json::json!({}), Some(reason), include_usage);
+                        let c =
+                            completion.chunk(serde_json::json!({}), Some(reason), include_usage);
                         if !send(&tx, chunk(c)).await {
                             return;
                         }
@@ -562,8 +571,12 @@ async fn generate(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response,
         let mut fin = None;
         while let Some(item) = events.next().await {
             match item {
-                Ok(pb::GenerateResponse { event: Some(Event::Image(i)) }) => done.push(i),
-                Ok(pb::GenerateResponse { event: Some(Event::Final(f)) }) => fin = Some(f),
+                Ok(pb::GenerateResponse {
+                    event: Some(Event::Image(i)),
+                }) => done.push(i),
+                Ok(pb::GenerateResponse {
+                    event: Some(Event::Final(f)),
+                }) => fin = Some(f),
                 Ok(_) => {}
                 Err(s) => {
                     guard.finish(s.code());
@@ -572,9 +585,15 @@ async fn generate(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response,
             }
         }
         guard.finish(Code::Ok);
-        let fin = fin.ok_or_else(|| to_api(&Status::internal("the stream ended without a final message")))?;
+        let fin = fin.ok_or_else(|| {
+            to_api(&Status::internal(
+                "the stream ended without a final message",
+            ))
+        })?;
         done.sort_by_key(|i| i.index);
-        return Ok(json_response(&out.full(&done, images::usage(fin.usage.as_ref()))));
+        return Ok(json_response(
+            &out.full(&done, images::usage(fin.usage.as_ref())),
+        ));
     }
     let (partials, progress) = (img_req.partial_images, img_req.janus_progress);
     let (tx, rx) = mpsc::channel::<Bytes>(32);
@@ -635,7 +654,8 @@ async fn generate(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response,
                                 + if k == 0 { u.completion_tokens % n } else { 0 },
                         };
                         let v = out.completed(img, images::usage(Some(&share)));
-                        if !send(&tx, sse(Some("image_generation.completed"), &v.to_string())).await {
+                        if !send(&tx, sse(Some("image_generation.completed"), &v.to_string())).await
+                        {
                             return;
                         }
                     }
@@ -668,10 +688,16 @@ mod tests {
             "/openapi.json",
             "/",
         ] {
-            assert!(spec["paths"].get(path).is_some(), "{path} missing from openapi.json");
+            assert!(
+                spec["paths"].get(path).is_some(),
+                "{path} missing from openapi.json"
+            );
         }
         assert!(PLAYGROUND.contains("/v1/chat/completions"));
-        assert!(!PLAYGROUND.contains("http://") && !PLAYGROUND.contains("https://"), "the playground fetches nothing from outside");
+        assert!(
+            !PLAYGROUND.contains("http://") && !PLAYGROUND.contains("https://"),
+            "the playground fetches nothing from outside"
+        );
     }
 
     #[test]
