@@ -21,7 +21,12 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
     let mut server = Command::new(JANUS)
         .args(["serve", "--model", model.to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0", "--grace-period", "600"])
-        .args(["--max-new-tokens-limit", "4000", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "--max-new-tokens-limit",
+            "4000",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "info")
         .env("JANUS_LOG_FORMAT", "text")
         .stdin(Stdio::null())
@@ -138,7 +143,10 @@ async fn draining_answers_new_connections_and_finishes_running_requests() {
         .unwrap();
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-    let msg = body["error"]["message"].as_str().unwrap_or_default().to_string();
+    let msg = body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(msg.contains("draining"), "{body}");
     assert!(
         !reader.is_finished(),

@@ -54,7 +54,9 @@ impl Server {
                 if let Some(url) = line.strip_prefix("janus: metrics on ") {
                     metrics = Some(url.trim().to_string());
                 }
-                if line.starts_with("janus: serving on ") || line.contains("janus gateway listening") {
+                if line.starts_with("janus: serving on ")
+                    || line.contains("janus gateway listening")
+                {
                     let _ = tx.send((http.take(), metrics.take()));
                 }
             }
@@ -114,8 +116,7 @@ struct Reply {
 
 impl Reply {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
     /// Asserts an OpenAI error of `status` and returns its `error` object.
@@ -230,8 +231,13 @@ async fn endpoints_answer_in_openai_shapes() {
     assert!(id.ends_with("janus-tiny/model"), "{id}");
     assert_eq!(list["data"][0]["object"], "model");
     let r = send(c.get(s.url(&format!("/v1/models/{id}")))).await;
-    assert_eq!((r.status, r.json()["id"].as_str()), (200, Some(id.as_str())));
-    let e = send(c.get(s.url("/v1/models/deepseek-ai/Janus-Pro-7B"))).await.error(404);
+    assert_eq!(
+        (r.status, r.json()["id"].as_str()),
+        (200, Some(id.as_str()))
+    );
+    let e = send(c.get(s.url("/v1/models/deepseek-ai/Janus-Pro-7B")))
+        .await
+        .error(404);
     assert_eq!(e["code"], "model_not_found");
 
     // Chat, not streamed, with an image; the caller's request id comes back.
@@ -252,24 +258,35 @@ async fn endpoints_answer_in_openai_shapes() {
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     let u = &v["usage"];
     assert_eq!(u["completion_tokens"], 6);
-    assert!(u["prompt_tokens"].as_u64().unwrap() > 576, "the image counts: {u}");
+    assert!(
+        u["prompt_tokens"].as_u64().unwrap() > 576,
+        "the image counts: {u}"
+    );
     assert_eq!(
         u["total_tokens"].as_u64(),
         Some(u["prompt_tokens"].as_u64().unwrap() + 6)
     );
-    let full_text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let full_text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // The same request streamed: role first, deltas, finish, usage chunk, [DONE].
     let r = post(&s, "/v1/chat/completions", &chat_body(&id, true)).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let ev = events(&r.body);
     assert_eq!(ev.last().unwrap().1, "[DONE]");
     let chunks: Vec<Value> = ev[..ev.len() - 1]
         .iter()
         .map(|(_, d)| serde_json::from_str(d).unwrap())
         .collect();
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks
         .iter()
@@ -343,7 +360,11 @@ async fn endpoints_answer_in_openai_shapes() {
     assert_eq!(steps, 576);
     assert_eq!(partial, [2, 2], "partial_images previews per image");
     assert_eq!(completed, vec![0, 1]);
-    assert_eq!(out_tokens, 2 * 576, "the completed events add up to the request's usage");
+    assert_eq!(
+        out_tokens,
+        2 * 576,
+        "the completed events add up to the request's usage"
+    );
 
     // Without janus_progress a stream carries only OpenAI's events.
     let r = post(
@@ -352,20 +373,33 @@ async fn endpoints_answer_in_openai_shapes() {
         &json!({"prompt": "x", "stream": true, "partial_images": 1}),
     )
     .await;
-    let names: Vec<_> = events(&r.body).into_iter().map(|(n, _)| n.unwrap()).collect();
+    let names: Vec<_> = events(&r.body)
+        .into_iter()
+        .map(|(n, _)| n.unwrap())
+        .collect();
     assert_eq!(
         names,
-        ["image_generation.partial_image", "image_generation.completed"]
+        [
+            "image_generation.partial_image",
+            "image_generation.completed"
+        ]
     );
 
     // The playground and the OpenAPI document.
     let r = send(c.get(s.url("/"))).await;
     assert_eq!(r.status, 200);
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     assert!(r.body.contains("/v1/images/generations"));
     let spec = send(c.get(s.url("/openapi.json"))).await.json();
     assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
-    for p in ["/v1/chat/completions", "/v1/images/generations", "/v1/models"] {
+    for p in [
+        "/v1/chat/completions",
+        "/v1/images/generations",
+        "/v1/models",
+    ] {
         assert!(spec["paths"].get(p).is_some(), "{p}");
     }
 
@@ -395,42 +429,92 @@ async fn errors_are_openai_errors_and_the_server_keeps_serving() {
 
     // 400 naming the parameter, found by the gateway or by the service (janus-field).
     let cases = [
-        (json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 7}), "top_p"),
-        (json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}), "max_tokens"),
-        (json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100000}), "max_completion_tokens"),
-        (json!({"messages": [{"role": "user", "content": "hi"}], "n": 3}), "n"),
-        (json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), "tools"),
-        (json!({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}), "temperature"),
-        (json!({"messages": [{"role": "wizard", "content": "hi"}]}), "messages[0].role"),
-        (json!({"messages": [{"role": "assistant", "content": "hi"}]}), "messages"),
-        (user(json!([{"type": "text", "text": "a"},
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 7}),
+            "top_p",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}),
+            "max_tokens",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100000}),
+            "max_completion_tokens",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 3}),
+            "n",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
+            "tools",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}),
+            "temperature",
+        ),
+        (
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "content": "hi"}]}),
+            "messages",
+        ),
+        (
+            user(json!([{"type": "text", "text": "a"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}])),
-            "messages[0].content[1].image_url"),
-        (user(json!([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}])),
-            "messages[0].content[0].image_url"),
+            "messages[0].content[1].image_url",
+        ),
+        (
+            user(
+                json!([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]),
+            ),
+            "messages[0].content[0].image_url",
+        ),
     ];
     for (body, param) in cases {
         let e = post(&s, "/v1/chat/completions", &body).await.error(400);
         assert_eq!(e["param"], param, "{body}: {e}");
         assert_eq!(e["type"], "invalid_request_error");
     }
-    let e = post(&s, "/v1/chat/completions", &user(json!([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]))).await.error(400);
+    let e = post(
+        &s,
+        "/v1/chat/completions",
+        &user(json!([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}])),
+    )
+    .await
+    .error(400);
     assert!(e["message"].as_str().unwrap().contains("data: URI"), "{e}");
-    let e = send(c.post(s.url("/v1/chat/completions")).body("{not json")).await.error(400);
+    let e = send(c.post(s.url("/v1/chat/completions")).body("{not json"))
+        .await
+        .error(400);
     assert!(e["message"].as_str().unwrap().contains("JSON"), "{e}");
 
     for (body, param) in [
         (json!({"prompt": "x", "size": "1024x1024"}), "size"),
-        (json!({"prompt": "x", "response_format": "url"}), "response_format"),
+        (
+            json!({"prompt": "x", "response_format": "url"}),
+            "response_format",
+        ),
         (json!({"prompt": "x", "n": 17}), "n"),
         (json!({"prompt": "x", "top_p": 0}), "top_p"),
-        (json!({"prompt": "x", "partial_images": 9, "stream": true}), "partial_images"),
+        (
+            json!({"prompt": "x", "partial_images": 9, "stream": true}),
+            "partial_images",
+        ),
         (json!({"n": 1}), "prompt"),
     ] {
         let e = post(&s, "/v1/images/generations", &body).await.error(400);
         assert_eq!(e["param"], param, "{body}: {e}");
     }
-    let e = post(&s, "/v1/images/generations", &json!({"prompt": "x", "size": "512x512"})).await.error(400);
+    let e = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "x", "size": "512x512"}),
+    )
+    .await
+    .error(400);
     assert!(e["message"].as_str().unwrap().contains("384x384"), "{e}");
 
     // 404: unknown model (OpenAI's code) and unknown route; 405: wrong method.
@@ -438,14 +522,22 @@ async fn errors_are_openai_errors_and_the_server_keeps_serving() {
     b["model"] = json!("gpt-4o");
     let e = post(&s, "/v1/chat/completions", &b).await.error(404);
     assert_eq!(e["code"], "model_not_found");
-    let e = post(&s, "/v1/images/generations", &json!({"prompt": "x", "model": "dall-e-3"})).await.error(404);
+    let e = post(
+        &s,
+        "/v1/images/generations",
+        &json!({"prompt": "x", "model": "dall-e-3"}),
+    )
+    .await
+    .error(404);
     assert_eq!(e["code"], "model_not_found");
     send(c.get(s.url("/v1/completions"))).await.error(404);
     send(c.get(s.url("/v1/chat/completions"))).await.error(405);
 
     // 413: a body over --max-message-bytes plus the base64 overhead.
     let big = "A".repeat(700_000);
-    let e = post(&s, "/v1/chat/completions", &user(json!(big))).await.error(413);
+    let e = post(&s, "/v1/chat/completions", &user(json!(big)))
+        .await
+        .error(413);
     assert_eq!(e["code"], "request_too_large");
 
     // 504: the deadline header passes while the images are drawn.
@@ -476,10 +568,25 @@ async fn keys_and_a_full_queue() {
     let e = send(c.get(s.url("/v1/models"))).await.error(401);
     assert_eq!(e["code"], "invalid_api_key");
     assert!(e["message"].as_str().unwrap().contains("missing"), "{e}");
-    send(c.get(s.url("/v1/models")).header("authorization", "Basic eDp5")).await.error(401);
-    let e = send(c.get(s.url("/v1/models")).bearer_auth("sk-wrong")).await.error(401);
-    assert!(!e["message"].as_str().unwrap().contains("sk-wrong"), "never echoes a key");
-    send(c.post(s.url("/v1/chat/completions")).json_body(&json!({"messages": []}))).await.error(401);
+    send(
+        c.get(s.url("/v1/models"))
+            .header("authorization", "Basic eDp5"),
+    )
+    .await
+    .error(401);
+    let e = send(c.get(s.url("/v1/models")).bearer_auth("sk-wrong"))
+        .await
+        .error(401);
+    assert!(
+        !e["message"].as_str().unwrap().contains("sk-wrong"),
+        "never echoes a key"
+    );
+    send(
+        c.post(s.url("/v1/chat/completions"))
+            .json_body(&json!({"messages": []})),
+    )
+    .await
+    .error(401);
     assert_eq!(send(c.get(s.url("/"))).await.status, 200);
     assert_eq!(send(c.get(s.url("/openapi.json"))).await.status, 200);
     let r = send(c.get(s.url("/v1/models")).bearer_auth(KEY)).await;
@@ -496,13 +603,19 @@ async fn keys_and_a_full_queue() {
     });
     let replies = futures_join(calls).await;
     let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
-    assert!(!refused.is_empty(), "a queue of 1 refuses some of 4 concurrent requests");
+    assert!(
+        !refused.is_empty(),
+        "a queue of 1 refuses some of 4 concurrent requests"
+    );
     for r in &refused {
         let e = r.error(429);
         assert_eq!(e["code"], "queue_full");
         assert_eq!(r.headers["retry-after"], "1");
     }
-    assert!(replies.iter().any(|r| r.status == 200), "the first one is drawn");
+    assert!(
+        replies.iter().any(|r| r.status == 200),
+        "the first one is drawn"
+    );
     assert!(replies.iter().all(|r| r.status == 200 || r.status == 429));
 }
 
@@ -555,9 +668,13 @@ async fn no_backend_is_503() {
         ],
         &[("RUST_LOG", "info")],
     );
-    let e = post(&s, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}]}))
-        .await
-        .error(503);
+    let e = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .error(503);
     assert_eq!(e["code"], "service_unavailable");
     let r = send(client().get(s.url("/v1/models"))).await;
     assert_eq!(r.headers["retry-after"], "1");
@@ -620,19 +737,34 @@ async fn remote_images_are_fetched_only_from_allowed_hosts() {
             {"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": url}}]}], "max_tokens": 2})
     };
-    let r = post(&s, "/v1/chat/completions", &ask(format!("http://{allowed}/square.png"))).await;
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        &ask(format!("http://{allowed}/square.png")),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.json()["usage"]["prompt_tokens"].as_u64().unwrap() > 576, "the image was used");
+    assert!(
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap() > 576,
+        "the image was used"
+    );
     for (url, words) in [
         (format!("http://127.0.0.2:{port}/square.png"), "not allowed"),
         (format!("http://{allowed}/big"), "over 1000000 bytes"),
         (format!("http://{allowed}/slow"), "longer than"),
         (format!("http://{allowed}/missing.png"), "HTTP 404"),
     ] {
-        let e = post(&s, "/v1/chat/completions", &ask(url.clone())).await.error(400);
+        let e = post(&s, "/v1/chat/completions", &ask(url.clone()))
+            .await
+            .error(400);
         assert_eq!(e["param"], "messages[0].content[1].image_url", "{url}");
         assert!(e["message"].as_str().unwrap().contains(words), "{url}: {e}");
     }
-    let r = post(&s, "/v1/chat/completions", &ask(format!("http://{allowed}/square.png"))).await;
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        &ask(format!("http://{allowed}/square.png")),
+    )
+    .await;
     assert_eq!(r.status, 200, "still serving: {}", r.body);
 }

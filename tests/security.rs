@@ -701,7 +701,12 @@ fn cli_with_api_key_and_ca_file() {
         assert_eq!(body["object"], "list", "{body}");
         let r = client.get(&models).send().await.unwrap();
         assert_eq!(r.status(), 401);
-        let r = client.get(&models).bearer_auth("nope-nope-nope").send().await.unwrap();
+        let r = client
+            .get(&models)
+            .bearer_auth("nope-nope-nope")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401);
         // A client that does not trust the CA fails the handshake.
         let untrusting = reqwest::Client::new().get(&models).send().await;

@@ -318,7 +318,10 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
         if self.policy.protects(path) {
-            if let Err(status) = self.policy.authorize(&self.metrics, path, request.headers()) {
+            if let Err(status) = self
+                .policy
+                .authorize(&self.metrics, path, request.headers())
+            {
                 return AuthFuture::Refused {
                     response: Some(status.into_http()),
                 };

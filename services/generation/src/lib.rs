@@ -12,9 +12,7 @@ use janus_pipeline::{GenerationModel, LoadOptions};
 use janus_proto::v1 as pb;
 use janus_proto::v1::generation_server::{Generation, GenerationServer};
 use janus_service::stream::{forward, from_engine, BoxStream};
-use janus_service::{
-    meta, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions,
-};
+use janus_service::{meta, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions};
 use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
 use tokio::net::TcpListener;

@@ -14,9 +14,7 @@ use janus_pipeline::{LoadOptions, UnderstandingModel};
 use janus_proto::v1 as pb;
 use janus_proto::v1::understanding_server::{Understanding, UnderstandingServer};
 use janus_service::stream::{forward, from_engine, BoxStream};
-use janus_service::{
-    meta, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions,
-};
+use janus_service::{meta, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions};
 use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
 use std::time::Instant;

@@ -35,7 +35,10 @@ pub(crate) struct ImagePart {
 impl ImagePart {
     /// The OpenAI parameter of this part's URL.
     pub fn param(&self) -> String {
-        format!("messages[{}].content[{}].image_url", self.message, self.part)
+        format!(
+            "messages[{}].content[{}].image_url",
+            self.message, self.part
+        )
     }
 }
 
@@ -124,7 +127,10 @@ impl ChatParams {
 fn data_uri(url: &str, param: &str) -> Result<ImageSource, ApiError> {
     let rest = &url["data:".len()..];
     let (meta, payload) = rest.split_once(',').ok_or_else(|| {
-        ApiError::invalid(param, "malformed data URI: expected data:image/png;base64,...")
+        ApiError::invalid(
+            param,
+            "malformed data URI: expected data:image/png;base64,...",
+        )
     })?;
     let mut it = meta.split(';');
     let mime = it.next().unwrap_or("").trim().to_ascii_lowercase();
@@ -144,7 +150,10 @@ fn data_uri(url: &str, param: &str) -> Result<ImageSource, ApiError> {
             ))
         }
     };
-    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let compact: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
     let data = base64::engine::general_purpose::STANDARD
         .decode(compact.as_bytes())
         .map_err(|e| ApiError::invalid(param, format!("invalid base64 in the data URI: {e}")))?;
@@ -183,7 +192,11 @@ fn parse_parts(
         let Value::Object(mut p) = p else {
             return Err(ApiError::invalid(param, "a content part must be an object"));
         };
-        let kind = p.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+        let kind = p
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         match kind.as_str() {
             "text" => {
                 let text = p.remove("text").unwrap_or(Value::Null);
@@ -212,7 +225,10 @@ fn parse_parts(
                     other => {
                         return Err(ApiError::invalid(
                             format!("{param}.image_url"),
-                            format!("image_url must be an object with a url, got {}", super::type_name(&other)),
+                            format!(
+                                "image_url must be an object with a url, got {}",
+                                super::type_name(&other)
+                            ),
                         ))
                     }
                 };
@@ -224,7 +240,12 @@ fn parse_parts(
                     source,
                 });
             }
-            "" => return Err(ApiError::invalid(format!("{param}.type"), "a content part needs a type")),
+            "" => {
+                return Err(ApiError::invalid(
+                    format!("{param}.type"),
+                    "a content part needs a type",
+                ))
+            }
             other => {
                 return Err(ApiError::invalid(
                     format!("{param}.type"),
@@ -241,12 +262,18 @@ fn parse_messages(v: Value, images: &mut Vec<ImagePart>) -> Result<Vec<Message>,
         return Err(ApiError::invalid("messages", "'messages' must be an array"));
     };
     if list.is_empty() {
-        return Err(ApiError::invalid("messages", "'messages' must not be empty"));
+        return Err(ApiError::invalid(
+            "messages",
+            "'messages' must not be empty",
+        ));
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.into_iter().enumerate() {
         let Value::Object(mut m) = m else {
-            return Err(ApiError::invalid(format!("messages[{i}]"), "a message must be an object"));
+            return Err(ApiError::invalid(
+                format!("messages[{i}]"),
+                "a message must be an object",
+            ));
         };
         let role: String = typed(
             m.remove("role").unwrap_or(Value::Null),
@@ -278,7 +305,10 @@ fn parse_messages(v: Value, images: &mut Vec<ImagePart>) -> Result<Vec<Message>,
             other => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].content"),
-                    format!("content must be a string or an array of parts, got {}", super::type_name(&other)),
+                    format!(
+                        "content must be a string or an array of parts, got {}",
+                        super::type_name(&other)
+                    ),
                 ))
             }
         };
@@ -330,17 +360,36 @@ impl TryFrom<&[u8]> for ChatRequest {
                 v.unwrap_or(false)
             }
             Some(_) => {
-                return Err(ApiError::invalid("stream_options", "'stream_options' must be an object"))
+                return Err(ApiError::invalid(
+                    "stream_options",
+                    "'stream_options' must be an object",
+                ))
             }
         };
         f.only("n", &[Value::from(1)], "one choice per request (n = 1)")?;
         for key in ["frequency_penalty", "presence_penalty"] {
-            f.only(key, &[Value::from(0), Value::from(0.0)], "use repetition_penalty")?;
+            f.only(
+                key,
+                &[Value::from(0), Value::from(0.0)],
+                "use repetition_penalty",
+            )?;
         }
-        f.only("logprobs", &[Value::Bool(false)], "log probabilities are not returned")?;
-        f.only("top_logprobs", &[Value::from(0)], "log probabilities are not returned")?;
+        f.only(
+            "logprobs",
+            &[Value::Bool(false)],
+            "log probabilities are not returned",
+        )?;
+        f.only(
+            "top_logprobs",
+            &[Value::from(0)],
+            "log probabilities are not returned",
+        )?;
         f.only("logit_bias", &[json!({})], "logit bias is not supported")?;
-        f.only("response_format", &[json!({"type": "text"})], "answers are plain text")?;
+        f.only(
+            "response_format",
+            &[json!({"type": "text"})],
+            "answers are plain text",
+        )?;
         f.only("modalities", &[json!(["text"])], "answers are text")?;
         f.only("tool_choice", &[json!("none")], "this model has no tools")?;
         for key in [
@@ -538,12 +587,18 @@ mod tests {
         }))
         .unwrap();
         assert!(r.stream && r.include_usage);
-        assert_eq!(r.params.param("sampling.max_new_tokens").unwrap(), "max_completion_tokens");
+        assert_eq!(
+            r.params.param("sampling.max_new_tokens").unwrap(),
+            "max_completion_tokens"
+        );
         assert_eq!(
             r.params.param("messages[1].images[0]").unwrap(),
             "messages[1].content[1].image_url"
         );
-        assert_eq!(r.params.param("messages[1].images").unwrap(), "messages[1].content");
+        assert_eq!(
+            r.params.param("messages[1].images").unwrap(),
+            "messages[1].content"
+        );
         assert_eq!(r.params.param("sampling.stop[0]").unwrap(), "stop");
         let p: pb::UnderstandRequest = r.into();
         assert_eq!(p.messages[0].role, "system");
@@ -551,7 +606,10 @@ mod tests {
         assert_eq!(p.messages[1].images.len(), 1);
         assert_eq!(p.messages[1].images[0].mime_type, "image/png");
         let s = p.sampling.unwrap();
-        assert_eq!((s.max_new_tokens, s.seed, s.stop), (Some(7), Some(3), vec!["x".to_string()]));
+        assert_eq!(
+            (s.max_new_tokens, s.seed, s.stop),
+            (Some(7), Some(3), vec!["x".to_string()])
+        );
     }
 
     #[test]
@@ -559,18 +617,54 @@ mod tests {
         let cases = [
             (json!({"messages": []}), "messages"),
             (json!({}), "messages"),
-            (json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n"),
-            (json!({"messages": [{"role": "user", "content": "hi"}], "tools": []}), "tools"),
-            (json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true}), "logprobs"),
-            (json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), "temperature"),
-            (json!({"messages": [{"role": "user", "content": "hi"}], "seed": -4}), "seed"),
-            (json!({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}), "bogus"),
-            (json!({"messages": [{"role": "tool", "content": "hi"}]}), "messages[0].role"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}]}), "messages[0].content[0].image_url"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/gif;base64,AAAA"}}]}]}), "messages[0].content[0].image_url"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]}), "messages[0].content[0].image_url"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}), "messages[0].content[0].type"),
-            (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+                "n",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "tools": []}),
+                "tools",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true}),
+                "logprobs",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
+                "temperature",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "seed": -4}),
+                "seed",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}),
+                "bogus",
+            ),
+            (
+                json!({"messages": [{"role": "tool", "content": "hi"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}]}),
+                "messages[0].content[0].image_url",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/gif;base64,AAAA"}}]}]}),
+                "messages[0].content[0].image_url",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]}),
+                "messages[0].content[0].image_url",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+                "messages[0].content[0].type",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": 5}]}),
+                "messages[0].content",
+            ),
         ];
         for (body, param) in cases {
             let e = parse(body.clone()).unwrap_err();
@@ -580,13 +674,27 @@ mod tests {
         let r = parse(json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}))
         .unwrap();
-        assert_eq!(r.images[0].source, ImageSource::Remote("https://example.com/a.png".into()));
+        assert_eq!(
+            r.images[0].source,
+            ImageSource::Remote("https://example.com/a.png".into())
+        );
     }
 
     #[test]
     fn chunks_have_openai_shapes() {
-        let c = Completion { id: "chatcmpl-1".into(), created: 5, model: "m".into() };
-        let full = c.full("hi", "stop", usage(Some(&pb::Usage { prompt_tokens: 3, completion_tokens: 2 })));
+        let c = Completion {
+            id: "chatcmpl-1".into(),
+            created: 5,
+            model: "m".into(),
+        };
+        let full = c.full(
+            "hi",
+            "stop",
+            usage(Some(&pb::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+            })),
+        );
         assert_eq!(full["choices"][0]["message"]["content"], "hi");
         assert_eq!(full["usage"]["total_tokens"], 5);
         let ch = c.chunk(json!({"content": "a"}), None, true);

@@ -163,10 +163,8 @@ impl ApiError {
                 e.retry_after = Some(RETRY_AFTER_S);
                 e
             }
-            Code::DeadlineExceeded => {
-                Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", msg)
-                    .code("deadline_exceeded")
-            }
+            Code::DeadlineExceeded => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", msg)
+                .code("deadline_exceeded"),
             Code::Unimplemented => {
                 Self::new(StatusCode::NOT_IMPLEMENTED, "invalid_request_error", msg)
                     .code("not_implemented")
@@ -193,12 +191,16 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (
             self.status,
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             self.body().to_string(),
         )
             .into_response();
         if let Some(s) = self.retry_after {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }

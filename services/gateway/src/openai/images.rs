@@ -54,16 +54,17 @@ impl TryFrom<&[u8]> for ImagesRequest {
                 ))
             }
         }
-        let (output_format, format) = match f.take::<String>("output_format", "a string")?.as_deref() {
-            None | Some("png") => ("png", pb::OutputFormat::Png),
-            Some("jpeg") | Some("jpg") => ("jpeg", pb::OutputFormat::Jpeg),
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "output_format",
-                    format!("output format '{other}' is not supported (png, jpeg)"),
-                ))
-            }
-        };
+        let (output_format, format) =
+            match f.take::<String>("output_format", "a string")?.as_deref() {
+                None | Some("png") => ("png", pb::OutputFormat::Png),
+                Some("jpeg") | Some("jpg") => ("jpeg", pb::OutputFormat::Jpeg),
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "output_format",
+                        format!("output format '{other}' is not supported (png, jpeg)"),
+                    ))
+                }
+            };
         let stream = f.take::<bool>("stream", "a boolean")?.unwrap_or(false);
         let partial_images = f
             .take::<u32>("partial_images", "an integer from 0 to 3")?
@@ -74,7 +75,9 @@ impl TryFrom<&[u8]> for ImagesRequest {
                 format!("'partial_images' must be 0 to {MAX_PARTIAL_IMAGES}, got {partial_images}"),
             ));
         }
-        let janus_progress = f.take::<bool>("janus_progress", "a boolean")?.unwrap_or(false);
+        let janus_progress = f
+            .take::<bool>("janus_progress", "a boolean")?
+            .unwrap_or(false);
         let proto = pb::GenerateRequest {
             prompt,
             n,
@@ -98,7 +101,11 @@ impl TryFrom<&[u8]> for ImagesRequest {
             "images are opaque",
         )?;
         f.only("style", &[], "no styles")?;
-        f.only("output_compression", &[json!(100)], "fixed encoder settings")?;
+        f.only(
+            "output_compression",
+            &[json!(100)],
+            "fixed encoder settings",
+        )?;
         f.finish(&["user", "moderation"])?;
         Ok(Self {
             model,
@@ -177,7 +184,9 @@ impl ImagesResponse {
     pub fn full(&self, images: &[pb::GeneratedImage], usage_v: Value) -> Value {
         let data: Vec<Value> = images
             .iter()
-            .map(|i| json!({"b64_json": b64(&i.data), "revised_prompt": null, "janus_seed": i.seed}))
+            .map(
+                |i| json!({"b64_json": b64(&i.data), "revised_prompt": null, "janus_seed": i.seed}),
+            )
             .collect();
         json!({
             "created": self.created,
@@ -239,8 +248,10 @@ mod tests {
 
     #[test]
     fn requests_convert() {
-        let r = parse(json!({"prompt": "a cat", "n": 2, "seed": 9, "cfg_weight": 3.5,
-            "stream": true, "partial_images": 3, "size": "384x384", "response_format": "b64_json"}))
+        let r = parse(
+            json!({"prompt": "a cat", "n": 2, "seed": 9, "cfg_weight": 3.5,
+            "stream": true, "partial_images": 3, "size": "384x384", "response_format": "b64_json"}),
+        )
         .unwrap();
         assert_eq!(r.size(384).unwrap(), "384x384");
         let p = r.to_proto(576);
@@ -256,9 +267,18 @@ mod tests {
     fn bad_requests_name_the_parameter() {
         for (body, p) in [
             (json!({}), "prompt"),
-            (json!({"prompt": "x", "response_format": "url"}), "response_format"),
-            (json!({"prompt": "x", "partial_images": 4}), "partial_images"),
-            (json!({"prompt": "x", "output_format": "webp"}), "output_format"),
+            (
+                json!({"prompt": "x", "response_format": "url"}),
+                "response_format",
+            ),
+            (
+                json!({"prompt": "x", "partial_images": 4}),
+                "partial_images",
+            ),
+            (
+                json!({"prompt": "x", "output_format": "webp"}),
+                "output_format",
+            ),
             (json!({"prompt": "x", "style": "vivid"}), "style"),
             (json!({"prompt": "x", "n": "two"}), "n"),
             (json!({"prompt": "x", "what": 1}), "what"),
@@ -266,7 +286,10 @@ mod tests {
             let e = parse(body.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(p), "{body}");
         }
-        let e = parse(json!({"prompt": "x", "size": "1024x1024"})).unwrap().size(384).unwrap_err();
+        let e = parse(json!({"prompt": "x", "size": "1024x1024"}))
+            .unwrap()
+            .size(384)
+            .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("size"));
         assert!(e.message.contains("384x384"), "{}", e.message);
     }

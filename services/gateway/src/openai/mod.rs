@@ -97,8 +97,9 @@ pub(crate) fn typed<T: DeserializeOwned>(v: Value, param: &str, what: &str) -> R
         Value::Number(n) => format!(" ({n})"),
         _ => String::new(),
     };
-    serde_json::from_value(v)
-        .map_err(|_| ApiError::invalid(param, format!("'{param}' must be {what}, got {got}{shown}")))
+    serde_json::from_value(v).map_err(|_| {
+        ApiError::invalid(param, format!("'{param}' must be {what}, got {got}{shown}"))
+    })
 }
 
 /// A non-negative seed as the protocol's u64.
@@ -121,7 +122,11 @@ mod tests {
         assert_eq!(f.take::<u32>("a", "an integer").unwrap(), Some(1));
         let e = f.take::<u32>("b", "an integer").unwrap_err();
         assert_eq!(e.param.as_deref(), Some("b"));
-        assert!(e.message.contains("must be an integer, got a string"), "{}", e.message);
+        assert!(
+            e.message.contains("must be an integer, got a string"),
+            "{}",
+            e.message
+        );
         assert_eq!(f.take::<u32>("c", "an integer").unwrap(), None);
         assert_eq!(seed(&mut f).unwrap_err().param.as_deref(), Some("seed"));
         let e = f.finish(&[]).unwrap_err();

@@ -40,7 +40,10 @@ mod tests {
         assert_eq!(l["object"], "list");
         assert_eq!(l["data"][0]["owned_by"], "deepseek-ai");
         assert_eq!(l["data"][1]["owned_by"], "janus");
-        assert_eq!(model("tests/fixtures/janus-tiny/model", 1)["owned_by"], "janus");
+        assert_eq!(
+            model("tests/fixtures/janus-tiny/model", 1)["owned_by"],
+            "janus"
+        );
         assert_eq!(l["data"][0]["object"], "model");
     }
 }
