@@ -5,18 +5,19 @@
 # toolchain needed. A few minutes on an H200; every step is time-boxed. Steps:
 #   env      uname, nproc, memory, nvidia-smi (when present)
 #   ldd      `ldd ./janus` and `ldd ./parity`; a CUDA library "not found" fails the run (not on cpu)
-#   parity   the parity test binary on the tiny fixture (tests/parity.rs: it loads the models
-#            with LoadOptions::default(), i.e. CPU/f32, whatever --device says)
+#   parity   the parity test binary on the tiny fixture on DEV in f32 (the fixture's tolerances)
+#   parity_bf16  the same in bf16 compute (tests/parity.rs `Tol::BF16`: cosine >= 0.999, ...)
 #   synth    `janus synth --preset pro-7b` into a temp dir on local disk
 #            (cpu --quick: pro-1b with 2 LLM layers)
-#   bench    `janus bench --device DEV --dtype bf16` (cpu: f32), JSON out; GPU memory sampled
+#   bench    `janus bench --device DEV --dtype bf16 --gen-n 1,4,16` (cpu: f32, --quick 1,4),
+#            JSON out; GPU memory sampled
 #   torch    optional: torch version and CUDA availability, when python3 has torch
 # Everything lands in $OUT (default ./gpu-check-out): one log per step, bench.json, summary.json.
 # Exit status: 0 when every required step passed, 1 otherwise.
 #
 # Env overrides: JANUS_BIN (default ./janus), PARITY_BIN (default ./parity), JANUS_FIXTURE_DIR
 # (default ./fixtures/janus-tiny, else ../tests/fixtures/janus-tiny), OUT, PRESET, LLM_LAYERS,
-# DTYPE, GEN_STEPS, DECODE_TOKENS, JANUS_THREADS, KEEP_MODEL=1 (keep the synthetic checkpoint),
+# DTYPE, GEN_STEPS, GEN_N, DECODE_TOKENS, JANUS_THREADS, KEEP_MODEL=1 (keep the synthetic checkpoint),
 # WORK_DIR (where the checkpoint goes, default $TMPDIR or /tmp), T_<STEP> (timeout in s per step).
 set -euo pipefail
 
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="${2:?--device needs a value}"; shift 2 ;;
     --device=*) DEVICE="${1#--device=}"; shift ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +57,7 @@ if [ "$ON_GPU" = 1 ]; then
   DTYPE="${DTYPE:-bf16}"
   if [ "$QUICK" = 1 ]; then GEN_STEPS="${GEN_STEPS:-96}"; else GEN_STEPS="${GEN_STEPS:-576}"; fi
   DECODE_TOKENS="${DECODE_TOKENS:-32}"
+  GEN_N="${GEN_N:-1,4,16}"
 else
   DTYPE="${DTYPE:-f32}"
   if [ "$QUICK" = 1 ]; then
@@ -65,6 +67,7 @@ else
     PRESET="${PRESET:-pro-1b}"; LLM_LAYERS="${LLM_LAYERS:-4}"
     GEN_STEPS="${GEN_STEPS:-96}"; DECODE_TOKENS="${DECODE_TOKENS:-32}"
   fi
+  if [ "$QUICK" = 1 ]; then GEN_N="${GEN_N:-1,4}"; else GEN_N="${GEN_N:-1,4,16}"; fi
 fi
 LLM_LAYERS="${LLM_LAYERS:-}"
 
@@ -121,7 +124,7 @@ if [ "$ON_GPU" = 1 ]; then
   if [ -n "$extra" ]; then export LD_LIBRARY_PATH="$extra${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
 fi
 
-note "device=$DEVICE quick=$QUICK preset=$PRESET${LLM_LAYERS:+ llm_layers=$LLM_LAYERS} dtype=$DTYPE gen_steps=$GEN_STEPS decode_tokens=$DECODE_TOKENS"
+note "device=$DEVICE quick=$QUICK preset=$PRESET${LLM_LAYERS:+ llm_layers=$LLM_LAYERS} dtype=$DTYPE gen_steps=$GEN_STEPS gen_n=$GEN_N decode_tokens=$DECODE_TOKENS"
 note "janus=$JANUS_BIN parity=$PARITY_BIN fixture=$FIXTURE out=$OUT model_dir=$MODEL_DIR"
 
 # ---------------------------------------------------------------- env
@@ -165,11 +168,17 @@ cat "$OUT/ldd.out"
 
 # ---------------------------------------------------------------- parity
 # tests/parity.rs picks its fixture from JANUS_FIXTURE_DIR (the compiled-in default is the build
-# machine's path) and has no device/dtype switch: it runs on the CPU in f32. On the GPU host this
-# proves the cuda build starts and is numerically right on the CPU path, not the CUDA kernels.
-step parity 300 1 env JANUS_FIXTURE_DIR="$FIXTURE" "$PARITY_BIN" --test-threads="$(nproc)"
+# machine's path), its device from JANUS_PARITY_DEVICE and its compute dtype from
+# JANUS_PARITY_DTYPE: f32 with the fixture's tolerances, then bf16 with Tol::BF16.
+parity_threads="$(nproc)"
+step parity 300 1 env JANUS_FIXTURE_DIR="$FIXTURE" JANUS_PARITY_DEVICE="$DEVICE" JANUS_PARITY_DTYPE=f32 \
+  "$PARITY_BIN" --test-threads="$parity_threads"
 PARITY_RESULT="$(grep -h '^test result:' "$OUT/parity.out" | tail -n1 || true)"
-note "parity: ${PARITY_RESULT:-no test result line}"
+note "parity f32: ${PARITY_RESULT:-no test result line}"
+step parity_bf16 420 1 env JANUS_FIXTURE_DIR="$FIXTURE" JANUS_PARITY_DEVICE="$DEVICE" JANUS_PARITY_DTYPE=bf16 \
+  "$PARITY_BIN" --test-threads="$parity_threads"
+PARITY_BF16_RESULT="$(grep -h '^test result:' "$OUT/parity_bf16.out" | tail -n1 || true)"
+note "parity bf16: ${PARITY_BF16_RESULT:-no test result line}"
 
 # ---------------------------------------------------------------- synth
 synth_args=(synth --preset "$PRESET" --tokenizer "$FIXTURE/model/tokenizer.json" --out "$MODEL_DIR/model")
@@ -187,7 +196,7 @@ if [ -f "$MODEL_DIR/model/config.json" ]; then
   bench_cmd=("$JANUS_BIN")
   if [ -n "${JANUS_THREADS:-}" ]; then bench_cmd+=(--threads "$JANUS_THREADS"); fi
   bench_cmd+=(bench --model "$MODEL_DIR/model" --device "$DEVICE" --dtype "$DTYPE"
-    --decode-tokens "$DECODE_TOKENS" --gen-steps "$GEN_STEPS")
+    --decode-tokens "$DECODE_TOKENS" --gen-steps "$GEN_STEPS" --gen-n "$GEN_N")
   if [ -x /usr/bin/time ]; then bench_cmd=(/usr/bin/time -v "${bench_cmd[@]}"); fi
   step bench 480 1 "${bench_cmd[@]}"
   if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""; fi
@@ -234,7 +243,7 @@ fi
   printf '  "device": %s, "quick": %s, "preset": %s, "llm_layers": %s, "dtype": %s,\n' \
     "$(json_str "$DEVICE")" "$([ "$QUICK" = 1 ] && echo true || echo false)" "$(json_str "$PRESET")" \
     "${LLM_LAYERS:-null}" "$(json_str "$DTYPE")"
-  printf '  "gen_steps": %s, "decode_tokens": %s,\n' "$GEN_STEPS" "$DECODE_TOKENS"
+  printf '  "gen_steps": %s, "gen_n": %s, "decode_tokens": %s,\n' "$GEN_STEPS" "$(json_str "$GEN_N")" "$DECODE_TOKENS"
   printf '  "janus_bin": %s, "parity_bin": %s,\n' "$(json_str "$JANUS_BIN")" "$(json_str "$PARITY_BIN")"
   printf '  "steps": ['
   sep=""
@@ -243,7 +252,7 @@ fi
     sep=","
   done < <(tail -n +2 "$STEPS_TSV")
   printf '\n  ],\n'
-  printf '  "parity": %s,\n' "$(json_str "${PARITY_RESULT:-}")"
+  printf '  "parity": %s, "parity_bf16": %s,\n' "$(json_str "${PARITY_RESULT:-}")" "$(json_str "${PARITY_BF16_RESULT:-}")"
   printf '  "bench": %s,\n' "$bench_json"
   printf '  "bench_peak_rss_kb": %s, "gpu_mem_peak_mib": %s,\n' "${PEAK_RSS_KB:-null}" "${GPU_MEM_PEAK_MIB:-null}"
   printf '  "torch": %s,\n' "$(json_str "$TORCH")"
@@ -256,7 +265,7 @@ fi
 echo
 echo "================ gpu-check summary ($DEVICE, quick=$QUICK) ================"
 column -t -s $'\t' "$STEPS_TSV" 2>/dev/null || cat "$STEPS_TSV"
-echo "parity: ${PARITY_RESULT:-none}"
+echo "parity: f32 ${PARITY_RESULT:-none}; bf16 ${PARITY_BF16_RESULT:-none}"
 echo "bench:  $bench_json"
 echo "bench peak RSS: ${PEAK_RSS_KB:-?} kB; GPU memory peak: ${GPU_MEM_PEAK_MIB:-n/a} MiB"
 echo "torch:  $TORCH"

@@ -19,6 +19,10 @@ pub struct BenchArgs {
     /// Generation steps timed (576 = one whole image; fewer extrapolates s/image from the median step).
     #[arg(long, default_value_t = 576)]
     gen_steps: usize,
+    /// Images per request to time generation steps at, comma-separated (e.g. 1,4,16). The
+    /// first is also timed end to end (s per image, VQ decode); the others report ms per step.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    gen_n: Vec<usize>,
     /// Skip the understanding half.
     #[arg(long)]
     skip_understanding: bool,
@@ -119,46 +123,96 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "decode_tokens": n,
             "decode_tok_per_s": round(n as f64 / decode_s, 2),
         });
+        if let Some((used, _)) = janus_pipeline::device_memory(&opts.device) {
+            out["understanding"]["device_memory_gb"] = json!(round(used as f64 / 1e9, 2));
+        }
         eprintln!("{}", serde_json::to_string(&out["understanding"])?);
     }
     if !args.skip_generation {
         let t = Instant::now();
         let m = GenerationModel::load(&args.model.model, &opts)?;
         let load_s = secs(t);
-        let params = GenerateParams {
-            n: 1,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        let mut job = m.start("A red apple on a wooden table, studio light.", &params)?;
-        let prefill_s = secs(t);
-        let steps = args.gen_steps.min(job.total_steps());
-        let mut times = Vec::with_capacity(steps);
-        for _ in 0..steps {
+        let prompt = "A red apple on a wooden table, studio light.";
+        // Times `gen_steps` steps of one request of `n` images: (job, prefill s, step times).
+        let timed = |n: usize| -> Result<_> {
+            let params = GenerateParams {
+                n,
+                ..Default::default()
+            };
             let t = Instant::now();
-            m.step(&mut job)?;
-            times.push(secs(t));
+            let mut job = m.start(prompt, &params)?;
+            let prefill_s = secs(t);
+            let steps = args.gen_steps.min(job.total_steps());
+            let mut times = Vec::with_capacity(steps);
+            for _ in 0..steps {
+                let t = Instant::now();
+                m.step(&mut job)?;
+                times.push(secs(t));
+            }
+            Ok((job, prefill_s, times))
+        };
+        let ns = if args.gen_n.is_empty() {
+            vec![1]
+        } else {
+            args.gen_n.clone()
+        };
+        if let Some(bad) = ns.iter().find(|&&n| n == 0 || n > 16) {
+            anyhow::bail!("--gen-n: {bad} images per request is outside 1..=16");
         }
+        let mut by_n = Vec::new();
+        for &n in &ns[1..] {
+            let (_, prefill_s, mut times) = timed(n)?;
+            let total: f64 = times.iter().sum();
+            let steps = times.len();
+            let med = median(&mut times);
+            by_n.push(json!({
+                "n": n,
+                "prefill_s": round(prefill_s, 3),
+                "steps_timed": steps,
+                "median_step_ms": round(med * 1e3, 2),
+                "mean_step_ms": round(total / steps.max(1) as f64 * 1e3, 2),
+                "step_ms_per_image": round(med * 1e3 / n as f64, 3),
+            }));
+            eprintln!("{}", by_n.last().expect("just pushed"));
+        }
+        let (job, prefill_s, mut times) = timed(ns[0])?;
+        let steps = times.len();
         let total_steps_s: f64 = times.iter().sum();
         let median_step = median(&mut times);
-        let tokens: Vec<Vec<u32>> = if job.is_done() {
-            job.tokens.clone()
+        // One image's grid through the VQ decoder (a fixed pseudo-random grid if not all
+        // steps ran); the request's steps are shared by its n images.
+        let grid: Vec<u32> = if job.is_done() {
+            job.tokens[0].clone()
         } else {
-            vec![(0..job.total_steps() as u32)
+            (0..job.total_steps() as u32)
                 .map(|i| (i * 7919) % 16384)
-                .collect()]
+                .collect()
         };
         let t = Instant::now();
-        m.decode(&tokens)?;
+        m.decode(&[grid])?;
         let vq_s = secs(t);
         let measured = steps == job.total_steps();
-        let per_image = if measured {
-            prefill_s + total_steps_s + vq_s
+        let steps_s = if measured {
+            total_steps_s
         } else {
-            prefill_s + median_step * job.total_steps() as f64 + vq_s
+            median_step * job.total_steps() as f64
         };
+        let per_image = (prefill_s + steps_s) / ns[0] as f64 + vq_s;
+        by_n.insert(
+            0,
+            json!({
+                "n": ns[0],
+                "prefill_s": round(prefill_s, 3),
+                "steps_timed": steps,
+                "median_step_ms": round(median_step * 1e3, 2),
+                "mean_step_ms": round(total_steps_s / steps.max(1) as f64 * 1e3, 2),
+                "step_ms_per_image": round(median_step * 1e3 / ns[0] as f64, 3),
+            }),
+        );
         out["generation"] = json!({
             "load_s": round(load_s, 3),
+            "n": ns[0],
+            "by_n": by_n,
             "prompt_tokens": job.prompt_tokens,
             "prefill_s": round(prefill_s, 3),
             "steps_timed": steps,
@@ -168,6 +222,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "s_per_image_measured": measured,
         });
         out["vq_decode_s"] = json!(round(vq_s, 3));
+        if let Some((used, total)) = janus_pipeline::device_memory(&opts.device) {
+            out["generation"]["device_memory_gb"] = json!(round(used as f64 / 1e9, 2));
+            out["device_memory_total_gb"] = json!(round(total as f64 / 1e9, 2));
+        }
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -3,6 +3,12 @@
 //! Every case of `golden.json` runs by its `kind` against both `model/` (safetensors) and
 //! `model-pth/` (sharded PyTorch pickle). `JANUS_FIXTURE_DIR=<dir>` points the suite at another
 //! fixture directory of the same format. Tolerances are the fixture README's.
+//!
+//! The same suite checks other devices and precisions (a GPU host runs the compiled binary with
+//! no toolchain, see scripts/gpu-check.sh): `JANUS_PARITY_DEVICE` = `cpu` (default) or `cuda:N`,
+//! `JANUS_PARITY_DTYPE` = `f32` (default) or `bf16` (compute dtype; weights as the checkpoint
+//! stores them). f32 keeps the fixture's tolerances wherever it runs; bf16 has its own, in
+//! [`Tol::BF16`].
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -12,6 +18,97 @@ use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// What the suite asserts; one set per compute dtype.
+#[derive(Debug)]
+struct Tol {
+    /// Max abs diff of vision/aligned features and input embeddings.
+    features: f32,
+    /// Max abs diff of the prompt's last logits.
+    logits: f32,
+    /// Max abs diff of the guided (CFG) image logits.
+    cfg_logits: f32,
+    /// Max abs diff of the VQ decoder output in [-1, 1].
+    decoded: f32,
+    /// Cosine every compared tensor keeps with the golden one.
+    cosine: f64,
+    /// A greedy image token may differ from the golden one only where the golden top-2 margin
+    /// is at most this.
+    margin: f32,
+    /// Largest u8 difference allowed per image channel value, and the share of values that may
+    /// exceed it.
+    image_levels: u8,
+    image_share: f64,
+    /// Greedy understanding tokens equal to the golden ones, batched and alone. bf16 checks the
+    /// first token of every row instead (the golden last logits are covered above).
+    greedy_exact: bool,
+    /// Share of VQ encoder codes equal to the golden ones.
+    codes: f64,
+}
+
+impl Tol {
+    /// The fixture README's: f32 on bf16-valued weights agrees to f32 rounding.
+    const F32: Tol = Tol {
+        features: 1e-3,
+        logits: 1e-3,
+        cfg_logits: 2e-3,
+        decoded: 5e-3,
+        cosine: 0.99999,
+        margin: 1e-3,
+        image_levels: 1,
+        image_share: 0.0,
+        greedy_exact: true,
+        codes: 1.0,
+    };
+    /// bf16 compute (bf16 has an 8-bit mantissa: ≈ 0.4 % per rounding, accumulated over the
+    /// layers and, for the image logits, over 576 steps of a bf16 KV cache). Measured on the
+    /// CPU (`JANUS_PARITY_DTYPE=bf16`): features and logits ≤ 0.043 max abs, cosine ≥ 0.99997;
+    /// guided logits ≤ 0.33 max abs, cosine ≥ 0.9985 (step 300 of gen1); 44 argmax
+    /// disagreements in gen0, all at margins ≤ 0.5; understanding greedy tokens all equal.
+    const BF16: Tol = Tol {
+        features: 0.1,
+        logits: 0.1,
+        cfg_logits: 0.5,
+        decoded: 0.1,
+        cosine: 0.997,
+        margin: 0.5,
+        image_levels: 16,
+        image_share: 0.01,
+        greedy_exact: false,
+        codes: 0.9,
+    };
+}
+
+/// Device, load options and tolerances of this run (from the environment).
+struct Run {
+    device: Device,
+    opts: LoadOptions,
+    tol: &'static Tol,
+}
+
+fn run_cfg() -> &'static Run {
+    static RUN: OnceLock<Run> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dev = std::env::var("JANUS_PARITY_DEVICE").unwrap_or_else(|_| "cpu".into());
+        let dt = std::env::var("JANUS_PARITY_DTYPE").unwrap_or_else(|_| "f32".into());
+        let device = janus_pipeline::parse_device(&dev)
+            .unwrap_or_else(|e| panic!("JANUS_PARITY_DEVICE={dev}: {e}"));
+        let dtype = janus_pipeline::parse_dtype(&dt)
+            .unwrap_or_else(|e| panic!("JANUS_PARITY_DTYPE={dt}: {e}"));
+        let tol = match dtype {
+            DType::F32 => &Tol::F32,
+            DType::BF16 => &Tol::BF16,
+            d => panic!("JANUS_PARITY_DTYPE: no tolerances for {d:?} (f32, bf16)"),
+        };
+        eprintln!("parity on {dev} in {dt}: {tol:?}");
+        let opts = LoadOptions {
+            dtype,
+            ..LoadOptions::for_device(device.clone())
+        };
+        Run { device, opts, tol }
+    })
+}
 
 fn fixture_dir() -> PathBuf {
     match std::env::var_os("JANUS_FIXTURE_DIR") {
@@ -84,7 +181,7 @@ fn f32s(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
-/// Asserts max abs diff ≤ `tol` and cosine ≥ 0.99999; returns the max diff.
+/// Asserts max abs diff ≤ `tol` and the run's cosine; returns the max diff.
 fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f32) -> f32 {
     assert_eq!(ours.dims(), golden.dims(), "{what}: shape");
     let (a, b) = (f32s(ours), f32s(golden));
@@ -99,7 +196,8 @@ fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f32) -> f32 {
     let cos = dot / (na * nb).max(1e-30);
     eprintln!("{what}: max abs diff {max:.3e}, cosine {cos:.7}");
     assert!(max <= tol, "{what}: max abs diff {max} > {tol}");
-    assert!(cos >= 0.99999, "{what}: cosine {cos} < 0.99999");
+    let min_cos = run_cfg().tol.cosine;
+    assert!(cos >= min_cos, "{what}: cosine {cos} < {min_cos}");
     max
 }
 
@@ -172,7 +270,8 @@ fn understanding_matches_reference() {
     let g = Golden::load();
     for dir in g.model_dirs() {
         eprintln!("== {}", dir.display());
-        let model = UnderstandingModel::load(&dir, &LoadOptions::default()).unwrap();
+        let model = UnderstandingModel::load(&dir, &run_cfg().opts).unwrap();
+        let tol = run_cfg().tol;
         for (case, c) in g.cases("understanding") {
             eprintln!("-- {case}");
             let convs: Vec<Conversation> = c["conversations"]
@@ -233,13 +332,13 @@ fn understanding_matches_reference() {
                     &format!("{case}.vision_features"),
                     &vf,
                     g.t(&case, "vision_features"),
-                    1e-3,
+                    tol.features,
                 );
                 assert_close(
                     &format!("{case}.aligned_features"),
                     &af,
                     g.t(&case, "aligned_features"),
-                    1e-3,
+                    tol.features,
                 );
             }
             for (i, p) in prepared.iter().enumerate() {
@@ -249,22 +348,31 @@ fn understanding_matches_reference() {
                     &format!("{case}.inputs_embeds[{i}]"),
                     &model.input_embeds(p.clone()).unwrap(),
                     &golden_row("inputs_embeds").narrow(1, pad, len).unwrap(),
-                    1e-3,
+                    tol.features,
                 );
                 assert_close(
                     &format!("{case}.last_logits[{i}]"),
                     &model.prompt_logits(p.clone(), usize::MAX).unwrap(),
                     &golden_row("last_logits"),
-                    1e-3,
+                    tol.logits,
                 );
             }
-            // Greedy tokens: identical, batched and alone.
+            // Greedy tokens: identical, batched and alone (bf16: the first token of every row).
             let want: Vec<Vec<u32>> = {
                 let v = i64s(g.t(&case, "greedy_tokens"));
                 v.chunks(max_new)
                     .map(|r| r.iter().map(|&x| x as u32).collect())
                     .collect()
             };
+            if !tol.greedy_exact {
+                let got = run_greedy(&model, &convs, max_new);
+                for (r, (o, w)) in got.iter().zip(&want).enumerate() {
+                    let same = o.iter().zip(w).take_while(|(a, b)| a == b).count();
+                    eprintln!("{case}: row {r}: first {same}/{max_new} greedy tokens equal");
+                    assert_eq!(o[0], w[0], "{case}: row {r}: first greedy token");
+                }
+                continue;
+            }
             assert_eq!(
                 run_greedy(&model, &convs, max_new),
                 want,
@@ -292,7 +400,7 @@ fn understanding_matches_reference() {
 #[test]
 fn preprocessing_matches_reference() {
     let g = Golden::load();
-    let model = UnderstandingModel::load(&g.model_dirs()[0], &LoadOptions::default()).unwrap();
+    let model = UnderstandingModel::load(&g.model_dirs()[0], &run_cfg().opts).unwrap();
     let (mut sum, mut count, mut max) = (0u64, 0u64, 0u8);
     for (case, c) in g.cases("understanding") {
         let convs: Vec<Conversation> = c["conversations"]
@@ -328,7 +436,8 @@ fn generation_matches_reference() {
     let g = Golden::load();
     for dir in g.model_dirs() {
         eprintln!("== {}", dir.display());
-        let model = GenerationModel::load(&dir, &LoadOptions::default()).unwrap();
+        let model = GenerationModel::load(&dir, &run_cfg().opts).unwrap();
+        let tol = run_cfg().tol;
         for (case, c) in g.cases("generation") {
             let prompt = c["prompt"].as_str().unwrap();
             let (cond, uncond) = model.tokenizer().encode_generation(prompt).unwrap();
@@ -364,7 +473,7 @@ fn generation_matches_reference() {
                         &format!("{case}.cfg_logits step {step}"),
                         &logits,
                         &gl,
-                        2e-3,
+                        tol.cfg_logits,
                     );
                 }
                 let row = logits.get(0).unwrap().to_vec1::<f32>().unwrap();
@@ -372,7 +481,7 @@ fn generation_matches_reference() {
                 if ours != tok {
                     disagreements += 1;
                     assert!(
-                        margins[step] <= 1e-3,
+                        margins[step] <= tol.margin,
                         "{case}: step {step} argmax {ours} != {tok} with margin {}",
                         margins[step]
                     );
@@ -380,14 +489,15 @@ fn generation_matches_reference() {
                 model.advance(&mut job, &[tok]).unwrap();
             }
             eprintln!(
-                "{case}: {disagreements} argmax disagreements (all within the 1e-3 margin rule)"
+                "{case}: {disagreements} argmax disagreements (all within the {} margin rule)",
+                tol.margin
             );
             let decoded = model.decode_raw(&[tokens.clone()]).unwrap();
             assert_close(
                 &format!("{case}.decoded"),
                 &decoded,
                 g.t(&case, "decoded_f16"),
-                5e-3,
+                tol.decoded,
             );
             let img = &model.decode(&[tokens]).unwrap()[0];
             let want = g
@@ -400,11 +510,18 @@ fn generation_matches_reference() {
                 .data
                 .iter()
                 .zip(&want)
-                .filter(|(a, b)| a.abs_diff(**b) > 1)
+                .filter(|(a, b)| a.abs_diff(**b) > tol.image_levels)
                 .count();
-            assert_eq!(
-                off, 0,
-                "{case}: image_u8 differs by more than 1 level (truncation of near-integer values)"
+            let share = off as f64 / want.len() as f64;
+            eprintln!(
+                "{case}: {off} image_u8 values differ by more than {} levels",
+                tol.image_levels
+            );
+            // f32: none (1 level is truncation of near-integer values).
+            assert!(
+                share <= tol.image_share,
+                "{case}: {off} image_u8 values differ by more than {} levels",
+                tol.image_levels
             );
         }
     }
@@ -416,7 +533,8 @@ fn greedy_generation_reproduces_golden_tokens() {
     // margin is large enough that float rounding cannot flip the argmax.
     let g = Golden::load();
     let dir = &g.model_dirs()[0];
-    let model = GenerationModel::load(dir, &LoadOptions::default()).unwrap();
+    let model = GenerationModel::load(dir, &run_cfg().opts).unwrap();
+    let tol = run_cfg().tol;
     for (case, c) in g.cases("generation") {
         let margins = f32s(g.t(&case, "top2_margins"));
         let want: Vec<u32> = i64s(g.t(&case, "greedy_image_tokens"))
@@ -432,7 +550,7 @@ fn greedy_generation_reproduces_golden_tokens() {
         let mut job = model.start(c["prompt"].as_str().unwrap(), &params).unwrap();
         let first_small = margins
             .iter()
-            .position(|&m| m <= 1e-3)
+            .position(|&m| m <= tol.margin)
             .unwrap_or(margins.len());
         while !job.is_done() {
             model.step(&mut job).unwrap();
@@ -451,13 +569,27 @@ fn vq_roundtrip_matches_reference() {
     let g = Golden::load();
     for dir in g.model_dirs() {
         let cfg = janus_pipeline::JanusConfig::from_dir(&dir).unwrap();
+        // The VQ model on the run's device in the dtype `GenerationModel` gives it there (bf16
+        // on CUDA in a bf16 run; always f32 on the CPU, whose convolutions are f32 only).
+        let run = run_cfg();
         let vb = janus_pipeline::weights::WeightFiles::find(&dir)
             .unwrap()
-            .var_builder(DType::F32, &Device::Cpu)
+            .var_builder(DType::F32, &run.device)
             .unwrap();
-        let vq = janus_vq::VqModel::load(vb.pp("gen_vision_model"), &cfg.vq, true).unwrap();
+        let vq = janus_vq::VqModel::load(
+            vb.pp("gen_vision_model"),
+            &cfg.vq,
+            true,
+            janus_pipeline::generate::vq_dtype(&run.opts),
+        )
+        .unwrap();
         for (case, _) in g.cases("vq_roundtrip") {
-            let u8s = g.t(&case, "preprocessed_u8").to_dtype(DType::F32).unwrap();
+            let u8s = g
+                .t(&case, "preprocessed_u8")
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&run.device)
+                .unwrap();
             let pixels = ((u8s / 127.5).unwrap() - 1.0).unwrap();
             let codes = vq.encode(&pixels).unwrap();
             let want: Vec<u32> = i64s(g.t(&case, "codes"))
@@ -466,14 +598,55 @@ fn vq_roundtrip_matches_reference() {
                 .collect();
             let same = codes.iter().zip(&want).filter(|(a, b)| a == b).count();
             eprintln!("{case}: {same}/{} codes equal", want.len());
-            assert_eq!(codes, want, "{case}: VQ encoder codes");
+            if run.tol.codes >= 1.0 {
+                assert_eq!(codes, want, "{case}: VQ encoder codes");
+            }
+            assert!(
+                same as f64 >= run.tol.codes * want.len() as f64,
+                "{case}: {same}/{} VQ encoder codes equal",
+                want.len()
+            );
             let decoded = vq.decode_codes(&want, 1).unwrap();
             assert_close(
                 &format!("{case}.decoded"),
                 &decoded,
                 g.t(&case, "decoded_f16"),
-                5e-3,
+                run.tol.decoded,
             );
         }
     }
+}
+
+/// The bf16 suite runs with every plain `cargo test`: this binary again with
+/// `JANUS_PARITY_DTYPE=bf16` on the same device, asserting `Tol::BF16`. (A run that names its
+/// precision itself, as scripts/gpu-check.sh does for each, does not start another.)
+#[test]
+fn bf16_suite_passes() {
+    if std::env::var_os("JANUS_PARITY_DTYPE").is_some() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("JANUS_PARITY_DTYPE", "bf16")
+        .args(["--skip", "bf16_suite_passes", "--test-threads", "2"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let tail: String = text
+        .lines()
+        .rev()
+        .take(60)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        out.status.success(),
+        "the bf16 parity suite failed:\n{tail}"
+    );
+    assert!(
+        text.contains("test result: ok.") && !text.contains("test result: ok. 0 passed"),
+        "the bf16 run ran no parity test:\n{tail}"
+    );
 }

@@ -64,17 +64,17 @@ pub fn sdpa(
             return Tensor::from_vec(out, (b, h, sq, d), q.device());
         }
     }
-    // Generic path: scores and softmax in f32 (the eager reference upcasts too).
+    // Generic path (CUDA, or CPU in another dtype): both products in the compute dtype, read
+    // straight from the cache views (cuBLAS accumulates bf16 products in f32), so no step copies
+    // or widens the keys and values; scale, mask and softmax in f32 on the small score matrix,
+    // as the reference's eager attention upcasts its softmax.
     let dt = q.dtype();
-    let mut att = (q
-        .to_dtype(DType::F32)?
-        .matmul(&k.to_dtype(DType::F32)?.t()?)?
-        * scale)?;
+    let mut att = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
     if let Some(mask) = mask {
         att = att.broadcast_add(&mask.to_dtype(DType::F32)?)?;
     }
     let att = candle_nn::ops::softmax_last_dim(&att)?;
-    att.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dt)
+    att.to_dtype(dt)?.matmul(v)
 }
 
 #[cfg(test)]
@@ -114,5 +114,41 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-5, "{d}");
+    }
+
+    /// The generic path (the one CUDA takes) in bf16 on cache views: products in bf16 read
+    /// in place, softmax in f32; within bf16 rounding of the f32 result.
+    #[test]
+    fn generic_bf16_on_cache_views_matches_f32() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 4, 5, 16), &dev).unwrap();
+        let kc = Tensor::randn(0f32, 1.0, (1, 4, 12, 16), &dev).unwrap();
+        let vc = Tensor::randn(0f32, 1.0, (1, 4, 12, 16), &dev).unwrap();
+        let (k, v) = (kc.narrow(2, 0, 7).unwrap(), vc.narrow(2, 0, 7).unwrap());
+        let mut m = vec![0f32; 5 * 7];
+        for i in 0..5 {
+            for j in 3 + i..7 {
+                m[i * 7 + j] = -1e30;
+            }
+        }
+        let mask = Tensor::from_vec(m, (1, 1, 5, 7), &dev).unwrap();
+        let want = sdpa(&q, &k, &v, 0.25, Some(&mask)).unwrap();
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (kb, vb) = (
+            bf(&kc).narrow(2, 0, 7).unwrap(),
+            bf(&vc).narrow(2, 0, 7).unwrap(),
+        );
+        assert!(!kb.is_contiguous(), "a cache view, not a copy");
+        let got = sdpa(&bf(&q), &kb, &vb, 0.25, Some(&mask)).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let d = (got.to_dtype(DType::F32).unwrap() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 0.05, "bf16 attention off by {d}");
     }
 }

@@ -133,6 +133,21 @@ pub fn shares_llm(a: &LoadOptions, b: &LoadOptions) -> bool {
         && a.max_context == b.max_context
 }
 
+/// `(used, total)` bytes of `device`'s memory as the driver reports it (everything on the GPU,
+/// this process's cached allocations included); `None` off CUDA.
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| ((total - free) as u64, total as u64)),
+        _ => None,
+    }
+}
+
 /// Parses `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     let (kind, idx) = match s.split_once(':') {

@@ -65,8 +65,8 @@ impl VqConfig {
 /// `Normalize` of the reference: GroupNorm(32, eps 1e-6), here fused with the swish that always
 /// follows it in ResnetBlocks and before `conv_out`.
 fn group_norm(vb: VarBuilder, c: usize, silu: bool) -> Result<GroupNormAct> {
-    let w = vb.get(c, "weight")?.to_dtype(DType::F32)?;
-    let b = vb.get(c, "bias")?.to_dtype(DType::F32)?;
+    let w = vb.get(c, "weight")?;
+    let b = vb.get(c, "bias")?;
     GroupNormAct::new(w, b, 32, 1e-6, silu)
 }
 
@@ -78,8 +78,8 @@ fn conv(
     stride: usize,
     pad: usize,
 ) -> Result<Conv2d> {
-    let w = vb.get((cout, cin, k, k), "weight")?.to_dtype(DType::F32)?;
-    let b = vb.get(cout, "bias")?.to_dtype(DType::F32)?;
+    let w = vb.get((cout, cin, k, k), "weight")?;
+    let b = vb.get(cout, "bias")?;
     if k == 3 && stride == 1 && pad == 1 {
         return Ok(Conv2d::K3(Conv3x3::new(w, b)?));
     }
@@ -139,10 +139,8 @@ struct AttnBlock {
 impl AttnBlock {
     fn load(vb: VarBuilder, c: usize) -> Result<Self> {
         let get = |n: &str| -> Result<(Tensor, Tensor)> {
-            let w = vb
-                .get((c, c, 1, 1), &format!("{n}.weight"))?
-                .to_dtype(DType::F32)?;
-            let b = vb.get(c, &format!("{n}.bias"))?.to_dtype(DType::F32)?;
+            let w = vb.get((c, c, 1, 1), &format!("{n}.weight"))?;
+            let b = vb.get(c, &format!("{n}.bias"))?;
             Ok((w.reshape((c, c))?, b))
         };
         let (q, qb) = get("q")?;
@@ -175,8 +173,9 @@ impl AttnBlock {
         let q = qkv.narrow(D::Minus1, 0, c)?.contiguous()?;
         let k = qkv.narrow(D::Minus1, c, c)?.contiguous()?;
         let v = qkv.narrow(D::Minus1, 2 * c, c)?.contiguous()?;
-        let att = (q.matmul(&k.t()?)? * (self.c as f64).powf(-0.5))?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // Scores, scale and softmax in f32 whatever the compute dtype.
+        let att = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * (self.c as f64).powf(-0.5))?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
         let y = att.matmul(&v)?;
         let y = y
             .broadcast_matmul(&self.proj_w.t()?)?
@@ -393,13 +392,16 @@ pub struct VqModel {
     codebook: Tensor,
     cfg: VqConfig,
     device: Device,
+    /// Compute dtype of the encoder and decoder.
+    dtype: DType,
     span: tracing::Span,
 }
 
 impl VqModel {
-    /// Loads from `vb` at `gen_vision_model`. Runs in f32 whatever the storage dtype: the model is
-    /// small and GroupNorm/attention lose accuracy in bf16.
-    pub fn load(vb: VarBuilder, cfg: &VqConfig, with_encoder: bool) -> Result<Self> {
+    /// Loads from `vb` at `gen_vision_model`, computing in `dtype`: f32 on the CPU (its kernels
+    /// are f32), bf16 on CUDA. In every dtype the codebook, the GroupNorm statistics and the
+    /// attention softmax stay f32, and images come out as f32.
+    pub fn load(vb: VarBuilder, cfg: &VqConfig, with_encoder: bool, dtype: DType) -> Result<Self> {
         if cfg.ch_mult.is_empty() || cfg.ch == 0 || cfg.codebook_embed_dim == 0 {
             candle_core::bail!("invalid VQ configuration {cfg:?}");
         }
@@ -410,6 +412,7 @@ impl VqModel {
             .to_dtype(DType::F32)?;
         let norm = codebook.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
         let codebook = codebook.broadcast_div(&norm)?;
+        let vb = vb.set_dtype(dtype);
         let encoder = if with_encoder {
             Some((
                 Encoder::load(vb.pp("encoder"), cfg)?,
@@ -425,6 +428,7 @@ impl VqModel {
             codebook,
             cfg: cfg.clone(),
             device,
+            dtype,
             span: tracing::span!(tracing::Level::TRACE, "vq_decode"),
         })
     }
@@ -478,9 +482,11 @@ impl VqModel {
             .index_select(&idx, 0)?
             .reshape((n, side, side, e))?
             .permute((0, 3, 1, 2))?
+            .to_dtype(self.dtype)?
             .contiguous()?;
         self.decoder
-            .forward(&self.post_quant_conv.forward(&z)?, stop)
+            .forward(&self.post_quant_conv.forward(&z)?, stop)?
+            .to_dtype(DType::F32)
     }
 
     /// Encodes images `[n, 3, H, W]` in [-1, 1] to their nearest codebook ids (raster order).
@@ -488,7 +494,9 @@ impl VqModel {
         let Some((encoder, quant_conv)) = &self.encoder else {
             candle_core::bail!("this VQ model was loaded without its encoder");
         };
-        let h = quant_conv.forward(&encoder.forward(&pixels.to_dtype(DType::F32)?)?)?;
+        let h = quant_conv
+            .forward(&encoder.forward(&pixels.to_dtype(self.dtype)?)?)?
+            .to_dtype(DType::F32)?;
         let (n, e, hh, ww) = h.dims4()?;
         let z = h.permute((0, 2, 3, 1))?.reshape((n * hh * ww, e))?;
         let z = z.broadcast_div(&z.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?)?;
