@@ -6,7 +6,7 @@
 #   scripts/build-cuda.sh            # compute capability 90 (H100/H200), into target/cuda-dist
 #   scripts/build-cuda.sh 89 /tmp/d  # L4/L40S, elsewhere
 #
-# Produces OUT_DIR/janus-cuda-<cap>/{janus,parity,gpu-check.sh,fixtures/janus-tiny,BUILD-INFO.txt}
+# Produces OUT_DIR/janus-cuda-<cap>/{janus,parity,gpu-check.sh,torch_reference.py,fixtures/janus-tiny,BUILD-INFO.txt}
 # and OUT_DIR/janus-cuda-<cap>.tar.xz (must fit one 64 MiB transfer; the script fails otherwise).
 #
 # The CUDA 13.0 build toolchain comes from NVIDIA's PyPI wheels (pinned: the GPU hosts run driver
@@ -150,6 +150,7 @@ cp "$PARITY_EXE" "$STAGE/parity"
 strip "$STAGE/janus" "$STAGE/parity"
 cp -r tests/fixtures/janus-tiny "$STAGE/fixtures/janus-tiny"
 cp scripts/gpu-check.sh "$STAGE/gpu-check.sh"
+cp tools/bench/torch_reference.py "$STAGE/torch_reference.py"
 chmod +x "$STAGE/gpu-check.sh"
 
 # Link pre-check (gpu-build.md §5): with the driver stand-in as libcuda.so.1 next to the wheel

@@ -12,6 +12,9 @@
 #   bench    `janus bench --device DEV --dtype bf16 --gen-n 1,4,16` (cpu: f32, --quick 1,4),
 #            JSON out; GPU memory sampled
 #   torch    optional: torch version and CUDA availability, when python3 has torch
+#   reference  optional, when python3 has torch: DeepSeek's generation loop in PyTorch
+#            (torch_reference.py: transformers' LlamaModel if installed) on the same config,
+#            device, dtype and n values; summary.json gets ours/reference step-time ratios
 # Everything lands in $OUT (default ./gpu-check-out): one log per step, bench.json, summary.json.
 # Exit status: 0 when every required step passed, 1 otherwise.
 #
@@ -227,8 +230,32 @@ if command -v python3 >/dev/null; then
   step torch 120 0 torch_info
   TORCH="$(tr -d '\n' <"$OUT/torch.out")"
   [ -n "$TORCH" ] || TORCH="no torch ($(tail -n1 "$OUT/torch.log" 2>/dev/null || true))"
+  REF_PY=""
+  for f in "$HERE/torch_reference.py" "$HERE/../tools/bench/torch_reference.py"; do
+    if [ -f "$f" ]; then REF_PY="$f"; break; fi
+  done
+  if [ -n "$REF_PY" ] && grep -q '^torch' "$OUT/torch.out" 2>/dev/null && [ -f "$MODEL_DIR/model/config.json" ]; then
+    ref_steps=$(( GEN_STEPS < 96 ? GEN_STEPS : 96 ))
+    ref_args=(--model "$MODEL_DIR/model" --device "$DEVICE" --dtype "$DTYPE" --n "$GEN_N" --steps "$ref_steps")
+    if [ -n "${JANUS_THREADS:-}" ]; then ref_args+=(--threads "$JANUS_THREADS"); fi
+    step reference 420 0 python3 "$REF_PY" "${ref_args[@]}"
+  fi
 else
   TORCH="no python3"
+fi
+REF_JSON="null"
+if [ -s "$OUT/reference.out" ] && python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$OUT/reference.out" 2>/dev/null; then
+  cp "$OUT/reference.out" "$OUT/reference.json"
+  # ours / reference mean step time per n (below 1 = we are faster).
+  REF_JSON="$(python3 - "$OUT/bench.json" "$OUT/reference.json" <<'PY'
+import json, sys
+ours, ref = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+mine = {r["n"]: r["mean_step_ms"] for r in ours.get("generation", {}).get("by_n", [])}
+out = {"reference": ref, "step_ratio_ours_over_reference": {
+    str(r["n"]): round(mine[r["n"]] / r["mean_step_ms"], 3) for r in ref["by_n"] if r["n"] in mine}}
+print(json.dumps(out))
+PY
+)" || REF_JSON="null"
 fi
 
 # ---------------------------------------------------------------- summary
@@ -256,6 +283,7 @@ fi
   printf '  "bench": %s,\n' "$bench_json"
   printf '  "bench_peak_rss_kb": %s, "gpu_mem_peak_mib": %s,\n' "${PEAK_RSS_KB:-null}" "${GPU_MEM_PEAK_MIB:-null}"
   printf '  "torch": %s,\n' "$(json_str "$TORCH")"
+  printf '  "reference": %s,\n' "$REF_JSON"
   printf '  "failed": ['
   sep=""
   for f in "${FAILED[@]+"${FAILED[@]}"}"; do printf '%s%s' "$sep" "$(json_str "$f")"; sep=", "; done
@@ -269,6 +297,7 @@ echo "parity: f32 ${PARITY_RESULT:-none}; bf16 ${PARITY_BF16_RESULT:-none}"
 echo "bench:  $bench_json"
 echo "bench peak RSS: ${PEAK_RSS_KB:-?} kB; GPU memory peak: ${GPU_MEM_PEAK_MIB:-n/a} MiB"
 echo "torch:  $TORCH"
+echo "reference: $REF_JSON"
 echo "files:  $OUT (summary.json, steps.tsv, <step>.log/.out, bench.json)"
 if [ "${#FAILED[@]}" -ne 0 ]; then
   echo "RESULT: FAILED (${FAILED[*]})"
