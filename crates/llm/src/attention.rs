@@ -81,13 +81,35 @@ pub fn sdpa(
 mod tests {
     use super::*;
 
+    /// Random `q` `[b, h, sq, d]` and views `[b, h, sk, d]` into random caches of `cap` slots.
+    fn qkv_views(
+        (b, h, sq, d): (usize, usize, usize, usize),
+        sk: usize,
+        cap: usize,
+    ) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (b, h, sq, d), &dev).unwrap();
+        let kc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
+        let vc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
+        let (k, v) = (kc.narrow(2, 0, sk).unwrap(), vc.narrow(2, 0, sk).unwrap());
+        (q, k, v, kc, vc)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn fast_path_equals_generic_on_cache_views() {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev).unwrap();
-        let kc = Tensor::randn(0f32, 1.0, (2, 3, 10, 8), &dev).unwrap();
-        let vc = Tensor::randn(0f32, 1.0, (2, 3, 10, 8), &dev).unwrap();
-        let (k, v) = (kc.narrow(2, 0, 6).unwrap(), vc.narrow(2, 0, 6).unwrap());
+        let (q, k, v, _, _) = qkv_views((2, 3, 4, 8), 6, 10);
         let mask = Tensor::from_vec(
             (0..2 * 4 * 6)
                 .map(|i| if i % 5 == 0 { -1e30f32 } else { 0.0 })
@@ -105,14 +127,7 @@ mod tests {
             .unwrap()
             .matmul(&v)
             .unwrap();
-        let d = (fast - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&fast, &want);
         assert!(d < 1e-5, "{d}");
     }
 
@@ -121,10 +136,7 @@ mod tests {
     #[test]
     fn generic_bf16_on_cache_views_matches_f32() {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (1, 4, 5, 16), &dev).unwrap();
-        let kc = Tensor::randn(0f32, 1.0, (1, 4, 12, 16), &dev).unwrap();
-        let vc = Tensor::randn(0f32, 1.0, (1, 4, 12, 16), &dev).unwrap();
-        let (k, v) = (kc.narrow(2, 0, 7).unwrap(), vc.narrow(2, 0, 7).unwrap());
+        let (q, k, v, kc, vc) = qkv_views((1, 4, 5, 16), 7, 12);
         let mut m = vec![0f32; 5 * 7];
         for i in 0..5 {
             for j in 3 + i..7 {
@@ -141,14 +153,7 @@ mod tests {
         assert!(!kb.is_contiguous(), "a cache view, not a copy");
         let got = sdpa(&bf(&q), &kb, &vb, 0.25, Some(&mask)).unwrap();
         assert_eq!(got.dtype(), DType::BF16);
-        let d = (got.to_dtype(DType::F32).unwrap() - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want);
         assert!(d < 0.05, "bf16 attention off by {d}");
     }
 }
