@@ -133,7 +133,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let m = GenerationModel::load(&args.model.model, &opts)?;
         let load_s = secs(t);
         let prompt = "A red apple on a wooden table, studio light.";
-        // Times `gen_steps` steps of one request of `n` images: (job, prefill s, step times).
+        // Times `gen_steps` steps of one request of `n` images; returns the job, its `by_n`
+        // row, the prefill s, the steps' total s and their median s.
         let timed = |n: usize| -> Result<_> {
             let params = GenerateParams {
                 n,
@@ -149,7 +150,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 m.step(&mut job)?;
                 times.push(secs(t));
             }
-            Ok((job, prefill_s, times))
+            let total: f64 = times.iter().sum();
+            let med = median(&mut times);
+            let mut row = json!({
+                "n": n,
+                "prefill_s": round(prefill_s, 3),
+                "steps_timed": steps,
+                "median_step_ms": round(med * 1e3, 2),
+                "mean_step_ms": round(total / steps.max(1) as f64 * 1e3, 2),
+                "step_ms_per_image": round(med * 1e3 / n as f64, 3),
+            });
+            // With the request's KV cache still held.
+            if let Some((used, _)) = janus_pipeline::device_memory(&opts.device) {
+                row["device_memory_gb"] = json!(round(used as f64 / 1e9, 2));
+            }
+            eprintln!("{row}");
+            Ok((job, row, prefill_s, total, med))
         };
         let ns = if args.gen_n.is_empty() {
             vec![1]
@@ -159,26 +175,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let Some(bad) = ns.iter().find(|&&n| n == 0 || n > 16) {
             anyhow::bail!("--gen-n: {bad} images per request is outside 1..=16");
         }
-        let mut by_n = Vec::new();
+        // The first n last, so its job is the one decoded and reported on top.
+        let mut by_n = vec![json!(null)];
         for &n in &ns[1..] {
-            let (_, prefill_s, mut times) = timed(n)?;
-            let total: f64 = times.iter().sum();
-            let steps = times.len();
-            let med = median(&mut times);
-            by_n.push(json!({
-                "n": n,
-                "prefill_s": round(prefill_s, 3),
-                "steps_timed": steps,
-                "median_step_ms": round(med * 1e3, 2),
-                "mean_step_ms": round(total / steps.max(1) as f64 * 1e3, 2),
-                "step_ms_per_image": round(med * 1e3 / n as f64, 3),
-            }));
-            eprintln!("{}", by_n.last().expect("just pushed"));
+            by_n.push(timed(n)?.1);
         }
-        let (job, prefill_s, mut times) = timed(ns[0])?;
-        let steps = times.len();
-        let total_steps_s: f64 = times.iter().sum();
-        let median_step = median(&mut times);
+        let (job, row, prefill_s, total_steps_s, median_step) = timed(ns[0])?;
+        by_n[0] = row;
+        let steps = args.gen_steps.min(job.total_steps());
         // One image's grid through the VQ decoder (a fixed pseudo-random grid if not all
         // steps ran); the request's steps are shared by its n images.
         let grid: Vec<u32> = if job.is_done() {
@@ -198,17 +202,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             median_step * job.total_steps() as f64
         };
         let per_image = (prefill_s + steps_s) / ns[0] as f64 + vq_s;
-        by_n.insert(
-            0,
-            json!({
-                "n": ns[0],
-                "prefill_s": round(prefill_s, 3),
-                "steps_timed": steps,
-                "median_step_ms": round(median_step * 1e3, 2),
-                "mean_step_ms": round(total_steps_s / steps.max(1) as f64 * 1e3, 2),
-                "step_ms_per_image": round(median_step * 1e3 / ns[0] as f64, 3),
-            }),
-        );
         out["generation"] = json!({
             "load_s": round(load_s, 3),
             "n": ns[0],
@@ -222,8 +215,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "s_per_image_measured": measured,
         });
         out["vq_decode_s"] = json!(round(vq_s, 3));
-        if let Some((used, total)) = janus_pipeline::device_memory(&opts.device) {
-            out["generation"]["device_memory_gb"] = json!(round(used as f64 / 1e9, 2));
+        if let Some((_, total)) = janus_pipeline::device_memory(&opts.device) {
             out["device_memory_total_gb"] = json!(round(total as f64 / 1e9, 2));
         }
     }
