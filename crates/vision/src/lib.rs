@@ -102,10 +102,11 @@ impl Block {
             .contiguous()?;
         let y = janus_llm::attention::sdpa(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
         let y = y.transpose(1, 2)?.reshape((b, n, w))?;
-        let x = (x + self.proj.forward(&y)?)?;
+        // Residual adds accumulate into the products and GELU runs on fc1's finished tiles on
+        // the CPU GEMM path (separate passes elsewhere).
+        let x = self.proj.forward_residual(&y, x)?;
         let h = self.norm2.forward(&x)?;
-        let h = self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?;
-        x + h
+        self.fc2.forward_residual(&self.fc1.forward_gelu(&h)?, &x)
     }
 }
 
@@ -246,9 +247,15 @@ impl MlpAligner {
 
     /// Projects `[.., input_dim]` to `[.., n_embed]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.layers[0].forward(x)?;
-        for l in &self.layers[1..] {
-            h = l.forward(&h.gelu_erf()?)?;
+        // Each layer but the last is followed by GELU (fused into the product where it can be).
+        let last = self.layers.len() - 1;
+        let mut h = x.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            h = if i < last {
+                l.forward_gelu(&h)?
+            } else {
+                l.forward(&h)?
+            };
         }
         Ok(h)
     }

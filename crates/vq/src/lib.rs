@@ -117,10 +117,15 @@ impl ResnetBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x)?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
-        match &self.nin_shortcut {
-            Some(s) => s.forward(x)? + h,
-            None => x + h,
+        let h = self.norm2.forward(&h)?;
+        let skip = match &self.nin_shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        // conv2 accumulates into the skip connection (no separate add pass on the CPU).
+        match &self.conv2 {
+            Conv2d::K3(c) => c.forward_residual(&h, &skip),
+            c => skip + c.forward(&h)?,
         }
     }
 }
