@@ -301,7 +301,10 @@ impl GenerationModel {
             )
             .map_err(weights_err)?,
         };
-        let vq = VqModel::load(vb.pp("gen_vision_model"), &cfg.vq, false).map_err(weights_err)?;
+        let mut vq =
+            VqModel::load(vb.pp("gen_vision_model"), &cfg.vq, false).map_err(weights_err)?;
+        // CPU bf16 compute: bf16 products (f32 accumulation) in the decoder's convolutions.
+        vq.set_cpu_bf16_products(opts.device.is_cpu() && opts.dtype == DType::BF16);
         let context = opts.max_context.unwrap_or(cfg.llm.max_position_embeddings);
         Ok(Self {
             tokenizer: ck
