@@ -2,21 +2,17 @@
 //! decoder's shapes (128–512 channels at up to 384×384).
 //!
 //! * 3×3 convolutions: candle materialises the whole im2col matrix (680 MB at 384² × 128 ch) and
-//!   multiplies it with an output only 128 wide. Here the input is cut into bands of output rows,
-//!   each band's im2col is built from 9 shifted views (a few MB, so it stays in cache) and
-//!   multiplied as `W [cout, cin·9] × cols [cin·9, pixels]` on `janus_kernels::gemm`, which
-//!   adds the bias and writes the NCHW output band in place (no per-band tensors, no concat).
+//!   multiplies it with an output only 128 wide. Here the product `W [cout, cin·9] × im2col
+//!   [cin·9, pixels]` runs on `janus_kernels::gemm` with the im2col matrix never built: the
+//!   GEMM packs its column blocks straight from shifted image rows
+//!   (`janus_kernels::gemm::Im2col3x3`), adds the bias (and the skip connection) and writes the
+//!   NCHW output in place.
 //! * GroupNorm: candle composes it from ~8 tensor passes; on the CPU this is one statistics pass
 //!   and one normalise(+SiLU) pass per group, groups in parallel, vectorised
 //!   (`janus_kernels::elementwise::group_norm_act`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use janus_kernels::gemm::{self, BRef, GemmOpts, MatRef, Precision};
-use rayon::prelude::*;
-
-/// Bytes of one band's im2col (`cin·9 × pixels` floats): about 8 MB, so the GEMM's packing
-/// reads it from cache rather than DRAM.
-const BAND_BYTES: usize = 8 << 20;
+use janus_kernels::gemm::{self, BRef, GemmOpts, Im2col3x3, MatRef, Precision};
 
 /// A 3×3, stride-1, padding-1 convolution with bias.
 #[derive(Debug, Clone)]
@@ -93,8 +89,6 @@ impl Conv3x3 {
             candle_core::Storage::Cpu(s) => &s.as_slice::<f32>()?[layout.start_offset()..],
             _ => candle_core::bail!("CPU storage expected"),
         };
-        let band_pixels = (BAND_BYTES / (4 * 9 * c.max(1))).max(1);
-        let band_rows = (band_pixels / w.max(1)).clamp(1, h.max(1));
         let weight = self.weight.to_dtype(DType::F32)?.contiguous()?;
         let bias = self
             .bias
@@ -128,76 +122,28 @@ impl Conv3x3 {
             Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
             None => vec![0f32; n * cout * plane],
         };
-        let mut cols = vec![0f32; c * 9 * band_rows * w];
         for i in 0..n {
-            let img = &data[i * c * plane..(i + 1) * c * plane];
-            let dst = &mut out[i * cout * plane..(i + 1) * cout * plane];
-            let mut y0 = 0;
-            while y0 < h {
-                let rows = band_rows.min(h - y0);
-                let cols = &mut cols[..c * 9 * rows * w];
-                im2col_band(img, c, h, w, y0, rows, cols);
-                // out[co, y0·w + p] = Σ W[co, q] · cols[q, p] + bias[co], written in place.
-                gemm::gemm(
-                    MatRef::row_major(wdata, cout, c * 9),
-                    BRef::F32(MatRef::row_major(cols, c * 9, rows * w)),
-                    &mut dst[y0 * w..],
-                    plane,
-                    &opts,
-                )
-                .map_err(candle_core::Error::wrap)?;
-                y0 += rows;
-            }
+            // out[co, p] = Σ_q W[co, q] · im2col[q, p] + bias[co] (+ residual), the im2col
+            // matrix packed straight from the image by the GEMM, the output written in place.
+            let src = Im2col3x3 {
+                img: &data[i * c * plane..(i + 1) * c * plane],
+                c,
+                h,
+                w,
+                y0: 0,
+                rows: h,
+            };
+            gemm::gemm(
+                MatRef::row_major(wdata, cout, c * 9),
+                BRef::Im2col3x3(src),
+                &mut out[i * cout * plane..(i + 1) * cout * plane],
+                plane,
+                &opts,
+            )
+            .map_err(candle_core::Error::wrap)?;
         }
         Tensor::from_vec(out, (n, cout, h, w), &Device::Cpu)
     }
-}
-
-/// im2col of output rows `y0..y0 + rows` for a 3×3, padding-1 convolution of one `[c, h, w]`
-/// image: `cols[(ci·9 + ky·3 + kx), r·w + x] = img[ci, y0 + r + ky − 1, x + kx − 1]` (0 outside).
-/// Every destination row is a shifted copy of a source row, so this runs at memcpy speed.
-fn im2col_band(
-    img: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    y0: usize,
-    rows: usize,
-    cols: &mut [f32],
-) {
-    let plane = h * w;
-    let band = rows * w;
-    cols.par_chunks_mut(9 * band)
-        .enumerate()
-        .take(c)
-        .for_each(|(ci, chunk)| {
-            let src_plane = &img[ci * plane..(ci + 1) * plane];
-            for ky in 0..3 {
-                for kx in 0..3 {
-                    let dst = &mut chunk[(ky * 3 + kx) * band..(ky * 3 + kx + 1) * band];
-                    for r in 0..rows {
-                        let d = &mut dst[r * w..(r + 1) * w];
-                        let sy = (y0 + r + ky) as isize - 1;
-                        if sy < 0 || sy >= h as isize {
-                            d.fill(0.0);
-                            continue;
-                        }
-                        let s = &src_plane[sy as usize * w..(sy as usize + 1) * w];
-                        match kx {
-                            0 => {
-                                d[0] = 0.0;
-                                d[1..].copy_from_slice(&s[..w - 1]);
-                            }
-                            1 => d.copy_from_slice(s),
-                            _ => {
-                                d[..w - 1].copy_from_slice(&s[1..]);
-                                d[w - 1] = 0.0;
-                            }
-                        }
-                    }
-                }
-            }
-        });
 }
 
 /// `GroupNorm(groups, eps)` with affine parameters, optionally followed by SiLU.
