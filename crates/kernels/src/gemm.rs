@@ -572,7 +572,8 @@ unsafe fn drive<K: Kernel>(
     let panels = m.div_ceil(mr);
     // A: panel q holds rows q·MR.. as [ksteps][MR] (zero rows past m, zero k past k).
     let mut ap = vec![K::P::default(); panels * ksteps * mr];
-    ap.par_chunks_mut(ksteps * mr)
+    // (k = 0 leaves nothing to pack; `par_chunks_mut` needs a non-zero chunk.)
+    ap.par_chunks_mut((ksteps * mr).max(1))
         .enumerate()
         .for_each(|(q, panel)| {
             for r in 0..mr {
@@ -633,6 +634,12 @@ unsafe fn drive<K: Kernel>(
                     None if bm != 0.0 => row.iter_mut().for_each(|o| *o += bm),
                     None => {}
                 }
+            }
+        }
+        if ksteps == 0 && opts.act != Act::None {
+            // k = 0: C is the bias (or its old value) alone, still activated.
+            for i in 0..m {
+                K::act(opts.act, &mut c[i * ldc + j0..i * ldc + j0 + ncs]);
             }
         }
         let mut bp = vec![K::P::default(); micro * kcs * nr];
@@ -1173,6 +1180,23 @@ mod tests {
         // Fine, and empty shapes are no-ops.
         assert!(gemm(am, bm, &mut c, 2, &o).is_ok());
         assert!(gemm(MatRef::row_major(&a, 0, 3), bm, &mut [], 2, &o).is_ok());
+        // k = 0: the bias alone, activated.
+        let bias = [1f32, -1.0];
+        let og = GemmOpts {
+            bias_n: Some(&bias),
+            act: Act::GeluErf,
+            ..Default::default()
+        };
+        let mut c0 = [9f32; 2];
+        gemm(
+            MatRef::row_major(&[], 1, 0),
+            BRef::F32(MatRef::row_major(&[], 0, 2)),
+            &mut c0,
+            2,
+            &og,
+        )
+        .unwrap();
+        assert!((c0[0] - 0.841_344_7).abs() < 1e-6 && (c0[1] + 0.158_655_3).abs() < 1e-6);
         // Unknown path.
         assert!(gemm_on("neon", am, bm, &mut c, 2, &o).is_err());
     }
