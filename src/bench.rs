@@ -113,6 +113,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             n += 1;
         }
         let decode_s = secs(t);
+        // Achieved GFLOP/s (2 × multiply-adds of the matmuls, attention included) of the
+        // large-M parts; see `gflop` below for what is counted.
+        let (vision_gf, prefill_gf) = gflop(m.config(), prepared.ids.len());
         out["understanding"] = json!({
             "load_s": round(load_s, 3),
             "vision_s": round(vision_s, 3),
@@ -122,6 +125,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "prefill_cold_s": round(prefill_cold_s, 3),
             "decode_tokens": n,
             "decode_tok_per_s": round(n as f64 / decode_s, 2),
+            "vision_gflop": round(vision_gf, 1),
+            "vision_gflop_per_s": round(vision_gf / vision_s, 1),
+            "prefill_gflop": round(prefill_gf, 1),
+            "prefill_gflop_per_s": round(prefill_gf / prefill_s, 1),
         });
         if let Some((used, _)) = janus_pipeline::device_memory(&opts.device) {
             out["understanding"]["device_memory_gb"] = json!(round(used as f64 / 1e9, 2));
@@ -218,7 +225,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let Some((_, total)) = janus_pipeline::device_memory(&opts.device) {
             out["device_memory_total_gb"] = json!(round(total as f64 / 1e9, 2));
         }
+        let vq = &m.config().vq;
+        let side = (job.total_steps() as f64).sqrt() as usize;
+        let vq_gf = 2.0 * vq.decoder_macs(side, side) as f64 / 1e9;
+        out["vq_decode_gflop"] = json!(round(vq_gf, 1));
+        out["vq_decode_gflop_per_s"] = json!(round(vq_gf / vq_s, 1));
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// GFLOP (2 × multiply-adds) of one image through the vision tower (patch embedding and the
+/// blocks' matmuls, attention included) and of a `tokens`-long prefill through the LLM layers
+/// (projections, MLP, causal attention; embedding, norms and the last position's logits not
+/// counted).
+fn gflop(cfg: &janus_pipeline::config::JanusConfig, tokens: usize) -> (f64, f64) {
+    let v = &cfg.vision;
+    let (n, w) = (v.num_patches(), v.width);
+    let hid = (w as f64 * v.mlp_ratio) as usize;
+    let patch = n * w * 3 * v.patch_size * v.patch_size;
+    let vision = patch + v.layers * (n * (4 * w * w + 2 * w * hid) + 2 * n * n * w);
+    let l = &cfg.llm;
+    let h = l.hidden_size;
+    let head_dim = h / l.num_attention_heads.max(1);
+    let kv = l.num_key_value_heads.unwrap_or(l.num_attention_heads) * head_dim;
+    let t = tokens;
+    let per_layer = t * (2 * h * h + 2 * h * kv + 3 * h * l.intermediate_size) + t * (t + 1) * h;
+    let prefill = l.num_hidden_layers * per_layer;
+    (2.0 * vision as f64 / 1e9, 2.0 * prefill as f64 / 1e9)
 }

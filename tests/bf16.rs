@@ -134,3 +134,87 @@ fn bf16_compute_stays_close() {
         }
     }
 }
+
+/// CPU bf16 compute keeps the vision tower's activations, LayerNorm, GELU and attention in f32
+/// and rounds only the operands of its large matmuls to bf16 (f32 accumulation; `vdpbf16ps` on
+/// AVX512-BF16, the same rounding with f32 FMAs elsewhere): the tower's features stay within
+/// cosine 0.9999 of the f32 tower's, and of the reference's.
+#[test]
+fn bf16_compute_vision_features_match_f32() {
+    let model = |dtype| {
+        UnderstandingModel::load(
+            &fixture().join("model"),
+            &LoadOptions {
+                dtype,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (m32, m16) = (model(DType::F32), model(DType::BF16));
+    let bytes = std::fs::read(fixture().join("wide.png")).unwrap();
+    let img = janus_pipeline::decode_rgb(&bytes, &Default::default()).unwrap();
+    let conv = Conversation {
+        messages: vec![Message {
+            role: Role::User,
+            content: "<image_placeholder>\nWhat is shown in this picture?".into(),
+        }],
+        images: vec![img],
+    };
+    let images = m32
+        .prepare(&conv, SamplingParams::default())
+        .unwrap()
+        .images;
+    let (v32, a32) = m32.image_features(&images).unwrap();
+    let (v16, a16) = m16.image_features(&images).unwrap();
+    assert_eq!(
+        v16.dtype(),
+        DType::BF16,
+        "features come out in the compute dtype"
+    );
+    let (vmax, vcos) = stats(&v16, &v32);
+    let (amax, acos) = stats(&a16, &a32);
+    let (_, gcos) = stats(&v16, &golden()["und_single.vision_features"]);
+    eprintln!(
+        "bf16 compute: vision features max {vmax:.2e} cos {vcos:.7} (vs reference {gcos:.7}); \
+         aligned max {amax:.2e} cos {acos:.7}"
+    );
+    assert!(vcos >= 0.9999, "vision features cosine {vcos}");
+    assert!(gcos >= 0.9999, "vision features vs reference cosine {gcos}");
+    assert!(acos >= 0.9999, "aligned features cosine {acos}");
+}
+
+/// CPU bf16 compute in the VQ decoder (bf16 products, f32 accumulation in its convolutions):
+/// the decoded image of the reference's greedy tokens stays within a few levels of the f32
+/// decode (8-bit pixels).
+#[test]
+fn bf16_compute_vq_decode_stays_close() {
+    let tokens = golden()["gen0.greedy_image_tokens"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let decode = |dtype| {
+        let m = GenerationModel::load(
+            &fixture().join("model"),
+            &LoadOptions {
+                dtype,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        m.decode(std::slice::from_ref(&tokens)).unwrap().remove(0)
+    };
+    let (a, b) = (decode(DType::F32), decode(DType::BF16));
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    let diffs: Vec<i32> = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(&x, &y)| (x as i32 - y as i32).abs())
+        .collect();
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+    eprintln!("bf16 compute: VQ decode pixel diff max {max} mean {mean:.3}");
+    assert!(mean <= 1.0 && max <= 16, "pixel diff max {max} mean {mean}");
+}

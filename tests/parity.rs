@@ -570,20 +570,15 @@ fn vq_roundtrip_matches_reference() {
     let g = Golden::load();
     for dir in g.model_dirs() {
         let cfg = janus_pipeline::JanusConfig::from_dir(&dir).unwrap();
-        // The VQ model on the run's device in the dtype `GenerationModel` gives it there (bf16
-        // on CUDA in a bf16 run; always f32 on the CPU, whose convolutions are f32 only).
+        // The VQ model on the run's device in the run's dtype, as `GenerationModel` loads it
+        // (bf16 run: bf16 on CUDA; f32 activations with bf16 products on the CPU).
         let run = run_cfg();
         let vb = janus_pipeline::weights::WeightFiles::find(&dir)
             .unwrap()
             .var_builder(DType::F32, &run.device)
             .unwrap();
-        let vq = janus_vq::VqModel::load(
-            vb.pp("gen_vision_model"),
-            &cfg.vq,
-            true,
-            janus_pipeline::generate::vq_dtype(&run.opts),
-        )
-        .unwrap();
+        let vq = janus_vq::VqModel::load(vb.pp("gen_vision_model"), &cfg.vq, true, run.opts.dtype)
+            .unwrap();
         for (case, _) in g.cases("vq_roundtrip") {
             let u8s = g
                 .t(&case, "preprocessed_u8")

@@ -2,9 +2,10 @@
 //!
 //! candle's batched matmul is slow at attention shapes (head dim 64–128 is a thin inner
 //! dimension) and its softmax calls `expf` per element. Here each head runs `QKᵀ` and `PV` through
-//! [`crate::linear_rows`], and the softmax uses a vectorisable `exp`.
+//! the packed GEMM ([`crate::gemm`]; decode-shaped queries use plain dot products), and the
+//! softmax uses a vectorisable `exp`.
 
-use crate::{linear_rows, Weights};
+use crate::gemm::{gemm, BRef, GemmOpts, MatRef};
 use rayon::prelude::*;
 
 /// Shapes and strides of one attention call; all tensors are f32.
@@ -89,7 +90,15 @@ pub fn attention(
                     }
                 }
             } else {
-                linear_rows(qh, q_len, dim, Weights::F32(kh), kv_len, None, &mut scores);
+                // Q·Kᵀ on the packed GEMM: K's rows are Kᵀ's columns.
+                gemm(
+                    MatRef::row_major(qh, q_len, dim),
+                    BRef::F32(MatRef::transposed(kh, dim, kv_len)),
+                    &mut scores,
+                    kv_len,
+                    &GemmOpts::default(),
+                )
+                .expect("attention: shapes checked above");
             }
             let mh = mask.map(|m| {
                 let g = h / heads_per_mask;
@@ -113,14 +122,15 @@ pub fn attention(
                 }
                 return;
             }
-            // PV as rows of P against the rows of Vᵀ.
-            let mut vt = vec![0f32; dim * kv_len];
-            for (j, vr) in vh.chunks(dim).enumerate() {
-                for (d, &x) in vr.iter().enumerate() {
-                    vt[d * kv_len + j] = x;
-                }
-            }
-            linear_rows(&scores, q_len, kv_len, Weights::F32(&vt), dim, None, o);
+            // P·V on the packed GEMM (V read in place, row-major [kv_len, dim]).
+            gemm(
+                MatRef::row_major(&scores, q_len, kv_len),
+                BRef::F32(MatRef::row_major(vh, kv_len, dim)),
+                o,
+                dim,
+                &GemmOpts::default(),
+            )
+            .expect("attention: shapes checked above");
         });
 }
 

@@ -1,4 +1,6 @@
-//! CPU kernels for decode-shaped matrix products: a few activation rows times a big weight matrix.
+//! CPU kernels: decode-shaped matrix products (a few activation rows times a big weight matrix,
+//! this file), large-M products with packing ([`gemm`]), attention ([`attention`]) and the
+//! elementwise work around them ([`elementwise`]).
 //!
 //! In LLM decoding `m` = 1..32 activation rows meet a weight matrix of tens to hundreds of MB, so
 //! the product is bound by how fast the weights stream from memory. `linear_rows` reads each
@@ -16,6 +18,8 @@
 //!   overlap.
 
 pub mod attention;
+pub mod elementwise;
+pub mod gemm;
 
 use rayon::prelude::*;
 use std::sync::OnceLock;

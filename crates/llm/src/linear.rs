@@ -3,10 +3,15 @@
 //! Decode steps multiply a handful of rows by large weights; candle's CPU GEMM is tuned for big
 //! blocks and reads weights slowly at that shape, so few-row products on the CPU go through
 //! `janus_kernels::linear_rows` (each weight row read once for all rows, bf16 widened on the fly).
-//! Everything else (prefill, GPU) uses candle's matmul.
+//! Larger products on the CPU (prefill, the vision tower) go through `janus_kernels::gemm`
+//! (packed, register-blocked AVX-512/AVX2 micro-kernels; bf16 weights widened while packing, so
+//! no f32 copy of the weight is made per call). bf16 activations on the CPU use the same GEMM
+//! with bf16 products (AVX512-BF16 `vdpbf16ps` where present) and f32 accumulation. The GPU uses
+//! candle's matmul.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use janus_kernels::gemm::{self, Act, BRef, GemmOpts, MatRef, Precision};
 
 /// Largest number of activation rows sent to the few-row CPU kernel.
 pub const SMALL_M: usize = 32;
@@ -16,6 +21,9 @@ pub const SMALL_M: usize = 32;
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Products of large-M CPU calls with f32 activations rounded to bf16 (f32 accumulation):
+    /// the CPU's bf16-compute mode for layers that keep f32 activations (the vision tower).
+    bf16_products: bool,
     span: tracing::Span,
 }
 
@@ -23,7 +31,19 @@ impl Linear {
     /// Builds from tensors; `weight` is `[out, in]`, `bias` `[out]` (kept in f32 on the CPU path).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         let span = tracing::span!(tracing::Level::TRACE, "linear");
-        Self { weight, bias, span }
+        Self {
+            weight,
+            bias,
+            bf16_products: false,
+            span,
+        }
+    }
+
+    /// Sets whether large-M CPU products with f32 activations use bf16 products (f32
+    /// accumulation) instead of f32 ones.
+    pub fn with_bf16_products(mut self, on: bool) -> Self {
+        self.bf16_products = on;
+        self
     }
 
     /// Loads `weight` (and `bias` when `with_bias`) under `vb`, checking shapes.
@@ -91,6 +111,18 @@ impl Module for Linear {
                 return y.reshape(out_shape);
             }
         }
+        if matches!(x.device(), Device::Cpu) && x.dtype() == DType::BF16 && rows <= SMALL_M {
+            // bf16 activations, few rows: the weight-streaming kernel in f32 (exact products of
+            // the bf16 inputs), rounded back to bf16.
+            if let Some(y) = self.forward_small_cpu(&x.to_dtype(DType::F32)?, rows, in_dim)? {
+                return y.to_dtype(DType::BF16)?.reshape(out_shape);
+            }
+        }
+        if matches!(x.device(), Device::Cpu) && rows > 0 {
+            if let Some(y) = self.forward_gemm_cpu(x, rows, in_dim, Act::None, None)? {
+                return y.reshape(out_shape);
+            }
+        }
         let x2 = x.reshape((rows, in_dim))?;
         let w = if self.weight.dtype() == x.dtype() {
             self.weight.clone()
@@ -106,6 +138,136 @@ impl Module for Linear {
 }
 
 impl Linear {
+    /// `act(x Wᵀ + b)` with exact-erf GELU as `act`; on the CPU's GEMM path the activation runs
+    /// on each finished tile while it is in cache, elsewhere as a separate pass.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        if matches!(x.device(), Device::Cpu) && rows > SMALL_M {
+            let _enter = self.span.enter();
+            if let Some(y) = self.forward_gemm_cpu(x, rows, in_dim, Act::GeluErf, None)? {
+                let mut out_shape = dims;
+                if let Some(last) = out_shape.last_mut() {
+                    *last = self.out_dim();
+                }
+                return y.reshape(out_shape);
+            }
+        }
+        self.forward(x)?.gelu_erf()
+    }
+
+    /// `residual + x Wᵀ + b` (`residual` shaped as the output); on the CPU's GEMM path the
+    /// product is accumulated straight into a copy of `residual`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        if matches!(x.device(), Device::Cpu)
+            && rows > SMALL_M
+            && residual.dtype() == DType::F32
+            && residual.elem_count() == rows * self.out_dim()
+        {
+            let _enter = self.span.enter();
+            if let Some(y) = self.forward_gemm_cpu(x, rows, in_dim, Act::None, Some(residual))? {
+                return y.reshape(residual.shape());
+            }
+        }
+        residual + self.forward(x)?
+    }
+
+    /// Large-M product on the CPU GEMM (f32 or bf16 activations, f32 or bf16 weights); `None`
+    /// when the weight or bias layout does not allow it. bf16 activations are multiplied with
+    /// bf16 products and f32 accumulation, and the result is returned in bf16.
+    fn forward_gemm_cpu(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        in_dim: usize,
+        act: Act,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let out_dt = x.dtype();
+        if residual.is_some() && out_dt != DType::F32 {
+            return Ok(None);
+        }
+        let precision = match out_dt {
+            DType::F32 if self.bf16_products => Precision::Bf16,
+            DType::F32 => Precision::F32,
+            DType::BF16 => Precision::Bf16,
+            _ => return Ok(None),
+        };
+        if !self.weight.is_contiguous() || in_dim != self.in_dim() {
+            return Ok(None);
+        }
+        let out_dim = self.out_dim();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
+            None => None,
+        };
+        let (xs, xl) = x.storage_and_layout();
+        let xs = match &*xs {
+            candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
+            _ => return Ok(None),
+        };
+        let xs = &xs[xl.start_offset()..xl.start_offset() + rows * in_dim];
+        let bias_store = bias.as_ref().map(|b| b.storage_and_layout());
+        let bias_slice = match &bias_store {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cpu(s) => {
+                    Some(&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + out_dim])
+                }
+                _ => return Ok(None),
+            },
+            None => None,
+        };
+        let (ws, wl) = self.weight.storage_and_layout();
+        let n_w = out_dim * in_dim;
+        let b = match &*ws {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => {
+                BRef::F32(MatRef::transposed(
+                    &w[wl.start_offset()..wl.start_offset() + n_w],
+                    in_dim,
+                    out_dim,
+                ))
+            }
+            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => {
+                BRef::Bf16(MatRef::transposed(
+                    &w[wl.start_offset()..wl.start_offset() + n_w],
+                    in_dim,
+                    out_dim,
+                ))
+            }
+            _ => return Ok(None),
+        };
+        let mut out = match residual {
+            Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; rows * out_dim],
+        };
+        let opts = GemmOpts {
+            bias_n: bias_slice,
+            act,
+            precision,
+            accumulate: residual.is_some(),
+            ..Default::default()
+        };
+        gemm::gemm(
+            MatRef::row_major(xs, rows, in_dim),
+            b,
+            &mut out,
+            out_dim,
+            &opts,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let y = Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)?;
+        Ok(Some(if out_dt == DType::F32 {
+            y
+        } else {
+            y.to_dtype(out_dt)?
+        }))
+    }
+
     /// Few-row product on the CPU kernel; `None` when the weight layout does not allow it.
     fn forward_small_cpu(&self, x: &Tensor, rows: usize, in_dim: usize) -> Result<Option<Tensor>> {
         if !self.weight.is_contiguous() {

@@ -301,7 +301,7 @@ impl GenerationModel {
             )
             .map_err(weights_err)?,
         };
-        let vq = VqModel::load(vb.pp("gen_vision_model"), &cfg.vq, false, vq_dtype(opts))
+        let vq = VqModel::load(vb.pp("gen_vision_model"), &cfg.vq, false, opts.dtype)
             .map_err(weights_err)?;
         let context = opts.max_context.unwrap_or(cfg.llm.max_position_embeddings);
         Ok(Self {
@@ -739,15 +739,5 @@ impl GenerationModel {
                 seed: params.seed.wrapping_add(i as u64),
             })
             .collect())
-    }
-}
-
-/// The VQ decoder's compute dtype: the compute dtype on accelerators (bf16 by default on CUDA),
-/// f32 on the CPU, whose decoder kernels (banded 3×3 convolution, fused GroupNorm+SiLU) are f32.
-pub fn vq_dtype(opts: &LoadOptions) -> DType {
-    if opts.device.is_cpu() {
-        DType::F32
-    } else {
-        opts.dtype
     }
 }

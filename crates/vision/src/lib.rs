@@ -67,15 +67,18 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &VisionConfig, dtype: DType) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &VisionConfig, dtype: DType, bf16_products: bool) -> Result<Self> {
         let w = cfg.width;
+        let lin = |name: &str, i: usize, o: usize| -> Result<Linear> {
+            Ok(Linear::load(vb.pp(name), i, o, true)?.with_bf16_products(bf16_products))
+        };
         Ok(Self {
             norm1: layer_norm(vb.pp("norm1"), w, dtype)?,
-            qkv: Linear::load(vb.pp("attn.qkv"), w, 3 * w, true)?,
-            proj: Linear::load(vb.pp("attn.proj"), w, w, true)?,
+            qkv: lin("attn.qkv", w, 3 * w)?,
+            proj: lin("attn.proj", w, w)?,
             norm2: layer_norm(vb.pp("norm2"), w, dtype)?,
-            fc1: Linear::load(vb.pp("mlp.fc1"), w, cfg.mlp_hidden(), true)?,
-            fc2: Linear::load(vb.pp("mlp.fc2"), cfg.mlp_hidden(), w, true)?,
+            fc1: lin("mlp.fc1", w, cfg.mlp_hidden())?,
+            fc2: lin("mlp.fc2", cfg.mlp_hidden(), w)?,
             heads: cfg.heads,
         })
     }
@@ -102,10 +105,11 @@ impl Block {
             .contiguous()?;
         let y = janus_llm::attention::sdpa(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
         let y = y.transpose(1, 2)?.reshape((b, n, w))?;
-        let x = (x + self.proj.forward(&y)?)?;
+        // Residual adds accumulate into the products and GELU runs on fc1's finished tiles on
+        // the CPU GEMM path (separate passes elsewhere).
+        let x = self.proj.forward_residual(&y, x)?;
         let h = self.norm2.forward(&x)?;
-        let h = self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?;
-        x + h
+        self.fc2.forward_residual(&self.fc1.forward_gelu(&h)?, &x)
     }
 }
 
@@ -123,13 +127,23 @@ pub struct VisionTower {
     blocks: Vec<Block>,
     norm: LayerNorm,
     cfg: VisionConfig,
+    /// Activation dtype inside the tower.
     dtype: DType,
+    /// dtype of the features `finish` returns (the requested compute dtype).
+    out_dtype: DType,
     span: tracing::Span,
 }
 
 impl VisionTower {
     /// Loads from `vb` at `vision_model.vision_tower`; `dtype` is the compute dtype.
+    ///
+    /// bf16 on the CPU keeps activations, LayerNorm, GELU and attention in f32 and rounds the
+    /// operands of the large matmuls to bf16 (products accumulated in f32, `vdpbf16ps` on
+    /// AVX512-BF16); the features come out in bf16 as on other devices.
     pub fn load(vb: VarBuilder, cfg: &VisionConfig, dtype: DType) -> Result<Self> {
+        let out_dtype = dtype;
+        let cpu_bf16 = dtype == DType::BF16 && vb.device().is_cpu();
+        let dtype = if cpu_bf16 { DType::F32 } else { dtype };
         let (w, p) = (cfg.width, cfg.patch_size);
         if cfg.heads == 0 || w % cfg.heads != 0 || p == 0 || !cfg.image_size.is_multiple_of(p) {
             candle_core::bail!("invalid vision tower shape {cfg:?}");
@@ -137,13 +151,14 @@ impl VisionTower {
         // The stride-p conv equals a matmul over flattened (c, ky, kx) patches.
         let conv_w = vb.get((w, 3, p, p), "patch_embed.proj.weight")?;
         let conv_b = vb.get(w, "patch_embed.proj.bias")?.to_dtype(DType::F32)?;
-        let patch_embed = Linear::new(conv_w.reshape((w, 3 * p * p))?, Some(conv_b));
+        let patch_embed =
+            Linear::new(conv_w.reshape((w, 3 * p * p))?, Some(conv_b)).with_bf16_products(cpu_bf16);
         let pos_embed = vb
             .get((1, cfg.num_patches(), w), "pos_embed")?
             .to_dtype(dtype)?
             .squeeze(0)?;
         let blocks = (0..cfg.layers)
-            .map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg, dtype))
+            .map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg, dtype, cpu_bf16))
             .collect::<Result<Vec<_>>>()?;
         let norm = layer_norm(vb.pp("norm"), w, dtype)?;
         Ok(Self {
@@ -153,6 +168,7 @@ impl VisionTower {
             norm,
             cfg: cfg.clone(),
             dtype,
+            out_dtype,
             span: tracing::span!(tracing::Level::TRACE, "vision_tower"),
         })
     }
@@ -215,7 +231,7 @@ impl VisionTower {
 
     /// The final LayerNorm after the last block.
     pub fn finish(&self, x: &Tensor) -> Result<Tensor> {
-        self.norm.forward(x)
+        self.norm.forward(x)?.to_dtype(self.out_dtype)
     }
 }
 
@@ -246,9 +262,15 @@ impl MlpAligner {
 
     /// Projects `[.., input_dim]` to `[.., n_embed]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.layers[0].forward(x)?;
-        for l in &self.layers[1..] {
-            h = l.forward(&h.gelu_erf()?)?;
+        // Each layer but the last is followed by GELU (fused into the product where it can be).
+        let last = self.layers.len() - 1;
+        let mut h = x.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            h = if i < last {
+                l.forward_gelu(&h)?
+            } else {
+                l.forward(&h)?
+            };
         }
         Ok(h)
     }

@@ -2,17 +2,17 @@
 //! decoder's shapes (128–512 channels at up to 384×384).
 //!
 //! * 3×3 convolutions: candle materialises the whole im2col matrix (680 MB at 384² × 128 ch) and
-//!   multiplies it with an output only 128 wide. Here the input is cut into bands of output rows,
-//!   each band's im2col is built from 9 shifted views (it stays small) and multiplied as
-//!   `W [cout, cin·9] × cols [cin·9, pixels]`, which writes the NCHW output band directly.
+//!   multiplies it with an output only 128 wide. Here the product `W [cout, cin·9] × im2col
+//!   [cin·9, pixels]` runs on `janus_kernels::gemm` with the im2col matrix never built: the
+//!   GEMM packs its column blocks straight from shifted image rows
+//!   (`janus_kernels::gemm::Im2col3x3`), adds the bias (and the skip connection) and writes the
+//!   NCHW output in place.
 //! * GroupNorm: candle composes it from ~8 tensor passes; on the CPU this is one statistics pass
-//!   and one normalise(+SiLU) pass per group, groups in parallel.
+//!   and one normalise(+SiLU) pass per group, groups in parallel, vectorised
+//!   (`janus_kernels::elementwise::group_norm_act`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use rayon::prelude::*;
-
-/// Output pixels per band: keeps a band's im2col (`cin·9 × pixels` floats) around 50 MB at most.
-const BAND_PIXELS: usize = 12 * 1024;
+use janus_kernels::gemm::{self, BRef, GemmOpts, Im2col3x3, MatRef, Precision};
 
 /// A 3×3, stride-1, padding-1 convolution with bias.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct Conv3x3 {
     bias: Tensor,
     /// candle's convolution, used off the CPU.
     generic: candle_nn::Conv2d,
+    /// Products in bf16 (f32 accumulation) on the CPU: the CPU's bf16-compute mode.
+    bf16_products: bool,
 }
 
 impl Conv3x3 {
@@ -40,14 +42,44 @@ impl Conv3x3 {
             weight: weight.reshape((cout, cin * 9))?,
             bias: bias.reshape((cout, 1))?,
             generic,
+            bf16_products: false,
         })
+    }
+
+    /// Sets whether the CPU path multiplies in bf16 (f32 accumulation).
+    pub fn set_bf16_products(&mut self, on: bool) {
+        self.bf16_products = on;
     }
 }
 
 impl Module for Conv3x3 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
-            return self.generic.forward(x);
+        self.forward_cpu(x, None)
+    }
+}
+
+impl Conv3x3 {
+    /// `residual + conv(x)`; on the CPU the convolution accumulates into a copy of `residual`
+    /// (the ResnetBlock's skip connection without a separate add pass).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_cpu(x, Some(residual))
+    }
+
+    fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let cpu = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
+        let res_ok = residual.is_none_or(|r| {
+            r.dtype() == DType::F32
+                && x.dims4()
+                    .ok()
+                    .map(|(n, _, h, w)| (n, self.weight.dims()[0], h, w))
+                    == r.dims4().ok()
+        });
+        if !cpu || !res_ok {
+            let y = self.generic.forward(x)?;
+            return match residual {
+                Some(r) => r + y,
+                None => Ok(y),
+            };
         }
         let (n, c, h, w) = x.dims4()?;
         let cout = self.weight.dim(0)?;
@@ -57,72 +89,61 @@ impl Module for Conv3x3 {
             candle_core::Storage::Cpu(s) => &s.as_slice::<f32>()?[layout.start_offset()..],
             _ => candle_core::bail!("CPU storage expected"),
         };
-        let band_rows = (BAND_PIXELS / w.max(1)).clamp(1, h);
-        let mut images = Vec::with_capacity(n);
+        let weight = self.weight.to_dtype(DType::F32)?.contiguous()?;
+        let bias = self
+            .bias
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .contiguous()?;
+        let (ws, wl) = weight.storage_and_layout();
+        let wdata = match &*ws {
+            candle_core::Storage::Cpu(s) => {
+                &s.as_slice::<f32>()?[wl.start_offset()..][..cout * c * 9]
+            }
+            _ => candle_core::bail!("CPU storage expected"),
+        };
+        let (bs, bl) = bias.storage_and_layout();
+        let bdata = match &*bs {
+            candle_core::Storage::Cpu(s) => &s.as_slice::<f32>()?[bl.start_offset()..][..cout],
+            _ => candle_core::bail!("CPU storage expected"),
+        };
+        let opts = GemmOpts {
+            bias_m: Some(bdata),
+            accumulate: residual.is_some(),
+            precision: if self.bf16_products {
+                Precision::Bf16
+            } else {
+                Precision::F32
+            },
+            ..Default::default()
+        };
+        let plane = h * w;
+        let mut out = match residual {
+            Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; n * cout * plane],
+        };
         for i in 0..n {
-            let img = &data[i * c * h * w..(i + 1) * c * h * w];
-            let mut bands = Vec::new();
-            let mut y0 = 0;
-            while y0 < h {
-                let rows = band_rows.min(h - y0);
-                let mut cols = vec![0f32; c * 9 * rows * w];
-                im2col_band(img, c, h, w, y0, rows, &mut cols);
-                let cols = Tensor::from_vec(cols, (c * 9, rows * w), &Device::Cpu)?;
-                let out = self.weight.matmul(&cols)?.broadcast_add(&self.bias)?;
-                bands.push(out.reshape((cout, rows, w))?);
-                y0 += rows;
-            }
-            images.push(Tensor::cat(&bands, 1)?);
+            // out[co, p] = Σ_q W[co, q] · im2col[q, p] + bias[co] (+ residual), the im2col
+            // matrix packed straight from the image by the GEMM, the output written in place.
+            let src = Im2col3x3 {
+                img: &data[i * c * plane..(i + 1) * c * plane],
+                c,
+                h,
+                w,
+                y0: 0,
+                rows: h,
+            };
+            gemm::gemm(
+                MatRef::row_major(wdata, cout, c * 9),
+                BRef::Im2col3x3(src),
+                &mut out[i * cout * plane..(i + 1) * cout * plane],
+                plane,
+                &opts,
+            )
+            .map_err(candle_core::Error::wrap)?;
         }
-        Tensor::stack(&images, 0)
+        Tensor::from_vec(out, (n, cout, h, w), &Device::Cpu)
     }
-}
-
-/// im2col of output rows `y0..y0 + rows` for a 3×3, padding-1 convolution of one `[c, h, w]`
-/// image: `cols[(ci·9 + ky·3 + kx), r·w + x] = img[ci, y0 + r + ky − 1, x + kx − 1]` (0 outside).
-/// Every destination row is a shifted copy of a source row, so this runs at memcpy speed.
-fn im2col_band(
-    img: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    y0: usize,
-    rows: usize,
-    cols: &mut [f32],
-) {
-    let plane = h * w;
-    let band = rows * w;
-    cols.par_chunks_mut(9 * band)
-        .enumerate()
-        .take(c)
-        .for_each(|(ci, chunk)| {
-            let src_plane = &img[ci * plane..(ci + 1) * plane];
-            for ky in 0..3 {
-                for kx in 0..3 {
-                    let dst = &mut chunk[(ky * 3 + kx) * band..(ky * 3 + kx + 1) * band];
-                    for r in 0..rows {
-                        let d = &mut dst[r * w..(r + 1) * w];
-                        let sy = (y0 + r + ky) as isize - 1;
-                        if sy < 0 || sy >= h as isize {
-                            d.fill(0.0);
-                            continue;
-                        }
-                        let s = &src_plane[sy as usize * w..(sy as usize + 1) * w];
-                        match kx {
-                            0 => {
-                                d[0] = 0.0;
-                                d[1..].copy_from_slice(&s[..w - 1]);
-                            }
-                            1 => d.copy_from_slice(s),
-                            _ => {
-                                d[..w - 1].copy_from_slice(&s[1..]);
-                                d[w - 1] = 0.0;
-                            }
-                        }
-                    }
-                }
-            }
-        });
 }
 
 /// `GroupNorm(groups, eps)` with affine parameters, optionally followed by SiLU.
@@ -173,43 +194,22 @@ impl Module for GroupNormAct {
         let (n, c, h, w) = x.dims4()?;
         let x = x.contiguous()?;
         let mut data = x.flatten_all()?.to_vec1::<f32>()?;
-        let gamma = self.weight.to_vec1::<f32>()?;
-        let beta = self.bias.to_vec1::<f32>()?;
-        let cpg = c / self.groups;
-        let group_len = cpg * h * w;
-        let hw = h * w;
-        let (eps, silu) = (self.eps, self.silu);
-        // Groups are contiguous runs in NCHW: [n][g][c/g][h][w].
-        data.par_chunks_mut(group_len)
-            .enumerate()
-            .for_each(|(gi, g)| {
-                let (mut s, mut ss) = (0f64, 0f64);
-                for &v in g.iter() {
-                    s += v as f64;
-                    ss += (v as f64) * (v as f64);
-                }
-                let len = g.len() as f64;
-                let mean = s / len;
-                let var = (ss / len - mean * mean).max(0.0);
-                let inv = 1.0 / (var + eps).sqrt();
-                let first_channel = (gi % self.groups) * cpg;
-                for (ci, chan) in g.chunks_mut(hw).enumerate() {
-                    let a = (gamma[first_channel + ci] as f64 * inv) as f32;
-                    let b = (beta[first_channel + ci] as f64
-                        - mean * gamma[first_channel + ci] as f64 * inv)
-                        as f32;
-                    if silu {
-                        for v in chan.iter_mut() {
-                            let y = *v * a + b;
-                            *v = y / (1.0 + (-y).exp());
-                        }
-                    } else {
-                        for v in chan.iter_mut() {
-                            *v = *v * a + b;
-                        }
-                    }
-                }
-            });
+        let gamma = self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let beta = self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if c % self.groups != 0 {
+            candle_core::bail!("GroupNorm: {c} channels in {} groups", self.groups);
+        }
+        janus_kernels::elementwise::group_norm_act(
+            &mut data,
+            n,
+            c,
+            h * w,
+            self.groups,
+            &gamma,
+            &beta,
+            self.eps,
+            self.silu,
+        );
         Tensor::from_vec(data, (n, c, h, w), &Device::Cpu)
     }
 }
@@ -244,8 +244,16 @@ mod tests {
             padding: 1,
             ..Default::default()
         };
+        let conv = Conv3x3::new(w.clone(), b.clone()).unwrap();
         let theirs = candle_nn::Conv2d::new(w, Some(b), cfg).forward(&x).unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-4);
+        // The fused skip connection.
+        let r = Tensor::randn(0f32, 1.0, (2, 7, 37, 400), &dev).unwrap();
+        let fused = conv.forward_residual(&x, &r).unwrap();
+        assert!(max_diff(&fused, &(&r + &theirs).unwrap()) < 1e-4);
+        // A residual of the wrong shape falls back to a broadcasting add's error, no panic.
+        let bad = Tensor::zeros((2, 6, 37, 400), DType::F32, &dev).unwrap();
+        assert!(conv.forward_residual(&x, &bad).is_err());
     }
 
     #[test]

@@ -1,0 +1,1203 @@
+//! Large-M matrix products on the CPU: `C = A·B (+ bias)` with packing and register-blocked
+//! micro-kernels, for prefill, the vision tower and the VQ decoder's convolutions.
+//!
+//! Blocking (one task per column stripe of C, stripes in parallel on the global rayon pool):
+//! - A (`m × k`, any strides) is packed once per call into panels of `MR` rows, `[k][MR]` each;
+//! - each task packs its stripe's `KC × NC` block of B (any strides, f32 or bf16 source) into
+//!   micro-panels `[KC][NR]` that stay in L2, then runs every A panel over them: the `MR × KC`
+//!   A micro-panel stays in L1 while the stripe's `NR`-wide micro-panels stream past it.
+//! - The micro-kernel holds an `MR × NR` tile of C in registers (AVX-512: 12 × 32 in 24 zmm;
+//!   AVX2: 6 × 16 in 12 ymm) and adds it into C, so k-blocks accumulate in place; C starts as
+//!   the bias (or zero, or its old value when accumulating).
+//! - bf16 products (`Precision::Bf16`): A and B are rounded to bf16 while packing, pairs of k
+//!   interleaved, and multiplied by `vdpbf16ps` (AVX512-BF16) into f32 accumulators. CPUs
+//!   without it get the same rounding and f32 FMAs (same products, sums in another order).
+//! - An optional activation (exact-erf GELU) runs on each finished row panel while it is hot.
+
+use crate::elementwise;
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    /// Backing slice.
+    pub data: &'a [T],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Row stride in elements.
+    pub rs: usize,
+    /// Column stride in elements.
+    pub cs: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// Row-major `rows × cols`.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major `cols × rows` matrix (e.g. a `[out, in]` weight as `in × out`).
+    pub fn transposed(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rows,
+        }
+    }
+
+    fn in_bounds(&self) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.rs)
+            .and_then(|a| (self.cols - 1).checked_mul(self.cs).map(|b| (a, b)))
+            .and_then(|(a, b)| a.checked_add(b));
+        matches!(last, Some(l) if l < self.data.len())
+    }
+}
+
+/// The im2col matrix of a 3×3, stride-1, padding-1 convolution over output rows
+/// `y0..y0 + rows` of one `[c, h, w]` image, read straight from the image while packing (never
+/// materialised): row `q = ci·9 + ky·3 + kx`, column `r·w + x` holds
+/// `img[ci, y0 + r + ky − 1, x + kx − 1]` (0 outside the image).
+#[derive(Clone, Copy, Debug)]
+pub struct Im2col3x3<'a> {
+    /// The image, `[c, h, w]` row-major.
+    pub img: &'a [f32],
+    /// Channels.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// First output row.
+    pub y0: usize,
+    /// Output rows.
+    pub rows: usize,
+}
+
+impl Im2col3x3<'_> {
+    fn in_bounds(&self) -> bool {
+        self.c
+            .checked_mul(self.h)
+            .and_then(|v| v.checked_mul(self.w))
+            .is_some_and(|len| len <= self.img.len())
+            && self.y0.checked_add(self.rows).is_some_and(|e| e <= self.h)
+    }
+
+    /// Row `q`, columns `p0..p0 + dst.len()`, which lie in one output row.
+    #[inline]
+    fn segment(&self, q: usize, p0: usize, dst: &mut [f32]) {
+        let (ci, ky, kx) = (q / 9, q % 9 / 3, q % 3);
+        let (r, x0) = (p0 / self.w, p0 % self.w);
+        let sy = self.y0 + r + ky;
+        if sy == 0 || sy > self.h {
+            dst.fill(0.0);
+            return;
+        }
+        let row = &self.img[(ci * self.h + sy - 1) * self.w..][..self.w];
+        // dst[j] = row[x0 + j + kx − 1] where that index is inside the row.
+        let start = x0 as isize + kx as isize - 1;
+        let lo = (-start).clamp(0, dst.len() as isize) as usize;
+        let hi = (self.w as isize - start).clamp(lo as isize, dst.len() as isize) as usize;
+        dst[..lo].fill(0.0);
+        dst[hi..].fill(0.0);
+        let s0 = (start + lo as isize) as usize;
+        dst[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+    }
+}
+
+/// The B operand: f32 or bf16 storage, or an implicit im2col matrix.
+#[derive(Clone, Copy, Debug)]
+pub enum BRef<'a> {
+    /// f32 elements.
+    F32(MatRef<'a, f32>),
+    /// bf16 elements (exactly widened, or used as is for bf16 products).
+    Bf16(MatRef<'a, bf16>),
+    /// The im2col matrix of a 3×3 convolution (`c·9 × rows·w`), packed from the image.
+    Im2col3x3(Im2col3x3<'a>),
+}
+
+impl BRef<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            BRef::F32(b) => (b.rows, b.cols),
+            BRef::Bf16(b) => (b.rows, b.cols),
+            BRef::Im2col3x3(b) => (b.c * 9, b.rows * b.w),
+        }
+    }
+    fn in_bounds(&self) -> bool {
+        match self {
+            BRef::F32(b) => b.in_bounds(),
+            BRef::Bf16(b) => b.in_bounds(),
+            BRef::Im2col3x3(b) => b.in_bounds(),
+        }
+    }
+}
+
+/// Precision of the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 products, f32 accumulation.
+    #[default]
+    F32,
+    /// Operands rounded to bf16 (nearest even), products and accumulation in f32.
+    Bf16,
+}
+
+/// Activation applied to C after the product and bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Act {
+    /// None.
+    #[default]
+    None,
+    /// `x · Φ(x)` with the exact (erf) normal CDF.
+    GeluErf,
+}
+
+/// Options of [`gemm`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemmOpts<'a> {
+    /// Added to every row (`[n]`).
+    pub bias_n: Option<&'a [f32]>,
+    /// Added to every column (`[m]`, a per-output-channel bias when C is `[channels, pixels]`).
+    pub bias_m: Option<&'a [f32]>,
+    /// Add the product to C's current contents instead of overwriting them (a fused residual).
+    pub accumulate: bool,
+    /// Activation after bias (and after accumulation).
+    pub act: Act,
+    /// Product precision.
+    pub precision: Precision,
+}
+
+/// A shape error from [`gemm`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GemmError(pub String);
+
+impl std::fmt::Display for GemmError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "gemm: {}", self.0)
+    }
+}
+
+impl std::error::Error for GemmError {}
+
+/// `C[i * ldc + j] = Σ_p A(i, p) · B(p, j) (+ bias) for i < m = A.rows, j < n = B.cols`.
+///
+/// Errors (nothing written) when the inner dimensions differ, a view reaches past its slice,
+/// `ldc < n`, C is too short, or a bias has the wrong length.
+pub fn gemm(
+    a: MatRef<'_, f32>,
+    b: BRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    opts: &GemmOpts<'_>,
+) -> Result<(), GemmError> {
+    gemm_at(path(opts.precision), a, b, c, ldc, opts)
+}
+
+/// The paths this CPU can run, best first ("avx512bf16", "avx512", "avx2", "scalar"), for tests.
+#[doc(hidden)]
+pub fn gemm_paths() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+            v.push("avx512bf16");
+        }
+        if is_x86_feature_detected!("avx512f") {
+            v.push("avx512");
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            v.push("avx2");
+        }
+    }
+    v.push("scalar");
+    v
+}
+
+/// [`gemm`] on a named path (see [`gemm_paths`]); `avx512bf16` applies to bf16 precision only
+/// (f32 precision on it runs the avx512 kernel). Errors if this CPU lacks the path.
+#[doc(hidden)]
+pub fn gemm_on(
+    name: &str,
+    a: MatRef<'_, f32>,
+    b: BRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    opts: &GemmOpts<'_>,
+) -> Result<(), GemmError> {
+    if !gemm_paths().contains(&name) {
+        return Err(GemmError(format!("path {name} not available on this CPU")));
+    }
+    let p = match (name, opts.precision) {
+        ("avx512bf16", Precision::Bf16) => Path::Avx512Bf16,
+        ("avx512bf16", Precision::F32) | ("avx512", _) => Path::Avx512,
+        ("avx2", _) => Path::Avx2,
+        _ => Path::Scalar,
+    };
+    gemm_at(p, a, b, c, ldc, opts)
+}
+
+/// Which kernel the default path uses for `precision`, for logs and benchmarks.
+pub fn gemm_level(precision: Precision) -> &'static str {
+    match path(precision) {
+        Path::Avx512Bf16 => "avx512bf16",
+        Path::Avx512 => "avx512",
+        Path::Avx2 => "avx2",
+        Path::Scalar => "scalar",
+    }
+}
+
+/// Whether bf16 products run on native bf16 dot-product instructions here.
+pub fn has_bf16_dot() -> bool {
+    path(Precision::Bf16) == Path::Avx512Bf16
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Avx512Bf16,
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+fn path(precision: Precision) -> Path {
+    static BEST: OnceLock<(Path, Path)> = OnceLock::new();
+    let (f32_path, bf16_path) = *BEST.get_or_init(|| {
+        let paths = gemm_paths();
+        let f = if paths.contains(&"avx512") {
+            Path::Avx512
+        } else if paths.contains(&"avx2") {
+            Path::Avx2
+        } else {
+            Path::Scalar
+        };
+        let b = if paths.contains(&"avx512bf16") {
+            Path::Avx512Bf16
+        } else {
+            f
+        };
+        (f, b)
+    });
+    match precision {
+        Precision::F32 => f32_path,
+        Precision::Bf16 => bf16_path,
+    }
+}
+
+fn check(
+    a: &MatRef<'_, f32>,
+    b: &BRef<'_>,
+    c: &[f32],
+    ldc: usize,
+    opts: &GemmOpts<'_>,
+) -> Result<(usize, usize, usize), GemmError> {
+    let (m, k) = (a.rows, a.cols);
+    let (kb, n) = b.dims();
+    if kb != k {
+        return Err(GemmError(format!(
+            "inner dimensions differ: A is {m}×{k}, B is {kb}×{n}"
+        )));
+    }
+    if !a.in_bounds() {
+        return Err(GemmError("A's view reaches past its slice".into()));
+    }
+    if !b.in_bounds() {
+        return Err(GemmError("B's view reaches past its slice".into()));
+    }
+    if m > 0 && n > 0 && (ldc < n || c.len() < (m - 1) * ldc + n) {
+        return Err(GemmError(format!(
+            "C ({} elements, ldc {ldc}) cannot hold {m}×{n}",
+            c.len()
+        )));
+    }
+    if opts.bias_n.is_some_and(|v| v.len() != n) {
+        return Err(GemmError(format!("bias_n must have {n} elements")));
+    }
+    if opts.bias_m.is_some_and(|v| v.len() != m) {
+        return Err(GemmError(format!("bias_m must have {m} elements")));
+    }
+    Ok((m, n, k))
+}
+
+/// k-block: a 12 × 256 f32 A micro-panel (12 KiB) sits in L1 beside the B vectors streaming in.
+const KC: usize = 256;
+/// Largest stripe of C columns per task: its packed `KC × NC` B block (256 KiB) stays in L2.
+const NC_MAX: usize = 256;
+
+fn gemm_at(
+    p: Path,
+    a: MatRef<'_, f32>,
+    b: BRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    opts: &GemmOpts<'_>,
+) -> Result<(), GemmError> {
+    let (m, n, k) = check(&a, &b, c, ldc, opts)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    match p {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `p` came from `path`/`gemm_on`, which only name paths whose features this
+        // CPU has; shapes were checked above.
+        Path::Avx512Bf16 => unsafe { drive::<x86::Avx512Bf16>(a, b, c, ldc, m, n, k, opts) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx512 => unsafe { drive::<x86::Avx512>(a, b, c, ldc, m, n, k, opts) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx2 => unsafe { drive::<x86::Avx2>(a, b, c, ldc, m, n, k, opts) },
+        // SAFETY: the portable kernel needs no CPU feature; shapes were checked above.
+        _ => unsafe { drive::<Portable>(a, b, c, ldc, m, n, k, opts) },
+    }
+    Ok(())
+}
+
+/// One micro-kernel family: packed element type and tile shape.
+///
+/// # Safety
+/// Implementors' `kernel` may require CPU features; `drive::<K>` may only be called when the
+/// CPU has them.
+unsafe trait Kernel {
+    /// Packed element (f32, or u32 = a pair of bf16 along k).
+    type P: Copy + Default + Send + Sync;
+    /// Rows of the register tile (A broadcasts).
+    const MR: usize;
+    /// Columns of the register tile (B vectors).
+    const NR: usize;
+    /// k values per packed element (1, or 2 for bf16 pairs).
+    const KP: usize;
+    /// Whether operands are rounded to bf16 when packing (f32 kernels emulating bf16 products).
+    fn round_bf16(precision: Precision) -> bool {
+        precision == Precision::Bf16
+    }
+    /// Packs `vals` (`KP` consecutive k values of one row/column; missing ones are zero).
+    fn pack(vals: [f32; 2], round: bool) -> Self::P;
+    /// `C[r][j] += Σ_s A[s][r] · B[s][j]` for r < MR, j < NR, over `steps` packed k steps.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features; `a` is valid for steps·MR packed elements, `b` for
+    /// steps·NR, `c` for MR rows of NR floats `ldc` apart.
+    unsafe fn kernel(steps: usize, a: *const Self::P, b: *const Self::P, c: *mut f32, ldc: usize);
+    /// Runs the activation over a row slice with the kernel's features.
+    fn act(act: Act, row: &mut [f32]) {
+        match act {
+            Act::None => {}
+            Act::GeluErf => elementwise::gelu_erf_inplace(row),
+        }
+    }
+}
+
+fn round_to_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// Raw pointer that may cross threads; users write disjoint parts (see each use).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: only copied between threads; every task writes a disjoint set of C's columns.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// A B element type.
+trait Src: Copy {
+    fn f(self) -> f32;
+}
+impl Src for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+impl Src for bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Packs B rows `s0·KP..` (`steps` packed steps) of columns `j0..j0 + ncs` into micro-panels
+/// `[steps][NR]` (zeros past k and past the stripe).
+#[allow(clippy::too_many_arguments)]
+fn pack_b<K: Kernel, T: Src>(
+    b: &MatRef<'_, T>,
+    k: usize,
+    s0: usize,
+    steps: usize,
+    j0: usize,
+    ncs: usize,
+    round: bool,
+    bp: &mut [K::P],
+) {
+    let (nr, kp) = (K::NR, K::KP);
+    if b.cs == 1 && ncs % nr == 0 {
+        // Row-major B (e.g. an im2col matrix): each packed step is NR (or NR pairs of)
+        // consecutive elements of one or two B rows.
+        for u in 0..ncs / nr {
+            let panel = &mut bp[u * steps * nr..(u + 1) * steps * nr];
+            let c0 = j0 + u * nr;
+            for s in 0..steps {
+                let p0 = (s0 + s) * kp;
+                let r0 = &b.data[p0 * b.rs + c0..p0 * b.rs + c0 + nr];
+                let r1 = if kp == 2 && p0 + 1 < k {
+                    Some(&b.data[(p0 + 1) * b.rs + c0..(p0 + 1) * b.rs + c0 + nr])
+                } else {
+                    None
+                };
+                let dst = &mut panel[s * nr..(s + 1) * nr];
+                if p0 >= k {
+                    dst.fill(K::P::default());
+                    continue;
+                }
+                for (jj, d) in dst.iter_mut().enumerate() {
+                    let hi = r1.map_or(0.0, |r| r[jj].f());
+                    *d = K::pack([r0[jj].f(), hi], round);
+                }
+            }
+        }
+        return;
+    }
+    for u in 0..ncs.div_ceil(nr) {
+        let panel = &mut bp[u * steps * nr..(u + 1) * steps * nr];
+        for jj in 0..nr {
+            let j = u * nr + jj;
+            if j >= ncs {
+                for s in 0..steps {
+                    panel[s * nr + jj] = K::P::default();
+                }
+                continue;
+            }
+            let col = (j0 + j) * b.cs;
+            for s in 0..steps {
+                let mut vals = [0f32; 2];
+                for (t, v) in vals.iter_mut().enumerate().take(kp) {
+                    let pk = (s0 + s) * kp + t;
+                    if pk < k {
+                        *v = b.data[pk * b.rs + col].f();
+                    }
+                }
+                panel[s * nr + jj] = K::pack(vals, round);
+            }
+        }
+    }
+}
+
+/// [`pack_b`] for an implicit im2col matrix: each micro-panel's NR columns are, within one
+/// output row, shifted copies of image rows.
+#[allow(clippy::too_many_arguments)]
+fn pack_b_im2col<K: Kernel>(
+    b: &Im2col3x3<'_>,
+    k: usize,
+    s0: usize,
+    steps: usize,
+    j0: usize,
+    ncs: usize,
+    round: bool,
+    bp: &mut [K::P],
+) {
+    let (nr, kp) = (K::NR, K::KP);
+    let mut seg = [[0f32; 64]; 2];
+    debug_assert!(nr <= 64);
+    for u in 0..ncs.div_ceil(nr) {
+        let panel = &mut bp[u * steps * nr..(u + 1) * steps * nr];
+        let p0 = j0 + u * nr;
+        let cnt = nr.min(ncs - u * nr);
+        for s in 0..steps {
+            for (t, sg) in seg.iter_mut().enumerate().take(kp) {
+                let q = (s0 + s) * kp + t;
+                let sg = &mut sg[..nr];
+                if q >= k {
+                    sg.fill(0.0);
+                    continue;
+                }
+                // Split at output-row ends: each piece is a shifted copy of one image row.
+                let mut off = 0;
+                while off < cnt {
+                    let p = p0 + off;
+                    let len = (b.w - p % b.w).min(cnt - off);
+                    b.segment(q, p, &mut sg[off..off + len]);
+                    off += len;
+                }
+                sg[cnt..].fill(0.0);
+            }
+            let dst = &mut panel[s * nr..(s + 1) * nr];
+            for (jj, d) in dst.iter_mut().enumerate() {
+                *d = K::pack([seg[0][jj], seg[1][jj]], round);
+            }
+        }
+    }
+}
+
+/// The whole product on kernel `K`.
+///
+/// # Safety
+/// The CPU has `K`'s features; shapes as `check` accepted, m, n ≥ 1.
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive<K: Kernel>(
+    a: MatRef<'_, f32>,
+    b: BRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+) {
+    let round = K::round_bf16(opts.precision);
+    let (mr, nr, kp) = (K::MR, K::NR, K::KP);
+    // Packed k length (steps of KP values), and the k-block in packed steps.
+    let ksteps = k.div_ceil(kp);
+    let kcs = KC / kp;
+    let panels = m.div_ceil(mr);
+    // A: panel q holds rows q·MR.. as [ksteps][MR] (zero rows past m, zero k past k).
+    let mut ap = vec![K::P::default(); panels * ksteps * mr];
+    // (k = 0 leaves nothing to pack; `par_chunks_mut` needs a non-zero chunk.)
+    ap.par_chunks_mut((ksteps * mr).max(1))
+        .enumerate()
+        .for_each(|(q, panel)| {
+            for r in 0..mr {
+                let i = q * mr + r;
+                if i >= m {
+                    break;
+                }
+                let row = i * a.rs;
+                for s in 0..ksteps {
+                    let mut vals = [0f32; 2];
+                    for (t, v) in vals.iter_mut().enumerate().take(kp) {
+                        let pk = s * kp + t;
+                        if pk < k {
+                            *v = a.data[row + pk * a.cs];
+                        }
+                    }
+                    panel[s * mr + r] = K::pack(vals, round);
+                }
+            }
+        });
+    // Stripes: at most NC_MAX columns, at least 2 per thread when n allows, multiples of NR.
+    let threads = rayon::current_num_threads().max(1);
+    let nc = n
+        .div_ceil(2 * threads)
+        .div_ceil(nr)
+        .max(1)
+        .saturating_mul(nr)
+        .min(NC_MAX.div_ceil(nr) * nr);
+    let stripes = n.div_ceil(nc);
+    let cp = SendPtr(c.as_mut_ptr());
+    let clen = c.len();
+    let run_stripe = |si: usize| {
+        let j0 = si * nc;
+        let ncs = nc.min(n - j0);
+        let micro = ncs.div_ceil(nr);
+        // SAFETY: this task reads and writes only columns j0..j0+ncs of rows < m of C (inside
+        // `c` per `check`), which no other task touches; `c` outlives the parallel loop.
+        let c = unsafe { std::slice::from_raw_parts_mut(cp.get(), clen) };
+        // Start C as bias / zero (or keep it when accumulating).
+        for i in 0..m {
+            let row = &mut c[i * ldc + j0..i * ldc + j0 + ncs];
+            if !opts.accumulate {
+                let bm = opts.bias_m.map_or(0.0, |v| v[i]);
+                match opts.bias_n {
+                    Some(bn) => row
+                        .iter_mut()
+                        .zip(&bn[j0..j0 + ncs])
+                        .for_each(|(o, &v)| *o = v + bm),
+                    None => row.fill(bm),
+                }
+            } else {
+                let bm = opts.bias_m.map_or(0.0, |v| v[i]);
+                match opts.bias_n {
+                    Some(bn) => row
+                        .iter_mut()
+                        .zip(&bn[j0..j0 + ncs])
+                        .for_each(|(o, &v)| *o += v + bm),
+                    None if bm != 0.0 => row.iter_mut().for_each(|o| *o += bm),
+                    None => {}
+                }
+            }
+        }
+        if ksteps == 0 && opts.act != Act::None {
+            // k = 0: C is the bias (or its old value) alone, still activated.
+            for i in 0..m {
+                K::act(opts.act, &mut c[i * ldc + j0..i * ldc + j0 + ncs]);
+            }
+        }
+        let mut bp = vec![K::P::default(); micro * kcs * nr];
+        let mut tmp = vec![0f32; mr * nr];
+        let nkb = ksteps.div_ceil(kcs);
+        for kb in 0..nkb {
+            let s0 = kb * kcs;
+            let steps = kcs.min(ksteps - s0);
+            // Pack B rows s0·KP.. of columns j0..j0+ncs as micro-panels [steps][NR].
+            match b {
+                BRef::F32(bv) => pack_b::<K, f32>(&bv, k, s0, steps, j0, ncs, round, &mut bp),
+                BRef::Bf16(bv) => pack_b::<K, bf16>(&bv, k, s0, steps, j0, ncs, round, &mut bp),
+                BRef::Im2col3x3(bv) => {
+                    pack_b_im2col::<K>(&bv, k, s0, steps, j0, ncs, round, &mut bp)
+                }
+            }
+            for q in 0..panels {
+                let i0 = q * mr;
+                let rows = mr.min(m - i0);
+                // SAFETY: panel q's block s0.. holds steps·MR packed elements inside `ap`.
+                let apan = unsafe { ap.as_ptr().add(q * ksteps * mr + s0 * mr) };
+                for u in 0..micro {
+                    let jc = j0 + u * nr;
+                    let cols = nr.min(j0 + ncs - jc);
+                    // SAFETY: micro-panel u spans steps·NR packed elements inside `bp`.
+                    let bpan = unsafe { bp.as_ptr().add(u * steps * nr) };
+                    if rows == mr && cols == nr {
+                        // SAFETY: rows i0..i0+MR < m and columns jc..jc+NR ≤ j0+ncs of C are
+                        // inside `c` and owned by this task; features per `drive`'s contract.
+                        unsafe {
+                            K::kernel(steps, apan, bpan, c.as_mut_ptr().add(i0 * ldc + jc), ldc)
+                        };
+                    } else {
+                        tmp.fill(0.0);
+                        // SAFETY: `tmp` holds MR rows of NR floats.
+                        unsafe { K::kernel(steps, apan, bpan, tmp.as_mut_ptr(), nr) };
+                        for r in 0..rows {
+                            let dst = &mut c[(i0 + r) * ldc + jc..(i0 + r) * ldc + jc + cols];
+                            dst.iter_mut()
+                                .zip(&tmp[r * nr..r * nr + cols])
+                                .for_each(|(d, &v)| *d += v);
+                        }
+                    }
+                }
+                if kb + 1 == nkb && opts.act != Act::None {
+                    for r in 0..rows {
+                        let row = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + ncs];
+                        K::act(opts.act, row);
+                    }
+                }
+            }
+        }
+    };
+    if stripes == 1 || (m * n * k) < (1 << 18) {
+        (0..stripes).for_each(run_stripe);
+    } else {
+        (0..stripes).into_par_iter().for_each(run_stripe);
+    }
+}
+
+/// Portable kernel: plain Rust over small arrays, which LLVM vectorises for the baseline target.
+struct Portable;
+
+// SAFETY: the kernel needs no CPU feature.
+unsafe impl Kernel for Portable {
+    type P = f32;
+    const MR: usize = 4;
+    const NR: usize = 16;
+    const KP: usize = 1;
+    fn pack(vals: [f32; 2], round: bool) -> f32 {
+        if round {
+            round_to_bf16(vals[0])
+        } else {
+            vals[0]
+        }
+    }
+    unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+        let mut acc = [[0f32; 16]; 4];
+        for s in 0..steps {
+            // SAFETY: s < steps: inside the packed panels per the contract.
+            let (av, bv) = unsafe {
+                (
+                    std::slice::from_raw_parts(a.add(s * 4), 4),
+                    std::slice::from_raw_parts(b.add(s * 16), 16),
+                )
+            };
+            for r in 0..4 {
+                for j in 0..16 {
+                    acc[r][j] += av[r] * bv[j];
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            for (j, &v) in accr.iter().enumerate() {
+                // SAFETY: r < MR rows of NR floats at `c`, per the contract.
+                unsafe { *c.add(r * ldc + j) += v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{round_to_bf16, Kernel};
+    use std::arch::x86_64::*;
+
+    pub(super) struct Avx512;
+    pub(super) struct Avx512Bf16;
+    pub(super) struct Avx2;
+
+    // SAFETY: `kernel` requires avx512f, which `drive::<Avx512>` callers guarantee.
+    unsafe impl Kernel for Avx512 {
+        type P = f32;
+        const MR: usize = 12;
+        const NR: usize = 32;
+        const KP: usize = 1;
+        fn pack(vals: [f32; 2], round: bool) -> f32 {
+            if round {
+                round_to_bf16(vals[0])
+            } else {
+                vals[0]
+            }
+        }
+        unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+            // SAFETY: forwarded contract (avx512f present, pointers valid).
+            unsafe { k512(steps, a, b, c, ldc) }
+        }
+    }
+
+    /// 12 × 32 f32 tile: 24 zmm accumulators, two B vectors and one broadcast per k step.
+    ///
+    /// # Safety
+    /// avx512f present; `a` valid for steps·12 floats, `b` for steps·32, `c` for 12 rows of 32
+    /// floats `ldc` apart.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn k512(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+        for s in 0..steps {
+            // SAFETY: s < steps: within the packed B micro-panel and A micro-panel.
+            unsafe {
+                let b0 = _mm512_loadu_ps(b.add(s * 32));
+                let b1 = _mm512_loadu_ps(b.add(s * 32 + 16));
+                let ar = a.add(s * 12);
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ar.add(r));
+                    accr[0] = _mm512_fmadd_ps(av, b0, accr[0]);
+                    accr[1] = _mm512_fmadd_ps(av, b1, accr[1]);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            // SAFETY: row r < 12 of the C tile, 32 floats.
+            unsafe {
+                let p = c.add(r * ldc);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), accr[0]));
+                _mm512_storeu_ps(
+                    p.add(16),
+                    _mm512_add_ps(_mm512_loadu_ps(p.add(16)), accr[1]),
+                );
+            }
+        }
+    }
+
+    // SAFETY: `kernel` requires avx512f and avx512bf16, which `drive::<Avx512Bf16>` callers
+    // guarantee.
+    unsafe impl Kernel for Avx512Bf16 {
+        /// A pair of bf16 along k: low half k = 2s, high half k = 2s + 1.
+        type P = u32;
+        const MR: usize = 12;
+        const NR: usize = 32;
+        const KP: usize = 2;
+        fn round_bf16(_: super::Precision) -> bool {
+            true
+        }
+        fn pack(vals: [f32; 2], _round: bool) -> u32 {
+            let lo = half::bf16::from_f32(vals[0]).to_bits() as u32;
+            let hi = half::bf16::from_f32(vals[1]).to_bits() as u32;
+            lo | (hi << 16)
+        }
+        unsafe fn kernel(steps: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize) {
+            // SAFETY: forwarded contract (avx512f + avx512bf16 present, pointers valid).
+            unsafe { k512bf16(steps, a, b, c, ldc) }
+        }
+    }
+
+    /// 12 × 32 tile of bf16-pair dot products (`vdpbf16ps`), f32 accumulators.
+    ///
+    /// # Safety
+    /// avx512f and avx512bf16 present; `a` valid for steps·12 pairs, `b` for steps·32 pairs,
+    /// `c` for 12 rows of 32 floats `ldc` apart.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn k512bf16(steps: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+        for s in 0..steps {
+            // SAFETY: s < steps: within the packed micro-panels. The transmutes reinterpret
+            // 512 bits of bf16 pairs as the bf16 vector type (same size, any bits valid).
+            unsafe {
+                let b0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(b.add(s * 32) as *const _));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(b.add(s * 32 + 16) as *const _));
+                let ar = a.add(s * 12);
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+                    accr[0] = _mm512_dpbf16_ps(accr[0], av, b0);
+                    accr[1] = _mm512_dpbf16_ps(accr[1], av, b1);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            // SAFETY: row r < 12 of the C tile, 32 floats.
+            unsafe {
+                let p = c.add(r * ldc);
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), accr[0]));
+                _mm512_storeu_ps(
+                    p.add(16),
+                    _mm512_add_ps(_mm512_loadu_ps(p.add(16)), accr[1]),
+                );
+            }
+        }
+    }
+
+    // SAFETY: `kernel` requires avx2 and fma, which `drive::<Avx2>` callers guarantee.
+    unsafe impl Kernel for Avx2 {
+        type P = f32;
+        const MR: usize = 6;
+        const NR: usize = 16;
+        const KP: usize = 1;
+        fn pack(vals: [f32; 2], round: bool) -> f32 {
+            if round {
+                round_to_bf16(vals[0])
+            } else {
+                vals[0]
+            }
+        }
+        unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+            // SAFETY: forwarded contract (avx2 + fma present, pointers valid).
+            unsafe { k256(steps, a, b, c, ldc) }
+        }
+    }
+
+    /// 6 × 16 f32 tile: 12 ymm accumulators, two B vectors and one broadcast per k step.
+    ///
+    /// # Safety
+    /// avx2 and fma present; `a` valid for steps·6 floats, `b` for steps·16, `c` for 6 rows of
+    /// 16 floats `ldc` apart.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn k256(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        for s in 0..steps {
+            // SAFETY: s < steps: within the packed micro-panels.
+            unsafe {
+                let b0 = _mm256_loadu_ps(b.add(s * 16));
+                let b1 = _mm256_loadu_ps(b.add(s * 16 + 8));
+                let ar = a.add(s * 6);
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let av = _mm256_set1_ps(*ar.add(r));
+                    accr[0] = _mm256_fmadd_ps(av, b0, accr[0]);
+                    accr[1] = _mm256_fmadd_ps(av, b1, accr[1]);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            // SAFETY: row r < 6 of the C tile, 16 floats.
+            unsafe {
+                let p = c.add(r * ldc);
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), accr[0]));
+                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), accr[1]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// f64 reference of `A·B + bias` (and accumulate/act), operands optionally rounded to bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        bt: bool,
+        c0: &[f32],
+        opts: &GemmOpts<'_>,
+    ) -> Vec<f64> {
+        let r = |x: f32| {
+            if opts.precision == Precision::Bf16 {
+                round_to_bf16(x) as f64
+            } else {
+                x as f64
+            }
+        };
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let bv = if bt { b[j * k + p] } else { b[p * n + j] };
+                    s += r(a[i * k + p]) * r(bv);
+                }
+                s += opts.bias_n.map_or(0.0, |v| v[j] as f64);
+                s += opts.bias_m.map_or(0.0, |v| v[i] as f64);
+                if opts.accumulate {
+                    s += c0[i * n + j] as f64;
+                }
+                if opts.act == Act::GeluErf {
+                    s = s * 0.5 * (1.0 + erf(s / 2f64.sqrt()));
+                }
+                out[i * n + j] = s;
+            }
+        }
+        out
+    }
+
+    fn erf(x: f64) -> f64 {
+        crate::elementwise::tests::erf64(x)
+    }
+
+    /// Runs every path this CPU has on one shape and compares with the f64 reference.
+    /// Tolerance: |err| ≤ tol · Σ_p |a_p·b_p| (+ slack for bias/accumulate), the usual bound
+    /// for f32 sums of k products in any order (tol = 1e-5 f32, 2e-5 bf16: products of
+    /// bf16-rounded operands are exact in f32, so both are summation error).
+    fn check_shape(m: usize, n: usize, k: usize, bt: bool, seed: u64) {
+        let mut s = seed;
+        let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let b: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let bias_n: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+        let bias_m: Vec<f32> = (0..m).map(|_| lcg(&mut s)).collect();
+        let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+        let b16: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+        let b16f: Vec<f32> = b16.iter().map(|x| x.to_f32()).collect();
+        for path in gemm_paths() {
+            for precision in [Precision::F32, Precision::Bf16] {
+                for variant in 0..4 {
+                    let opts = GemmOpts {
+                        bias_n: (variant & 1 == 1).then_some(&bias_n[..]),
+                        bias_m: (variant == 2).then_some(&bias_m[..]),
+                        accumulate: variant >= 2,
+                        act: if variant == 3 {
+                            Act::GeluErf
+                        } else {
+                            Act::None
+                        },
+                        precision,
+                    };
+                    for bf16_b in [false, true] {
+                        let mut c = c0.clone();
+                        let bref = match (bf16_b, bt) {
+                            (true, true) => BRef::Bf16(MatRef::transposed(&b16, k, n)),
+                            (true, false) => BRef::Bf16(MatRef::row_major(&b16, k, n)),
+                            (false, true) => BRef::F32(MatRef::transposed(&b, k, n)),
+                            (false, false) => BRef::F32(MatRef::row_major(&b, k, n)),
+                        };
+                        gemm_on(path, MatRef::row_major(&a, m, k), bref, &mut c, n, &opts).unwrap();
+                        let bsrc = if bf16_b { &b16f } else { &b };
+                        let want = reference(&a, bsrc, m, n, k, bt, &c0, &opts);
+                        let tol = if precision == Precision::Bf16 {
+                            2e-5
+                        } else {
+                            1e-5
+                        };
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mag: f64 = (0..k)
+                                    .map(|p| {
+                                        let bv = if bt { bsrc[j * k + p] } else { bsrc[p * n + j] };
+                                        (a[i * k + p] as f64 * bv as f64).abs()
+                                    })
+                                    .sum::<f64>()
+                                    + 3.0;
+                                let got = c[i * n + j] as f64;
+                                let w = want[i * n + j];
+                                assert!(
+                                    (got - w).abs() <= tol * mag,
+                                    "{path} {precision:?} v{variant} bf16_b={bf16_b} \
+                                     {m}x{n}x{k} bt={bt} at ({i},{j}): {got} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn odd_and_tiny_shapes_on_every_path() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 5, 1),
+            (13, 33, 1),
+            (12, 32, 7),
+            (25, 65, 3),
+            (7, 100, 257),
+            (37, 70, 513),
+            (3, 17, 2),
+        ] {
+            check_shape(m, n, k, true, 1 + m as u64);
+            check_shape(m, n, k, false, 2 + n as u64);
+        }
+    }
+
+    #[test]
+    fn large_shapes_on_every_path() {
+        // Several stripes, several k-blocks, partial tiles on both edges, parallel tasks.
+        check_shape(61, 700, 600, true, 11);
+        check_shape(50, 1030, 300, false, 12);
+    }
+
+    #[test]
+    fn implicit_im2col_equals_explicit() {
+        // Widths below, at and above the tile width; bands at the top, middle and bottom.
+        for &(c, h, w, y0, rows, cout) in &[
+            (3, 5, 7, 0, 5, 4),
+            (2, 9, 33, 2, 4, 13),
+            (4, 6, 64, 3, 3, 25),
+            (1, 1, 1, 0, 1, 1),
+        ] {
+            let mut s = (c * 100 + w) as u64;
+            let img: Vec<f32> = (0..c * h * w).map(|_| lcg(&mut s)).collect();
+            let wt: Vec<f32> = (0..cout * c * 9).map(|_| lcg(&mut s)).collect();
+            let n = rows * w;
+            let mut cols = vec![0f32; c * 9 * n];
+            for q in 0..c * 9 {
+                let (ci, ky, kx) = (q / 9, q % 9 / 3, q % 3);
+                for r in 0..rows {
+                    for x in 0..w {
+                        let (sy, sx) = ((y0 + r + ky) as isize - 1, (x + kx) as isize - 1);
+                        if (0..h as isize).contains(&sy) && (0..w as isize).contains(&sx) {
+                            cols[q * n + r * w + x] = img[(ci * h + sy as usize) * w + sx as usize];
+                        }
+                    }
+                }
+            }
+            let src = Im2col3x3 {
+                img: &img,
+                c,
+                h,
+                w,
+                y0,
+                rows,
+            };
+            for path in gemm_paths() {
+                for precision in [Precision::F32, Precision::Bf16] {
+                    let o = GemmOpts {
+                        precision,
+                        ..Default::default()
+                    };
+                    let am = MatRef::row_major(&wt, cout, c * 9);
+                    let (mut want, mut got) = (vec![0f32; cout * n], vec![0f32; cout * n]);
+                    let explicit = BRef::F32(MatRef::row_major(&cols, c * 9, n));
+                    gemm_on(path, am, explicit, &mut want, n, &o).unwrap();
+                    gemm_on(path, am, BRef::Im2col3x3(src), &mut got, n, &o).unwrap();
+                    for (g, w_) in got.iter().zip(&want) {
+                        assert!((g - w_).abs() <= 1e-5, "{path} {precision:?}: {g} vs {w_}");
+                    }
+                }
+            }
+        }
+        // A band past the image is an error.
+        let img = vec![0f32; 2 * 3 * 4];
+        let bad = Im2col3x3 {
+            img: &img,
+            c: 2,
+            h: 3,
+            w: 4,
+            y0: 2,
+            rows: 2,
+        };
+        let wt = vec![0f32; 18];
+        let mut out = vec![0f32; 8];
+        let am = MatRef::row_major(&wt, 1, 18);
+        assert!(gemm(am, BRef::Im2col3x3(bad), &mut out, 8, &GemmOpts::default()).is_err());
+    }
+
+    #[test]
+    fn leading_dimension_leaves_other_columns_alone() {
+        let (m, n, k, ldc) = (5, 7, 9, 11);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| i as f32 * 0.01).collect();
+        let mut c = vec![42f32; (m - 1) * ldc + n];
+        gemm(
+            MatRef::row_major(&a, m, k),
+            BRef::F32(MatRef::row_major(&b, k, n)),
+            &mut c,
+            ldc,
+            &GemmOpts::default(),
+        )
+        .unwrap();
+        for i in 0..m - 1 {
+            assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 42.0));
+        }
+        let want: f32 = (0..k).map(|p| a[p] * b[p * n]).sum();
+        assert!((c[0] - want).abs() < 1e-4);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let a = vec![0f32; 6];
+        let b = vec![0f32; 6];
+        let mut c = vec![0f32; 4];
+        let o = GemmOpts::default();
+        let am = MatRef::row_major(&a, 2, 3);
+        // Inner dimension mismatch.
+        assert!(gemm(am, BRef::F32(MatRef::row_major(&b, 2, 3)), &mut c, 2, &o).is_err());
+        // B view past its slice.
+        assert!(gemm(am, BRef::F32(MatRef::row_major(&b, 3, 3)), &mut c, 3, &o).is_err());
+        // C too short / ldc too small.
+        let bm = BRef::F32(MatRef::row_major(&b, 3, 2));
+        assert!(gemm(am, bm, &mut c[..3], 2, &o).is_err());
+        assert!(gemm(am, bm, &mut c, 1, &o).is_err());
+        // Bias lengths.
+        let bias = [0f32; 3];
+        let ob = GemmOpts {
+            bias_n: Some(&bias),
+            ..Default::default()
+        };
+        assert!(gemm(am, bm, &mut c, 2, &ob).is_err());
+        let ob = GemmOpts {
+            bias_m: Some(&bias),
+            ..Default::default()
+        };
+        assert!(gemm(am, bm, &mut c, 2, &ob).is_err());
+        // Fine, and empty shapes are no-ops.
+        assert!(gemm(am, bm, &mut c, 2, &o).is_ok());
+        assert!(gemm(MatRef::row_major(&a, 0, 3), bm, &mut [], 2, &o).is_ok());
+        // k = 0: the bias alone, activated.
+        let bias = [1f32, -1.0];
+        let og = GemmOpts {
+            bias_n: Some(&bias),
+            act: Act::GeluErf,
+            ..Default::default()
+        };
+        let mut c0 = [9f32; 2];
+        gemm(
+            MatRef::row_major(&[], 1, 0),
+            BRef::F32(MatRef::row_major(&[], 0, 2)),
+            &mut c0,
+            2,
+            &og,
+        )
+        .unwrap();
+        assert!((c0[0] - 0.841_344_7).abs() < 1e-6 && (c0[1] + 0.158_655_3).abs() < 1e-6);
+        // Unknown path.
+        assert!(gemm_on("neon", am, bm, &mut c, 2, &o).is_err());
+    }
+}
