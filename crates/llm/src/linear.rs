@@ -12,6 +12,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use janus_kernels::gemm::{self, Act, BRef, GemmOpts, MatRef, Precision};
+use janus_kernels::Weights;
 
 /// Largest number of activation rows sent to the few-row CPU kernel.
 pub const SMALL_M: usize = 32;
@@ -206,60 +207,35 @@ impl Linear {
             Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
-        let (xs, xl) = x.storage_and_layout();
-        let xs = match &*xs {
-            candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
-            _ => return Ok(None),
+        let out = self.with_cpu_slices(&x, bias.as_ref(), rows, |xs, bias_slice, w| {
+            let b = match w {
+                Weights::F32(w) => BRef::F32(MatRef::transposed(w, in_dim, out_dim)),
+                Weights::Bf16(w) => BRef::Bf16(MatRef::transposed(w, in_dim, out_dim)),
+            };
+            let mut out = match residual {
+                Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
+                None => vec![0f32; rows * out_dim],
+            };
+            let opts = GemmOpts {
+                bias_n: bias_slice,
+                act,
+                precision,
+                accumulate: residual.is_some(),
+                ..Default::default()
+            };
+            gemm::gemm(
+                MatRef::row_major(xs, rows, in_dim),
+                b,
+                &mut out,
+                out_dim,
+                &opts,
+            )
+            .map_err(candle_core::Error::wrap)?;
+            Ok(out)
+        })?;
+        let Some(out) = out else {
+            return Ok(None);
         };
-        let xs = &xs[xl.start_offset()..xl.start_offset() + rows * in_dim];
-        let bias_store = bias.as_ref().map(|b| b.storage_and_layout());
-        let bias_slice = match &bias_store {
-            Some((s, l)) => match &**s {
-                candle_core::Storage::Cpu(s) => {
-                    Some(&s.as_slice::<f32>()?[l.start_offset()..l.start_offset() + out_dim])
-                }
-                _ => return Ok(None),
-            },
-            None => None,
-        };
-        let (ws, wl) = self.weight.storage_and_layout();
-        let n_w = out_dim * in_dim;
-        let b = match &*ws {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => {
-                BRef::F32(MatRef::transposed(
-                    &w[wl.start_offset()..wl.start_offset() + n_w],
-                    in_dim,
-                    out_dim,
-                ))
-            }
-            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => {
-                BRef::Bf16(MatRef::transposed(
-                    &w[wl.start_offset()..wl.start_offset() + n_w],
-                    in_dim,
-                    out_dim,
-                ))
-            }
-            _ => return Ok(None),
-        };
-        let mut out = match residual {
-            Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0f32; rows * out_dim],
-        };
-        let opts = GemmOpts {
-            bias_n: bias_slice,
-            act,
-            precision,
-            accumulate: residual.is_some(),
-            ..Default::default()
-        };
-        gemm::gemm(
-            MatRef::row_major(xs, rows, in_dim),
-            b,
-            &mut out,
-            out_dim,
-            &opts,
-        )
-        .map_err(candle_core::Error::wrap)?;
         let y = Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)?;
         Ok(Some(if out_dt == DType::F32 {
             y
@@ -270,23 +246,43 @@ impl Linear {
 
     /// Few-row product on the CPU kernel; `None` when the weight layout does not allow it.
     fn forward_small_cpu(&self, x: &Tensor, rows: usize, in_dim: usize) -> Result<Option<Tensor>> {
-        if !self.weight.is_contiguous() {
+        if !self.weight.is_contiguous() || in_dim != self.in_dim() {
             return Ok(None);
         }
         let x = x.contiguous()?;
         let out_dim = self.out_dim();
+        let bias = match &self.bias {
+            Some(b) if b.dtype() == DType::F32 => Some(b.contiguous()?),
+            Some(_) => return Ok(None),
+            None => None,
+        };
+        let out = self.with_cpu_slices(&x, bias.as_ref(), rows, |xs, bias_slice, w| {
+            let mut out = vec![0f32; rows * out_dim];
+            janus_kernels::linear_rows(xs, rows, in_dim, w, out_dim, bias_slice, &mut out);
+            Ok(out)
+        })?;
+        out.map(|o| Tensor::from_vec(o, (rows, out_dim), &Device::Cpu))
+            .transpose()
+    }
+
+    /// Runs `f` on the CPU slices of `x` (f32, contiguous, `rows × in_dim`), of `bias` (f32,
+    /// contiguous) and of the weight (f32 or bf16, contiguous); `None` when one of them is not
+    /// in CPU memory in such a dtype.
+    fn with_cpu_slices<R>(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        rows: usize,
+        f: impl FnOnce(&[f32], Option<&[f32]>, Weights<'_>) -> Result<R>,
+    ) -> Result<Option<R>> {
+        let (in_dim, out_dim) = (self.in_dim(), self.out_dim());
         let (xs, xl) = x.storage_and_layout();
         let xs = match &*xs {
             candle_core::Storage::Cpu(s) => s.as_slice::<f32>()?,
             _ => return Ok(None),
         };
         let xs = &xs[xl.start_offset()..xl.start_offset() + rows * in_dim];
-        let bias = match &self.bias {
-            Some(b) if b.dtype() == DType::F32 => Some(b.contiguous()?),
-            Some(_) => return Ok(None),
-            None => None,
-        };
-        let bias_store = bias.as_ref().map(|b| b.storage_and_layout());
+        let bias_store = bias.map(|b| b.storage_and_layout());
         let bias_slice = match &bias_store {
             Some((s, l)) => match &**s {
                 candle_core::Storage::Cpu(s) => {
@@ -297,36 +293,13 @@ impl Linear {
             None => None,
         };
         let (ws, wl) = self.weight.storage_and_layout();
-        let mut out = vec![0f32; rows * out_dim];
-        let n_w = out_dim * in_dim;
-        match &*ws {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) => {
-                let w = &w[wl.start_offset()..wl.start_offset() + n_w];
-                janus_kernels::linear_rows(
-                    xs,
-                    rows,
-                    in_dim,
-                    janus_kernels::Weights::F32(w),
-                    out_dim,
-                    bias_slice,
-                    &mut out,
-                );
-            }
-            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(w)) => {
-                let w = &w[wl.start_offset()..wl.start_offset() + n_w];
-                janus_kernels::linear_rows(
-                    xs,
-                    rows,
-                    in_dim,
-                    janus_kernels::Weights::Bf16(w),
-                    out_dim,
-                    bias_slice,
-                    &mut out,
-                );
-            }
+        let w = wl.start_offset()..wl.start_offset() + out_dim * in_dim;
+        let w = match &*ws {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Weights::F32(&v[w]),
+            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => Weights::Bf16(&v[w]),
             _ => return Ok(None),
-        }
-        Ok(Some(Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)?))
+        };
+        f(xs, bias_slice, w).map(Some)
     }
 }
 
