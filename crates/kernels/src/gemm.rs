@@ -403,6 +403,16 @@ unsafe trait Kernel {
     }
 }
 
+/// The packed element of the f32 kernels: the k value itself, rounded to bf16 when the
+/// product emulates bf16 precision.
+fn pack_f32(vals: [f32; 2], round: bool) -> f32 {
+    if round {
+        round_to_bf16(vals[0])
+    } else {
+        vals[0]
+    }
+}
+
 fn round_to_bf16(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
 }
@@ -710,11 +720,7 @@ unsafe impl Kernel for Portable {
     const NR: usize = 16;
     const KP: usize = 1;
     fn pack(vals: [f32; 2], round: bool) -> f32 {
-        if round {
-            round_to_bf16(vals[0])
-        } else {
-            vals[0]
-        }
+        pack_f32(vals, round)
     }
     unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
         let mut acc = [[0f32; 16]; 4];
@@ -743,7 +749,7 @@ unsafe impl Kernel for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{round_to_bf16, Kernel};
+    use super::Kernel;
     use std::arch::x86_64::*;
 
     pub(super) struct Avx512;
@@ -757,11 +763,7 @@ mod x86 {
         const NR: usize = 32;
         const KP: usize = 1;
         fn pack(vals: [f32; 2], round: bool) -> f32 {
-            if round {
-                round_to_bf16(vals[0])
-            } else {
-                vals[0]
-            }
+            super::pack_f32(vals, round)
         }
         unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
             // SAFETY: forwarded contract (avx512f present, pointers valid).
@@ -871,11 +873,7 @@ mod x86 {
         const NR: usize = 16;
         const KP: usize = 1;
         fn pack(vals: [f32; 2], round: bool) -> f32 {
-            if round {
-                round_to_bf16(vals[0])
-            } else {
-                vals[0]
-            }
+            super::pack_f32(vals, round)
         }
         unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
             // SAFETY: forwarded contract (avx2 + fma present, pointers valid).
