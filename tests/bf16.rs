@@ -40,17 +40,22 @@ fn stats(a: &Tensor, b: &Tensor) -> (f32, f64) {
     (max, dot / (n(&a) * n(&b)))
 }
 
-fn und_single_logits(opts: &LoadOptions) -> Tensor {
-    let m = UnderstandingModel::load(&fixture().join("model"), opts).unwrap();
+/// The fixture's `und_single` question about wide.png.
+fn wide_question() -> Conversation {
     let bytes = std::fs::read(fixture().join("wide.png")).unwrap();
     let img = janus_pipeline::decode_rgb(&bytes, &Default::default()).unwrap();
-    let conv = Conversation {
+    Conversation {
         messages: vec![Message {
             role: Role::User,
             content: "<image_placeholder>\nWhat is shown in this picture?".into(),
         }],
         images: vec![img],
-    };
+    }
+}
+
+fn und_single_logits(opts: &LoadOptions) -> Tensor {
+    let m = UnderstandingModel::load(&fixture().join("model"), opts).unwrap();
+    let conv = wide_question();
     let p = m.prepare(&conv, SamplingParams::default()).unwrap();
     m.prompt_logits(p, usize::MAX).unwrap()
 }
@@ -152,15 +157,7 @@ fn bf16_compute_vision_features_match_f32() {
         .unwrap()
     };
     let (m32, m16) = (model(DType::F32), model(DType::BF16));
-    let bytes = std::fs::read(fixture().join("wide.png")).unwrap();
-    let img = janus_pipeline::decode_rgb(&bytes, &Default::default()).unwrap();
-    let conv = Conversation {
-        messages: vec![Message {
-            role: Role::User,
-            content: "<image_placeholder>\nWhat is shown in this picture?".into(),
-        }],
-        images: vec![img],
-    };
+    let conv = wide_question();
     let images = m32
         .prepare(&conv, SamplingParams::default())
         .unwrap()
