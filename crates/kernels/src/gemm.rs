@@ -917,13 +917,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::attention::tests::lcg;
 
     /// f64 reference of `A·B + bias` (and accumulate/act), operands optionally rounded to bf16.
     #[allow(clippy::too_many_arguments)]
