@@ -82,6 +82,7 @@ fn main() -> candle_core::Result<()> {
         (256, 256, 192),
         (512, 512, 48),
         (256, 128, 192),
+        (128, 128, 48),
     ] {
         let (h, w) = (hw, hw);
         let img = data(c * h * w, 3);
@@ -140,9 +141,19 @@ fn main() -> candle_core::Result<()> {
         let t_bf = best(iters, || {
             gemm(a, BRef::Im2col3x3(src), &mut out, n, &o16).unwrap()
         });
+        // Winograd F(2×2, 3×3): GFLOP/s counted as the direct convolution's (an effective rate).
+        let wino = janus_kernels::winograd::Winograd3x3::new(&wt, cout, c, Precision::F32).unwrap();
+        let t_wino = best(iters, || {
+            wino.forward(&img, h, w, None, &mut out, false).unwrap()
+        });
+        let wino16 =
+            janus_kernels::winograd::Winograd3x3::new(&wt, cout, c, Precision::Bf16).unwrap();
+        let t_wino16 = best(iters, || {
+            wino16.forward(&img, h, w, None, &mut out, false).unwrap()
+        });
         println!(
-            "cin {c} cout {cout} at {hw}²: candle (cols prebuilt) {:.0} | ours, explicit cols + copy {:.0} | ours implicit {:.0} | ours implicit bf16 products {:.0}",
-            gf / t_candle, gf / t_expl, gf / t_impl, gf / t_bf
+            "cin {c} cout {cout} at {hw}²: candle (cols prebuilt) {:.0} | ours, explicit cols + copy {:.0} | ours implicit {:.0} | ours implicit bf16 products {:.0} | winograd {:.0} | winograd bf16 {:.0} (effective)",
+            gf / t_candle, gf / t_expl, gf / t_impl, gf / t_bf, gf / t_wino, gf / t_wino16
         );
     }
     Ok(())

@@ -6,7 +6,6 @@
 //! time (the same detection as the matmul kernels). Large inputs are split across the rayon pool.
 
 use crate::attention::exp_approx;
-use crate::Level;
 use rayon::prelude::*;
 
 /// Elements per parallel task of the elementwise passes.
@@ -30,16 +29,17 @@ macro_rules! multiversion {
                 }
                 match crate::level() {
                     // SAFETY: the level was detected on this CPU (avx512f).
-                    Level::Avx512 => return unsafe { v512($($arg),*) },
+                    $crate::Level::Avx512 => return unsafe { v512($($arg),*) },
                     // SAFETY: the level was detected on this CPU (avx2 and fma).
-                    Level::Avx2 => return unsafe { v256($($arg),*) },
-                    Level::Scalar => {}
+                    $crate::Level::Avx2 => return unsafe { v256($($arg),*) },
+                    $crate::Level::Scalar => {}
                 }
             }
             $body($($arg),*)
         }
     };
 }
+pub(crate) use multiversion;
 
 /// `0.5 · x · (1 + erf(x / √2))`, erf by Abramowitz–Stegun 7.1.26 (absolute error ≤ 1.5e-7,
 /// the formula PyTorch's vectorised CPU `erf` uses) with a branch-free `exp`.

@@ -181,6 +181,8 @@ pub struct GemmOpts<'a> {
     pub act: Act,
     /// Product precision.
     pub precision: Precision,
+    /// Run on the calling thread only (the caller already splits its work across the pool).
+    pub serial: bool,
 }
 
 /// A shape error from [`gemm`].
@@ -207,6 +209,117 @@ pub fn gemm(
     opts: &GemmOpts<'_>,
 ) -> Result<(), GemmError> {
     gemm_at(path(opts.precision), a, b, c, ldc, opts)
+}
+
+/// A left operand packed once for the default path of a precision, for products that reuse it
+/// many times (a convolution's transformed weights): [`gemm_packed`] then skips packing A.
+#[derive(Clone, Debug)]
+pub struct PackedA {
+    path: Path,
+    precision: Precision,
+    m: usize,
+    k: usize,
+    /// Packed elements of the path's kernel (f32 bits, or bf16 pairs).
+    data: Vec<u32>,
+}
+
+impl PackedA {
+    /// Packs `a` for [`gemm_packed`] calls with `precision`; errors if the view reaches past
+    /// its slice.
+    pub fn new(a: MatRef<'_, f32>, precision: Precision) -> Result<Self, GemmError> {
+        if !a.in_bounds() {
+            return Err(GemmError("A's view reaches past its slice".into()));
+        }
+        let p = path(precision);
+        let (m, k) = (a.rows, a.cols);
+        fn packed<K: Kernel>(a: MatRef<'_, f32>, precision: Precision) -> Vec<u32> {
+            let (m, k) = (a.rows, a.cols);
+            let mut data = vec![0u32; packed_a_len::<K>(m, k)];
+            // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid.
+            let ap = unsafe {
+                std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<K::P>(), data.len())
+            };
+            pack_a::<K>(a, m, k, K::round_bf16(precision), ap, true);
+            data
+        }
+        let data = match p {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 => packed::<x86::Avx512Bf16>(a, precision),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => packed::<x86::Avx512>(a, precision),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => packed::<x86::Avx2>(a, precision),
+            _ => packed::<Portable>(a, precision),
+        };
+        Ok(Self {
+            path: p,
+            precision,
+            m,
+            k,
+            data,
+        })
+    }
+
+    /// Rows of A.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Columns of A.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+}
+
+/// [`gemm`] with A packed beforehand; `opts.precision` must be the one A was packed for.
+pub fn gemm_packed(
+    a: &PackedA,
+    b: BRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    opts: &GemmOpts<'_>,
+) -> Result<(), GemmError> {
+    if opts.precision != a.precision {
+        return Err(GemmError(format!(
+            "A was packed for {:?} products, the call asks for {:?}",
+            a.precision, opts.precision
+        )));
+    }
+    let (m, n, _) = check_dims(a.m, a.k, &b, c, ldc, opts)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    /// # Safety
+    /// `K` is the kernel of the path `a` was packed on (so the CPU has its features).
+    unsafe fn run<K: Kernel>(
+        a: &PackedA,
+        b: BRef<'_>,
+        c: &mut [f32],
+        ldc: usize,
+        opts: &GemmOpts<'_>,
+    ) {
+        // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid; `data` was
+        // packed by `pack_a::<K>` for an m × k A.
+        let ap =
+            unsafe { std::slice::from_raw_parts(a.data.as_ptr().cast::<K::P>(), a.data.len()) };
+        let (_, n) = b.dims();
+        // SAFETY: forwarded (shapes checked by the caller).
+        unsafe { run_packed::<K>(ap, b, c, ldc, a.m, n, a.k, opts) }
+    }
+    match a.path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path was chosen by `path` on this CPU when A was packed.
+        Path::Avx512Bf16 => unsafe { run::<x86::Avx512Bf16>(a, b, c, ldc, opts) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx512 => unsafe { run::<x86::Avx512>(a, b, c, ldc, opts) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx2 => unsafe { run::<x86::Avx2>(a, b, c, ldc, opts) },
+        // SAFETY: the portable kernel needs no CPU feature.
+        _ => unsafe { run::<Portable>(a, b, c, ldc, opts) },
+    }
+    Ok(())
 }
 
 /// The paths this CPU can run, best first ("avx512bf16", "avx512", "avx2", "scalar"), for tests.
@@ -306,15 +419,26 @@ fn check(
     ldc: usize,
     opts: &GemmOpts<'_>,
 ) -> Result<(usize, usize, usize), GemmError> {
-    let (m, k) = (a.rows, a.cols);
+    if !a.in_bounds() {
+        return Err(GemmError("A's view reaches past its slice".into()));
+    }
+    check_dims(a.rows, a.cols, b, c, ldc, opts)
+}
+
+/// The checks of [`check`] past A's own view, for an `m × k` A.
+fn check_dims(
+    m: usize,
+    k: usize,
+    b: &BRef<'_>,
+    c: &[f32],
+    ldc: usize,
+    opts: &GemmOpts<'_>,
+) -> Result<(usize, usize, usize), GemmError> {
     let (kb, n) = b.dims();
     if kb != k {
         return Err(GemmError(format!(
             "inner dimensions differ: A is {m}×{k}, B is {kb}×{n}"
         )));
-    }
-    if !a.in_bounds() {
-        return Err(GemmError("A's view reaches past its slice".into()));
     }
     if !b.in_bounds() {
         return Err(GemmError("B's view reaches past its slice".into()));
@@ -374,7 +498,8 @@ fn gemm_at(
 /// Implementors' `kernel` may require CPU features; `drive::<K>` may only be called when the
 /// CPU has them.
 unsafe trait Kernel {
-    /// Packed element (f32, or u32 = a pair of bf16 along k).
+    /// Packed element (f32, or u32 = a pair of bf16 along k): 4 bytes, every bit pattern valid
+    /// (packing buffers are reused as u32 storage).
     type P: Copy + Default + Send + Sync;
     /// Rows of the register tile (A broadcasts).
     const MR: usize;
@@ -417,6 +542,72 @@ fn round_to_bf16(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
 }
 
+/// Packed elements are 4 bytes (f32, or u32 bf16 pairs), any bit pattern valid.
+const _: () = assert!(std::mem::size_of::<f32>() == 4 && std::mem::size_of::<u32>() == 4);
+
+thread_local! {
+    /// Packing buffers kept per thread between calls, so each product does not fault in (and
+    /// zero) fresh pages for its packed A and B.
+    static SCRATCH: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Largest buffer kept for reuse (32 Mi elements, 128 MiB); larger ones are freed after use.
+const SCRATCH_KEEP: usize = 32 << 20;
+
+/// Runs `f` on a zeroed buffer of `len` packed elements taken from this thread's scratch (nested
+/// calls get distinct buffers).
+fn with_scratch<K: Kernel, R>(len: usize, f: impl FnOnce(&mut [K::P]) -> R) -> R {
+    const { assert!(std::mem::size_of::<K::P>() == 4 && std::mem::align_of::<K::P>() <= 4) };
+    let mut buf = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    buf.clear();
+    buf.resize(len, 0);
+    // SAFETY: `K::P` is f32 or u32 (size 4, align ≤ 4, every bit pattern valid; see `Kernel`),
+    // and the slice covers exactly `len` initialised u32s.
+    let r = f(unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<K::P>(), len) });
+    if buf.capacity() <= SCRATCH_KEEP {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < 4 {
+                s.push(buf);
+            }
+        });
+    }
+    r
+}
+
+/// [`with_scratch`] for plain f32 buffers (other kernels of this crate).
+pub(crate) fn with_f32_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_scratch::<Portable, R>(len, f)
+}
+
+/// A mutable f32 slice handed to parallel tasks that each write a disjoint part of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtrF32 {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: only copied between threads; users write disjoint parts (see each use).
+unsafe impl Send for SendPtrF32 {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtrF32 {}
+impl SendPtrF32 {
+    pub(crate) fn new(s: &mut [f32]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// The whole slice again.
+    ///
+    /// # Safety
+    /// The original slice outlives the use, and concurrent users write disjoint elements.
+    pub(crate) unsafe fn slice<'a>(self) -> &'a mut [f32] {
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
 /// Raw pointer that may cross threads; users write disjoint parts (see each use).
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
@@ -447,6 +638,67 @@ impl Src for bf16 {
     }
 }
 
+/// Packs `R = dst.len() / steps` source runs into `[steps][R]` packed elements: run `r` holds
+/// the k values `s0·KP..` of one row of A or one column of B, contiguous in memory (`None`: a
+/// zero row past the matrix). `kvalid` k values of each run exist; the rest pack as zeros.
+///
+/// Goes through an L1-resident tile of 8 packed steps per run, so the source is read in
+/// contiguous runs and the panel written in contiguous rows (the strided column walk this
+/// replaces missed L1 on every store).
+fn pack_runs<K: Kernel, T: Src>(
+    runs: &[Option<&[T]>],
+    steps: usize,
+    kvalid: usize,
+    round: bool,
+    dst: &mut [K::P],
+) {
+    const TS: usize = 8;
+    let (rn, kp) = (runs.len(), K::KP);
+    debug_assert!(rn <= 64 && dst.len() >= steps * rn);
+    let mut tile = [[K::P::default(); TS]; 64];
+    let mut sb = 0;
+    while sb < steps {
+        let cnt = TS.min(steps - sb);
+        let full = cnt == TS && (sb + TS) * kp <= kvalid;
+        for (tr, run) in tile.iter_mut().zip(runs) {
+            match run {
+                None => *tr = [K::P::default(); TS],
+                Some(src) if full => {
+                    let src = &src[sb * kp..(sb + TS) * kp];
+                    if kp == 1 {
+                        for (d, &v) in tr.iter_mut().zip(src) {
+                            *d = K::pack([v.f(), 0.0], round);
+                        }
+                    } else {
+                        for (d, v) in tr.iter_mut().zip(src.chunks_exact(2)) {
+                            *d = K::pack([v[0].f(), v[1].f()], round);
+                        }
+                    }
+                }
+                Some(src) => {
+                    for (t, d) in tr.iter_mut().enumerate() {
+                        let mut vals = [0f32; 2];
+                        for (u, v) in vals.iter_mut().enumerate().take(kp) {
+                            let p = (sb + t) * kp + u;
+                            if t < cnt && p < kvalid {
+                                *v = src[p].f();
+                            }
+                        }
+                        *d = K::pack(vals, round);
+                    }
+                }
+            }
+        }
+        for t in 0..cnt {
+            let row = &mut dst[(sb + t) * rn..(sb + t + 1) * rn];
+            for (d, tr) in row.iter_mut().zip(&tile[..rn]) {
+                *d = tr[t];
+            }
+        }
+        sb += TS;
+    }
+}
+
 /// Packs B rows `s0·KP..` (`steps` packed steps) of columns `j0..j0 + ncs` into micro-panels
 /// `[steps][NR]` (zeros past k and past the stripe).
 #[allow(clippy::too_many_arguments)]
@@ -461,7 +713,7 @@ fn pack_b<K: Kernel, T: Src>(
     bp: &mut [K::P],
 ) {
     let (nr, kp) = (K::NR, K::KP);
-    if b.cs == 1 && ncs % nr == 0 {
+    if b.cs == 1 && ncs.is_multiple_of(nr) {
         // Row-major B (e.g. an im2col matrix): each packed step is NR (or NR pairs of)
         // consecutive elements of one or two B rows.
         for u in 0..ncs / nr {
@@ -485,6 +737,20 @@ fn pack_b<K: Kernel, T: Src>(
                     *d = K::pack([r0[jj].f(), hi], round);
                 }
             }
+        }
+        return;
+    }
+    if b.rs == 1 {
+        // Columns contiguous along k (a transposed row-major weight): transpose through tiles.
+        let kvalid = k.saturating_sub(s0 * kp);
+        let mut runs = [None; 64];
+        for u in 0..ncs.div_ceil(nr) {
+            for (jj, run) in runs[..nr].iter_mut().enumerate() {
+                let j = u * nr + jj;
+                *run = (j < ncs).then(|| &b.data[(j0 + j) * b.cs + s0 * kp..]);
+            }
+            let panel = &mut bp[u * steps * nr..(u + 1) * steps * nr];
+            pack_runs::<K, T>(&runs[..nr], steps, kvalid, round, panel);
         }
         return;
     }
@@ -574,36 +840,89 @@ unsafe fn drive<K: Kernel>(
     k: usize,
     opts: &GemmOpts<'_>,
 ) {
+    // A: panel q holds rows q·MR.. as [ksteps][MR] (zero rows past m, zero k past k).
+    with_scratch::<K, _>(packed_a_len::<K>(m, k), |ap| {
+        pack_a::<K>(a, m, k, K::round_bf16(opts.precision), ap, !opts.serial);
+        run_packed::<K>(ap, b, c, ldc, m, n, k, opts)
+    })
+}
+
+/// Elements of A packed for kernel `K`: `⌈m / MR⌉` panels of `⌈k / KP⌉ × MR`.
+fn packed_a_len<K: Kernel>(m: usize, k: usize) -> usize {
+    m.div_ceil(K::MR) * k.div_ceil(K::KP) * K::MR
+}
+
+/// Packs A (`m × k`) into `ap` (zeroed, [`packed_a_len`] elements): panel q holds rows
+/// q·MR.. as `[ksteps][MR]`, zero rows past m and zero k past k.
+fn pack_a<K: Kernel>(
+    a: MatRef<'_, f32>,
+    m: usize,
+    k: usize,
+    round: bool,
+    ap: &mut [K::P],
+    parallel: bool,
+) {
+    let (mr, kp) = (K::MR, K::KP);
+    let ksteps = k.div_ceil(kp);
+    let pack_panel = |(q, panel): (usize, &mut [K::P])| {
+        if a.cs == 1 {
+            // Row-major A: each panel row is a contiguous run along k.
+            let mut runs = [None; 64];
+            for (r, run) in runs[..mr].iter_mut().enumerate() {
+                let i = q * mr + r;
+                *run = (i < m).then(|| &a.data[i * a.rs..]);
+            }
+            pack_runs::<K, f32>(&runs[..mr], ksteps, k, round, panel);
+            return;
+        }
+        for r in 0..mr {
+            let i = q * mr + r;
+            if i >= m {
+                break;
+            }
+            let row = i * a.rs;
+            for s in 0..ksteps {
+                let mut vals = [0f32; 2];
+                for (t, v) in vals.iter_mut().enumerate().take(kp) {
+                    let pk = s * kp + t;
+                    if pk < k {
+                        *v = a.data[row + pk * a.cs];
+                    }
+                }
+                panel[s * mr + r] = K::pack(vals, round);
+            }
+        }
+    };
+    // (k = 0 leaves nothing to pack; chunks need a non-zero size.)
+    let chunk = (ksteps * mr).max(1);
+    if parallel {
+        ap.par_chunks_mut(chunk).enumerate().for_each(pack_panel);
+    } else {
+        ap.chunks_mut(chunk).enumerate().for_each(pack_panel);
+    }
+}
+
+/// The product from A packed by [`pack_a`] (B packed per stripe and k-block as it goes).
+///
+/// # Safety
+/// As [`drive`]; `ap` holds A packed for `K`, `m × k`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_packed<K: Kernel>(
+    ap: &[K::P],
+    b: BRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+) {
     let round = K::round_bf16(opts.precision);
     let (mr, nr, kp) = (K::MR, K::NR, K::KP);
     // Packed k length (steps of KP values), and the k-block in packed steps.
     let ksteps = k.div_ceil(kp);
     let kcs = KC / kp;
     let panels = m.div_ceil(mr);
-    // A: panel q holds rows q·MR.. as [ksteps][MR] (zero rows past m, zero k past k).
-    let mut ap = vec![K::P::default(); panels * ksteps * mr];
-    // (k = 0 leaves nothing to pack; `par_chunks_mut` needs a non-zero chunk.)
-    ap.par_chunks_mut((ksteps * mr).max(1))
-        .enumerate()
-        .for_each(|(q, panel)| {
-            for r in 0..mr {
-                let i = q * mr + r;
-                if i >= m {
-                    break;
-                }
-                let row = i * a.rs;
-                for s in 0..ksteps {
-                    let mut vals = [0f32; 2];
-                    for (t, v) in vals.iter_mut().enumerate().take(kp) {
-                        let pk = s * kp + t;
-                        if pk < k {
-                            *v = a.data[row + pk * a.cs];
-                        }
-                    }
-                    panel[s * mr + r] = K::pack(vals, round);
-                }
-            }
-        });
     // Stripes: at most NC_MAX columns, at least 2 per thread when n allows, multiples of NR.
     let threads = rayon::current_num_threads().max(1);
     let nc = n
@@ -652,58 +971,59 @@ unsafe fn drive<K: Kernel>(
                 K::act(opts.act, &mut c[i * ldc + j0..i * ldc + j0 + ncs]);
             }
         }
-        let mut bp = vec![K::P::default(); micro * kcs * nr];
-        let mut tmp = vec![0f32; mr * nr];
-        let nkb = ksteps.div_ceil(kcs);
-        for kb in 0..nkb {
-            let s0 = kb * kcs;
-            let steps = kcs.min(ksteps - s0);
-            // Pack B rows s0·KP.. of columns j0..j0+ncs as micro-panels [steps][NR].
-            match b {
-                BRef::F32(bv) => pack_b::<K, f32>(&bv, k, s0, steps, j0, ncs, round, &mut bp),
-                BRef::Bf16(bv) => pack_b::<K, bf16>(&bv, k, s0, steps, j0, ncs, round, &mut bp),
-                BRef::Im2col3x3(bv) => {
-                    pack_b_im2col::<K>(&bv, k, s0, steps, j0, ncs, round, &mut bp)
+        with_scratch::<K, _>(micro * kcs * nr, |bp| {
+            let mut tmp = vec![0f32; mr * nr];
+            let nkb = ksteps.div_ceil(kcs);
+            for kb in 0..nkb {
+                let s0 = kb * kcs;
+                let steps = kcs.min(ksteps - s0);
+                // Pack B rows s0·KP.. of columns j0..j0+ncs as micro-panels [steps][NR].
+                match b {
+                    BRef::F32(bv) => pack_b::<K, f32>(&bv, k, s0, steps, j0, ncs, round, bp),
+                    BRef::Bf16(bv) => pack_b::<K, bf16>(&bv, k, s0, steps, j0, ncs, round, bp),
+                    BRef::Im2col3x3(bv) => {
+                        pack_b_im2col::<K>(&bv, k, s0, steps, j0, ncs, round, bp)
+                    }
                 }
-            }
-            for q in 0..panels {
-                let i0 = q * mr;
-                let rows = mr.min(m - i0);
-                // SAFETY: panel q's block s0.. holds steps·MR packed elements inside `ap`.
-                let apan = unsafe { ap.as_ptr().add(q * ksteps * mr + s0 * mr) };
-                for u in 0..micro {
-                    let jc = j0 + u * nr;
-                    let cols = nr.min(j0 + ncs - jc);
-                    // SAFETY: micro-panel u spans steps·NR packed elements inside `bp`.
-                    let bpan = unsafe { bp.as_ptr().add(u * steps * nr) };
-                    if rows == mr && cols == nr {
-                        // SAFETY: rows i0..i0+MR < m and columns jc..jc+NR ≤ j0+ncs of C are
-                        // inside `c` and owned by this task; features per `drive`'s contract.
-                        unsafe {
-                            K::kernel(steps, apan, bpan, c.as_mut_ptr().add(i0 * ldc + jc), ldc)
-                        };
-                    } else {
-                        tmp.fill(0.0);
-                        // SAFETY: `tmp` holds MR rows of NR floats.
-                        unsafe { K::kernel(steps, apan, bpan, tmp.as_mut_ptr(), nr) };
+                for q in 0..panels {
+                    let i0 = q * mr;
+                    let rows = mr.min(m - i0);
+                    // SAFETY: panel q's block s0.. holds steps·MR packed elements inside `ap`.
+                    let apan = unsafe { ap.as_ptr().add(q * ksteps * mr + s0 * mr) };
+                    for u in 0..micro {
+                        let jc = j0 + u * nr;
+                        let cols = nr.min(j0 + ncs - jc);
+                        // SAFETY: micro-panel u spans steps·NR packed elements inside `bp`.
+                        let bpan = unsafe { bp.as_ptr().add(u * steps * nr) };
+                        if rows == mr && cols == nr {
+                            // SAFETY: rows i0..i0+MR < m and columns jc..jc+NR ≤ j0+ncs of C are
+                            // inside `c` and owned by this task; features per `drive`'s contract.
+                            unsafe {
+                                K::kernel(steps, apan, bpan, c.as_mut_ptr().add(i0 * ldc + jc), ldc)
+                            };
+                        } else {
+                            tmp.fill(0.0);
+                            // SAFETY: `tmp` holds MR rows of NR floats.
+                            unsafe { K::kernel(steps, apan, bpan, tmp.as_mut_ptr(), nr) };
+                            for r in 0..rows {
+                                let dst = &mut c[(i0 + r) * ldc + jc..(i0 + r) * ldc + jc + cols];
+                                dst.iter_mut()
+                                    .zip(&tmp[r * nr..r * nr + cols])
+                                    .for_each(|(d, &v)| *d += v);
+                            }
+                        }
+                    }
+                    if kb + 1 == nkb && opts.act != Act::None {
                         for r in 0..rows {
-                            let dst = &mut c[(i0 + r) * ldc + jc..(i0 + r) * ldc + jc + cols];
-                            dst.iter_mut()
-                                .zip(&tmp[r * nr..r * nr + cols])
-                                .for_each(|(d, &v)| *d += v);
+                            let row = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + ncs];
+                            K::act(opts.act, row);
                         }
                     }
                 }
-                if kb + 1 == nkb && opts.act != Act::None {
-                    for r in 0..rows {
-                        let row = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + ncs];
-                        K::act(opts.act, row);
-                    }
-                }
             }
-        }
+        });
     };
-    if stripes == 1 || (m * n * k) < (1 << 18) {
+    if opts.serial || stripes == 1 || (m * n * k) < (1 << 18) {
         (0..stripes).for_each(run_stripe);
     } else {
         (0..stripes).into_par_iter().for_each(run_stripe);
@@ -990,6 +1310,7 @@ mod tests {
                             Act::None
                         },
                         precision,
+                        serial: variant == 1,
                     };
                     for bf16_b in [false, true] {
                         let mut c = c0.clone();
@@ -1191,5 +1512,49 @@ mod tests {
         assert!((c0[0] - 0.841_344_7).abs() < 1e-6 && (c0[1] + 0.158_655_3).abs() < 1e-6);
         // Unknown path.
         assert!(gemm_on("neon", am, bm, &mut c, 2, &o).is_err());
+    }
+
+    #[test]
+    fn prepacked_a_gives_the_same_product() {
+        let mut s = 11u64;
+        for (m, k, n) in [(1, 1, 1), (13, 7, 33), (40, 300, 70)] {
+            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut s)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            for precision in [Precision::F32, Precision::Bf16] {
+                for serial in [false, true] {
+                    let opts = GemmOpts {
+                        bias_n: Some(&bias),
+                        precision,
+                        serial,
+                        ..Default::default()
+                    };
+                    let am = MatRef::row_major(&a, m, k);
+                    let bm = BRef::F32(MatRef::row_major(&b, k, n));
+                    let mut want = vec![0f32; m * n];
+                    gemm(am, bm, &mut want, n, &opts).unwrap();
+                    let pa = PackedA::new(am, precision).unwrap();
+                    assert_eq!((pa.rows(), pa.cols()), (m, k));
+                    let mut got = vec![0f32; m * n];
+                    gemm_packed(&pa, bm, &mut got, n, &opts).unwrap();
+                    assert_eq!(got, want, "{m}×{k}×{n} {precision:?} serial {serial}");
+                    // Wrong inner dimension or precision: errors.
+                    let other = if precision == Precision::F32 {
+                        Precision::Bf16
+                    } else {
+                        Precision::F32
+                    };
+                    let wrong = GemmOpts {
+                        precision: other,
+                        ..opts
+                    };
+                    assert!(gemm_packed(&pa, bm, &mut got, n, &wrong).is_err());
+                    let short = BRef::F32(MatRef::row_major(&b, k - 1, n));
+                    if k > 1 {
+                        assert!(gemm_packed(&pa, short, &mut got, n, &opts).is_err());
+                    }
+                }
+            }
+        }
     }
 }

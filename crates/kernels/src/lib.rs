@@ -20,6 +20,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod gemm;
+pub mod winograd;
 
 use rayon::prelude::*;
 use std::sync::OnceLock;

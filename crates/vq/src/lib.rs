@@ -27,17 +27,18 @@ impl Module for Conv2d {
 }
 
 impl Conv2d {
-    fn set_bf16_products(&mut self, on: bool) {
-        if let Self::K3(c) = self {
-            c.set_bf16_products(on);
+    fn set_bf16_products(&mut self, on: bool) -> Result<()> {
+        match self {
+            Self::K3(c) => c.set_bf16_products(on),
+            Self::Generic(_) => Ok(()),
         }
     }
 }
 
 impl ResnetBlock {
-    fn set_bf16_products(&mut self, on: bool) {
-        self.conv1.set_bf16_products(on);
-        self.conv2.set_bf16_products(on);
+    fn set_bf16_products(&mut self, on: bool) -> Result<()> {
+        self.conv1.set_bf16_products(on)?;
+        self.conv2.set_bf16_products(on)
     }
 }
 
@@ -258,19 +259,19 @@ pub struct Decoder {
 
 impl Decoder {
     /// bf16 products with f32 accumulation in the 3×3 convolutions (CPU bf16 compute).
-    fn set_bf16_products(&mut self, on: bool) {
-        self.conv_in.set_bf16_products(on);
-        self.mid.0.set_bf16_products(on);
-        self.mid.2.set_bf16_products(on);
+    fn set_bf16_products(&mut self, on: bool) -> Result<()> {
+        self.conv_in.set_bf16_products(on)?;
+        self.mid.0.set_bf16_products(on)?;
+        self.mid.2.set_bf16_products(on)?;
         for level in &mut self.levels {
             for r in &mut level.res {
-                r.set_bf16_products(on);
+                r.set_bf16_products(on)?;
             }
             if let Some(c) = &mut level.resample {
-                c.set_bf16_products(on);
+                c.set_bf16_products(on)?;
             }
         }
-        self.conv_out.set_bf16_products(on);
+        self.conv_out.set_bf16_products(on)
     }
 
     fn load(vb: VarBuilder, cfg: &VqConfig) -> Result<Self> {
@@ -498,7 +499,9 @@ impl VqModel {
             None
         };
         let mut decoder = Decoder::load(vb.pp("decoder"), cfg)?;
-        decoder.set_bf16_products(on_cpu && dtype == DType::BF16);
+        if on_cpu && dtype == DType::BF16 {
+            decoder.set_bf16_products(true)?;
+        }
         Ok(Self {
             encoder,
             decoder,
