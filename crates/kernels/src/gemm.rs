@@ -513,12 +513,20 @@ unsafe trait Kernel {
     }
     /// Packs `vals` (`KP` consecutive k values of one row/column; missing ones are zero).
     fn pack(vals: [f32; 2], round: bool) -> Self::P;
-    /// `C[r][j] += Σ_s A[s][r] · B[s][j]` for r < MR, j < NR, over `steps` packed k steps.
+    /// `C[r][j] += Σ_s A[s][r] · B[s][j]` for r < MR, j < NR, over `steps` packed k steps
+    /// (`=` instead of `+=` when `add` is false).
     ///
     /// # Safety
     /// The CPU has the kernel's features; `a` is valid for steps·MR packed elements, `b` for
     /// steps·NR, `c` for MR rows of NR floats `ldc` apart.
-    unsafe fn kernel(steps: usize, a: *const Self::P, b: *const Self::P, c: *mut f32, ldc: usize);
+    unsafe fn kernel(
+        steps: usize,
+        a: *const Self::P,
+        b: *const Self::P,
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
+    );
     /// Runs the activation over a row slice with the kernel's features.
     fn act(act: Act, row: &mut [f32]) {
         match act {
@@ -539,7 +547,21 @@ fn pack_f32(vals: [f32; 2], round: bool) -> f32 {
 }
 
 fn round_to_bf16(x: f32) -> f32 {
-    bf16::from_f32(x).to_f32()
+    f32::from_bits(bf16_bits(x) << 16)
+}
+
+/// The bf16 nearest to `x` (ties to even; NaN stays a quiet NaN) as its 16 bits in a u32: the
+/// rounding of `half::bf16::from_f32`, written without branches so packing loops vectorise.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b >> 16) | 0x40;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
 }
 
 /// Packed elements are 4 bytes (f32, or u32 bf16 pairs), any bit pattern valid.
@@ -554,15 +576,17 @@ thread_local! {
 /// Largest buffer kept for reuse (32 Mi elements, 128 MiB); larger ones are freed after use.
 const SCRATCH_KEEP: usize = 32 << 20;
 
-/// Runs `f` on a zeroed buffer of `len` packed elements taken from this thread's scratch (nested
-/// calls get distinct buffers).
+/// Runs `f` on a buffer of `len` packed elements taken from this thread's scratch (nested calls
+/// get distinct buffers). Its contents are whatever an earlier user left: `f` writes before it
+/// reads.
 fn with_scratch<K: Kernel, R>(len: usize, f: impl FnOnce(&mut [K::P]) -> R) -> R {
     const { assert!(std::mem::size_of::<K::P>() == 4 && std::mem::align_of::<K::P>() <= 4) };
     let mut buf = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
-    buf.clear();
-    buf.resize(len, 0);
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
     // SAFETY: `K::P` is f32 or u32 (size 4, align ≤ 4, every bit pattern valid; see `Kernel`),
-    // and the slice covers exactly `len` initialised u32s.
+    // and the slice covers `len` initialised u32s.
     let r = f(unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<K::P>(), len) });
     if buf.capacity() <= SCRATCH_KEEP {
         SCRATCH.with(|s| {
@@ -575,7 +599,7 @@ fn with_scratch<K: Kernel, R>(len: usize, f: impl FnOnce(&mut [K::P]) -> R) -> R
     r
 }
 
-/// [`with_scratch`] for plain f32 buffers (other kernels of this crate).
+/// [`with_scratch`] for plain f32 buffers (other kernels of this crate); not zeroed.
 pub(crate) fn with_f32_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_scratch::<Portable, R>(len, f)
 }
@@ -623,15 +647,19 @@ impl<T> SendPtr<T> {
 
 /// A B element type.
 trait Src: Copy {
+    /// Whether the type is bf16 (else f32).
+    const IS_BF16: bool;
     fn f(self) -> f32;
 }
 impl Src for f32 {
+    const IS_BF16: bool = false;
     #[inline(always)]
     fn f(self) -> f32 {
         self
     }
 }
 impl Src for bf16 {
+    const IS_BF16: bool = true;
     #[inline(always)]
     fn f(self) -> f32 {
         self.to_f32()
@@ -646,6 +674,274 @@ impl Src for bf16 {
 /// contiguous runs and the panel written in contiguous rows (the strided column walk this
 /// replaces missed L1 on every store).
 fn pack_runs<K: Kernel, T: Src>(
+    runs: &[Option<&[T]>],
+    steps: usize,
+    kvalid: usize,
+    round: bool,
+    dst: &mut [K::P],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// The same loops compiled with AVX-512 (conversions and moves vectorised).
+        #[target_feature(enable = "avx512f")]
+        fn v512<K: Kernel, T: Src>(
+            runs: &[Option<&[T]>],
+            steps: usize,
+            kvalid: usize,
+            round: bool,
+            dst: &mut [K::P],
+        ) {
+            pack_runs_body::<K, T>(runs, steps, kvalid, round, dst)
+        }
+        if crate::level() == crate::Level::Avx512 {
+            match xpack::form::<K, T>(round) {
+                // SAFETY: the level was detected on this CPU (avx512f), and the form names
+                // the kernel's packed element for this source.
+                Some(xpack::Form::F32ToPairs) => {
+                    // Only the bf16-pair kernel packs f32 to pairs; it runs only where the CPU
+                    // has avx512bf16.
+                    debug_assert!(has_bf16_dot());
+                    // SAFETY: as above, plus avx512bf16 (the kernel's own requirement).
+                    return unsafe { xpack::runs_bf16::<K, T>(runs, steps, kvalid, round, dst) };
+                }
+                // SAFETY: as above.
+                Some(f) => {
+                    return unsafe { xpack::runs::<K, T>(f, runs, steps, kvalid, round, dst) }
+                }
+                None => {}
+            }
+            // SAFETY: the level was detected on this CPU (avx512f).
+            return unsafe { v512::<K, T>(runs, steps, kvalid, round, dst) };
+        }
+    }
+    pack_runs_body::<K, T>(runs, steps, kvalid, round, dst)
+}
+
+/// One packed element of run `src` at packed step `t` (zeros past `kvalid` k values).
+#[inline(always)]
+fn pack_one<K: Kernel, T: Src>(src: &[T], t: usize, kvalid: usize, round: bool) -> K::P {
+    let mut vals = [0f32; 2];
+    for (u, v) in vals.iter_mut().enumerate().take(K::KP) {
+        let p = t * K::KP + u;
+        if p < kvalid {
+            *v = src[p].f();
+        }
+    }
+    K::pack(vals, round)
+}
+
+/// [`pack_runs`] with 8 × 8 register transposes: every group of 8 runs, over the packed steps
+/// whose 8-step tiles are whole, moves as eight 8-lane loads (converted to the packed element
+/// on the way), a transpose, and eight stores; the rest goes element by element.
+#[cfg(target_arch = "x86_64")]
+mod xpack {
+    use super::{pack_one, Kernel, Src};
+    use std::arch::x86_64::*;
+
+    /// How 8 packed elements load from a run as 8 32-bit lanes.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(super) enum Form {
+        /// f32 source, f32 element, no rounding.
+        F32,
+        /// bf16 source widened to an f32 element.
+        Bf16Widen,
+        /// bf16 source, bf16-pair element: the pairs as they lie in memory.
+        Bf16Pairs,
+        /// f32 source rounded to bf16 pairs (`vcvtneps2bf16`, needs AVX512-BF16).
+        F32ToPairs,
+    }
+
+    /// The vector form of kernel `K`'s packing from `T`, if there is one.
+    pub(super) fn form<K: Kernel, T: Src>(round: bool) -> Option<Form> {
+        match (K::KP, T::IS_BF16) {
+            (1, false) if !round => Some(Form::F32),
+            (1, true) => Some(Form::Bf16Widen),
+            (2, true) => Some(Form::Bf16Pairs),
+            (2, false) => Some(Form::F32ToPairs),
+            _ => None,
+        }
+    }
+
+    /// `dst[j]` = the bf16 pair (`lo[j]`, `hi[j]` or 0) rounded to nearest even, 16 at a time
+    /// (`dst.len()` a multiple of 16, `lo`/`hi` at least as long).
+    ///
+    /// # Safety
+    /// The CPU has avx512f and avx512bf16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn rows_to_pairs(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+        for (j, d) in dst.chunks_exact_mut(16).enumerate() {
+            let l = &lo[j * 16..j * 16 + 16];
+            // SAFETY: 16 f32 at `l` (and `h`), 16 u32 at `d`; the bf16 vectors are 16 × 16 bits.
+            unsafe {
+                let lb: __m256i =
+                    std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(l.as_ptr())));
+                let mut v = _mm512_cvtepu16_epi32(lb);
+                if let Some(hi) = hi {
+                    let h = &hi[j * 16..j * 16 + 16];
+                    let hb: __m256i =
+                        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(h.as_ptr())));
+                    v = _mm512_or_si512(v, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hb)));
+                }
+                _mm512_storeu_si512(d.as_mut_ptr() as *mut _, v);
+            }
+        }
+    }
+
+    /// Rows r[i] (8 lanes each) → columns.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// Eight packed elements from `p` (8·KP source values) in `form` (not `F32ToPairs`).
+    ///
+    /// # Safety
+    /// `p` is valid for the 8·KP source values the form reads.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(form: Form, p: *const u8) -> __m256 {
+        // SAFETY: per the contract; unaligned loads.
+        unsafe {
+            match form {
+                Form::Bf16Widen => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                )),
+                _ => _mm256_loadu_ps(p as *const f32),
+            }
+        }
+    }
+
+    /// Eight bf16 pairs rounded from 16 f32 at `p`.
+    ///
+    /// # Safety
+    /// `p` is valid for 16 f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn load8_pairs(p: *const u8) -> __m256 {
+        // SAFETY: per the contract; the bf16 vector is 256 bits of 16 bf16 = 8 pairs, in the
+        // order `Kernel::pack` puts them (low half k = 2s).
+        unsafe { std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(p as *const f32))) }
+    }
+
+    /// # Safety
+    /// The CPU has avx512f; `form` is `form::<K, T>(round)` and not `F32ToPairs`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn runs<K: Kernel, T: Src>(
+        form: Form,
+        runs: &[Option<&[T]>],
+        steps: usize,
+        kvalid: usize,
+        round: bool,
+        dst: &mut [K::P],
+    ) {
+        // SAFETY: forwarded; `load8` reads 8·KP values of a run inside its whole tiles.
+        unsafe { body::<K, T>(runs, steps, kvalid, round, dst, |p| load8(form, p)) }
+    }
+
+    /// # Safety
+    /// The CPU has avx512f and avx512bf16; `K` packs bf16 pairs and `T` is f32.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn runs_bf16<K: Kernel, T: Src>(
+        runs: &[Option<&[T]>],
+        steps: usize,
+        kvalid: usize,
+        round: bool,
+        dst: &mut [K::P],
+    ) {
+        // SAFETY: forwarded; `load8_pairs` reads 16 f32 of a run inside its whole tiles.
+        unsafe { body::<K, T>(runs, steps, kvalid, round, dst, |p| load8_pairs(p)) }
+    }
+
+    /// # Safety
+    /// `load` reads 8 packed elements' source values from a pointer to them, with features the
+    /// CPU has (avx2 at least).
+    #[inline(always)]
+    unsafe fn body<K: Kernel, T: Src>(
+        runs: &[Option<&[T]>],
+        steps: usize,
+        kvalid: usize,
+        round: bool,
+        dst: &mut [K::P],
+        load: impl Fn(*const u8) -> __m256,
+    ) {
+        const { assert!(std::mem::size_of::<K::P>() == 4) };
+        let (rn, kp) = (runs.len(), K::KP);
+        assert!(dst.len() >= steps * rn);
+        // Packed steps inside whole 8-step tiles of every run.
+        let whole = (kvalid / kp).min(steps) / 8 * 8;
+        // Groups of up to 8 runs (zero rows for missing runs and past the last run).
+        for g in (0..rn).step_by(8) {
+            let cnt = 8.min(rn - g);
+            let group = &runs[g..g + cnt];
+            for sb in (0..whole).step_by(8) {
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (row, src) in rows.iter_mut().zip(group) {
+                    if let Some(src) = src {
+                        let v = &src[sb * kp..(sb + 8) * kp];
+                        *row = load(v.as_ptr() as *const u8);
+                    }
+                }
+                // SAFETY: avx2 present (see the contract).
+                let cols = unsafe { transpose8(rows) };
+                for (t, col) in cols.iter().enumerate() {
+                    let at = (sb + t) * rn + g;
+                    let d = &mut dst[at..at + cnt];
+                    if cnt == 8 {
+                        // SAFETY: `d` holds 8 elements of 4 bytes.
+                        unsafe { _mm256_storeu_ps(d.as_mut_ptr() as *mut f32, *col) };
+                    } else {
+                        let mut lanes = [0f32; 8];
+                        // SAFETY: `lanes` holds 8 f32.
+                        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *col) };
+                        for (d, &l) in d.iter_mut().zip(&lanes) {
+                            // SAFETY: `K::P` is 4 bytes, any bit pattern valid.
+                            *d = unsafe { std::mem::transmute_copy::<f32, K::P>(&l) };
+                        }
+                    }
+                }
+            }
+        }
+        // Steps past the whole tiles (the end of k), element by element.
+        for t in whole..steps {
+            let row = &mut dst[t * rn..(t + 1) * rn];
+            for (d, run) in row.iter_mut().zip(runs) {
+                *d = match run {
+                    Some(src) => pack_one::<K, T>(src, t, kvalid, round),
+                    None => K::P::default(),
+                };
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn pack_runs_body<K: Kernel, T: Src>(
     runs: &[Option<&[T]>],
     steps: usize,
     kvalid: usize,
@@ -730,6 +1026,32 @@ fn pack_b<K: Kernel, T: Src>(
                 let dst = &mut panel[s * nr..(s + 1) * nr];
                 if p0 >= k {
                     dst.fill(K::P::default());
+                    continue;
+                }
+                if kp == 1 && !round && !T::IS_BF16 {
+                    // f32 as is: a copy.
+                    // SAFETY: `T` is f32 and `K::P` 4 bytes with any bit pattern valid, so both
+                    // slices are `nr` 4-byte values.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            r0.as_ptr() as *const u8,
+                            dst.as_mut_ptr() as *mut u8,
+                            4 * nr,
+                        )
+                    };
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if kp == 2 && !T::IS_BF16 && nr % 16 == 0 && has_bf16_dot() {
+                    // f32 rows to bf16 pairs (the only KP = 2 kernel needs AVX512-BF16).
+                    // SAFETY: `T` is f32, `K::P` u32-sized; the CPU has avx512f and avx512bf16.
+                    unsafe {
+                        let lo = std::slice::from_raw_parts(r0.as_ptr() as *const f32, nr);
+                        let hi =
+                            r1.map(|r| std::slice::from_raw_parts(r.as_ptr() as *const f32, nr));
+                        let d = std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u32, nr);
+                        xpack::rows_to_pairs(lo, hi, d);
+                    }
                     continue;
                 }
                 for (jj, d) in dst.iter_mut().enumerate() {
@@ -878,7 +1200,10 @@ fn pack_a<K: Kernel>(
         for r in 0..mr {
             let i = q * mr + r;
             if i >= m {
-                break;
+                for s in 0..ksteps {
+                    panel[s * mr + r] = K::P::default();
+                }
+                continue;
             }
             let row = i * a.rs;
             for s in 0..ksteps {
@@ -941,8 +1266,11 @@ unsafe fn run_packed<K: Kernel>(
         // SAFETY: this task reads and writes only columns j0..j0+ncs of rows < m of C (inside
         // `c` per `check`), which no other task touches; `c` outlives the parallel loop.
         let c = unsafe { std::slice::from_raw_parts_mut(cp.get(), clen) };
-        // Start C as bias / zero (or keep it when accumulating).
-        for i in 0..m {
+        // Start C as bias / zero (or keep it when accumulating). A zero start is left to the
+        // first k-block, whose tiles are stored instead of added.
+        let zero_start =
+            !opts.accumulate && opts.bias_m.is_none() && opts.bias_n.is_none() && ksteps > 0;
+        for i in (0..m).filter(|_| !zero_start) {
             let row = &mut c[i * ldc + j0..i * ldc + j0 + ncs];
             if !opts.accumulate {
                 let bm = opts.bias_m.map_or(0.0, |v| v[i]);
@@ -995,21 +1323,25 @@ unsafe fn run_packed<K: Kernel>(
                         let cols = nr.min(j0 + ncs - jc);
                         // SAFETY: micro-panel u spans steps·NR packed elements inside `bp`.
                         let bpan = unsafe { bp.as_ptr().add(u * steps * nr) };
+                        let add = !(zero_start && kb == 0);
                         if rows == mr && cols == nr {
                             // SAFETY: rows i0..i0+MR < m and columns jc..jc+NR ≤ j0+ncs of C are
                             // inside `c` and owned by this task; features per `drive`'s contract.
                             unsafe {
-                                K::kernel(steps, apan, bpan, c.as_mut_ptr().add(i0 * ldc + jc), ldc)
+                                let cp = c.as_mut_ptr().add(i0 * ldc + jc);
+                                K::kernel(steps, apan, bpan, cp, ldc, add)
                             };
                         } else {
-                            tmp.fill(0.0);
                             // SAFETY: `tmp` holds MR rows of NR floats.
-                            unsafe { K::kernel(steps, apan, bpan, tmp.as_mut_ptr(), nr) };
+                            unsafe { K::kernel(steps, apan, bpan, tmp.as_mut_ptr(), nr, false) };
                             for r in 0..rows {
                                 let dst = &mut c[(i0 + r) * ldc + jc..(i0 + r) * ldc + jc + cols];
-                                dst.iter_mut()
-                                    .zip(&tmp[r * nr..r * nr + cols])
-                                    .for_each(|(d, &v)| *d += v);
+                                let src = &tmp[r * nr..r * nr + cols];
+                                if add {
+                                    dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+                                } else {
+                                    dst.copy_from_slice(src);
+                                }
                             }
                         }
                     }
@@ -1042,7 +1374,14 @@ unsafe impl Kernel for Portable {
     fn pack(vals: [f32; 2], round: bool) -> f32 {
         pack_f32(vals, round)
     }
-    unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+    unsafe fn kernel(
+        steps: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
+    ) {
         let mut acc = [[0f32; 16]; 4];
         for s in 0..steps {
             // SAFETY: s < steps: inside the packed panels per the contract.
@@ -1061,7 +1400,10 @@ unsafe impl Kernel for Portable {
         for (r, accr) in acc.iter().enumerate() {
             for (j, &v) in accr.iter().enumerate() {
                 // SAFETY: r < MR rows of NR floats at `c`, per the contract.
-                unsafe { *c.add(r * ldc + j) += v };
+                unsafe {
+                    let d = c.add(r * ldc + j);
+                    *d = if add { *d + v } else { v };
+                }
             }
         }
     }
@@ -1085,9 +1427,16 @@ mod x86 {
         fn pack(vals: [f32; 2], round: bool) -> f32 {
             super::pack_f32(vals, round)
         }
-        unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+        unsafe fn kernel(
+            steps: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            add: bool,
+        ) {
             // SAFETY: forwarded contract (avx512f present, pointers valid).
-            unsafe { k512(steps, a, b, c, ldc) }
+            unsafe { k512(steps, a, b, c, ldc, add) }
         }
     }
 
@@ -1098,7 +1447,7 @@ mod x86 {
     /// floats `ldc` apart.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn k512(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+    unsafe fn k512(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
         let mut acc = [[_mm512_setzero_ps(); 2]; 12];
         for s in 0..steps {
             // SAFETY: s < steps: within the packed B micro-panel and A micro-panel.
@@ -1117,11 +1466,16 @@ mod x86 {
             // SAFETY: row r < 12 of the C tile, 32 floats.
             unsafe {
                 let p = c.add(r * ldc);
-                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), accr[0]));
-                _mm512_storeu_ps(
-                    p.add(16),
-                    _mm512_add_ps(_mm512_loadu_ps(p.add(16)), accr[1]),
-                );
+                if add {
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), accr[0]));
+                    _mm512_storeu_ps(
+                        p.add(16),
+                        _mm512_add_ps(_mm512_loadu_ps(p.add(16)), accr[1]),
+                    );
+                } else {
+                    _mm512_storeu_ps(p, accr[0]);
+                    _mm512_storeu_ps(p.add(16), accr[1]);
+                }
             }
         }
     }
@@ -1138,13 +1492,18 @@ mod x86 {
             true
         }
         fn pack(vals: [f32; 2], _round: bool) -> u32 {
-            let lo = half::bf16::from_f32(vals[0]).to_bits() as u32;
-            let hi = half::bf16::from_f32(vals[1]).to_bits() as u32;
-            lo | (hi << 16)
+            super::bf16_bits(vals[0]) | (super::bf16_bits(vals[1]) << 16)
         }
-        unsafe fn kernel(steps: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize) {
+        unsafe fn kernel(
+            steps: usize,
+            a: *const u32,
+            b: *const u32,
+            c: *mut f32,
+            ldc: usize,
+            add: bool,
+        ) {
             // SAFETY: forwarded contract (avx512f + avx512bf16 present, pointers valid).
-            unsafe { k512bf16(steps, a, b, c, ldc) }
+            unsafe { k512bf16(steps, a, b, c, ldc, add) }
         }
     }
 
@@ -1155,7 +1514,14 @@ mod x86 {
     /// `c` for 12 rows of 32 floats `ldc` apart.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn k512bf16(steps: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize) {
+    unsafe fn k512bf16(
+        steps: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; 12];
         for s in 0..steps {
             // SAFETY: s < steps: within the packed micro-panels. The transmutes reinterpret
@@ -1177,11 +1543,16 @@ mod x86 {
             // SAFETY: row r < 12 of the C tile, 32 floats.
             unsafe {
                 let p = c.add(r * ldc);
-                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), accr[0]));
-                _mm512_storeu_ps(
-                    p.add(16),
-                    _mm512_add_ps(_mm512_loadu_ps(p.add(16)), accr[1]),
-                );
+                if add {
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), accr[0]));
+                    _mm512_storeu_ps(
+                        p.add(16),
+                        _mm512_add_ps(_mm512_loadu_ps(p.add(16)), accr[1]),
+                    );
+                } else {
+                    _mm512_storeu_ps(p, accr[0]);
+                    _mm512_storeu_ps(p.add(16), accr[1]);
+                }
             }
         }
     }
@@ -1195,9 +1566,16 @@ mod x86 {
         fn pack(vals: [f32; 2], round: bool) -> f32 {
             super::pack_f32(vals, round)
         }
-        unsafe fn kernel(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+        unsafe fn kernel(
+            steps: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            add: bool,
+        ) {
             // SAFETY: forwarded contract (avx2 + fma present, pointers valid).
-            unsafe { k256(steps, a, b, c, ldc) }
+            unsafe { k256(steps, a, b, c, ldc, add) }
         }
     }
 
@@ -1208,7 +1586,7 @@ mod x86 {
     /// 16 floats `ldc` apart.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn k256(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+    unsafe fn k256(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
         let mut acc = [[_mm256_setzero_ps(); 2]; 6];
         for s in 0..steps {
             // SAFETY: s < steps: within the packed micro-panels.
@@ -1227,8 +1605,13 @@ mod x86 {
             // SAFETY: row r < 6 of the C tile, 16 floats.
             unsafe {
                 let p = c.add(r * ldc);
-                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), accr[0]));
-                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), accr[1]));
+                if add {
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), accr[0]));
+                    _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), accr[1]));
+                } else {
+                    _mm256_storeu_ps(p, accr[0]);
+                    _mm256_storeu_ps(p.add(8), accr[1]);
+                }
             }
         }
     }
@@ -1512,6 +1895,36 @@ mod tests {
         assert!((c0[0] - 0.841_344_7).abs() < 1e-6 && (c0[1] + 0.158_655_3).abs() < 1e-6);
         // Unknown path.
         assert!(gemm_on("neon", am, bm, &mut c, 2, &o).is_err());
+    }
+
+    #[test]
+    fn bf16_rounding_equals_half() {
+        let mut s = 5u64;
+        let special = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::from_bits(0x3f80_8000), // a tie, rounds to even (down)
+            f32::from_bits(0x3f81_8000), // a tie, rounds to even (up)
+            f32::from_bits(0x7f7f_ffff), // rounds to infinity
+        ];
+        let random = (0..100_000).map(|_| f32::from_bits((lcg(&mut s).to_bits()).rotate_left(7)));
+        for x in special.into_iter().chain(random) {
+            assert_eq!(
+                bf16_bits(x) as u16,
+                bf16::from_f32(x).to_bits(),
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        }
     }
 
     #[test]
