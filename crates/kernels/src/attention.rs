@@ -157,7 +157,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// In-place `softmax(row · scale + mask)`. Reductions use 16 independent lanes so the compiler
 /// vectorises them (a single running max/sum is a serial dependency chain).
-fn softmax_row(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
+#[inline(always)]
+fn softmax_row_body(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
     match mask {
         Some(m) => row
             .iter_mut()
@@ -190,6 +191,11 @@ fn softmax_row(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
 }
+
+crate::elementwise::multiversion!(
+    /// [`softmax_row_body`] compiled for the best SIMD level of this CPU.
+    fn softmax_row(row: &mut [f32], scale: f32, mask: Option<&[f32]>) => softmax_row_body
+);
 
 /// `e^x` for x ≤ 0 with relative error below 2e-7, written without calls or branches so loops
 /// over it vectorise. Inputs below −87 give 0 (as `expf` underflows there).
