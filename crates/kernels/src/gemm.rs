@@ -905,6 +905,16 @@ mod xpack {
                     if let Some(src) = src {
                         let v = &src[sb * kp..(sb + 8) * kp];
                         *row = load(v.as_ptr() as *const u8);
+                        // The runs are far apart in memory (weight rows): fetch each one's
+                        // next lines ahead of use, which the hardware prefetchers, tracking
+                        // few streams, do not.
+                        let ahead = (sb + 32) * kp;
+                        if ahead < src.len() {
+                            // SAFETY: a prefetch of an address inside the slice; no access.
+                            unsafe {
+                                _mm_prefetch::<_MM_HINT_T0>(src.as_ptr().add(ahead) as *const i8)
+                            };
+                        }
                     }
                 }
                 // SAFETY: avx2 present (see the contract).
