@@ -1472,6 +1472,17 @@ mod x86 {
                 }
             }
         }
+        // SAFETY: forwarded contract (`c` valid for 12 rows of 32 floats `ldc` apart).
+        unsafe { store_tile512(&acc, c, ldc, add) }
+    }
+
+    /// Adds (or, `add` false, stores) a 12 × 32 tile of accumulators into C.
+    ///
+    /// # Safety
+    /// avx512f present; `c` valid for 12 rows of 32 floats `ldc` apart.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tile512(acc: &[[__m512; 2]; 12], c: *mut f32, ldc: usize, add: bool) {
         for (r, accr) in acc.iter().enumerate() {
             // SAFETY: row r < 12 of the C tile, 32 floats.
             unsafe {
@@ -1549,22 +1560,8 @@ mod x86 {
                 }
             }
         }
-        for (r, accr) in acc.iter().enumerate() {
-            // SAFETY: row r < 12 of the C tile, 32 floats.
-            unsafe {
-                let p = c.add(r * ldc);
-                if add {
-                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), accr[0]));
-                    _mm512_storeu_ps(
-                        p.add(16),
-                        _mm512_add_ps(_mm512_loadu_ps(p.add(16)), accr[1]),
-                    );
-                } else {
-                    _mm512_storeu_ps(p, accr[0]);
-                    _mm512_storeu_ps(p.add(16), accr[1]);
-                }
-            }
-        }
+        // SAFETY: forwarded contract (`c` valid for 12 rows of 32 floats `ldc` apart).
+        unsafe { store_tile512(&acc, c, ldc, add) }
     }
 
     // SAFETY: `kernel` requires avx2 and fma, which `drive::<Avx2>` callers guarantee.

@@ -217,7 +217,10 @@ fn input_transform(
                 let (h0, rest) = hrow[i * 4 * tw..(i + 1) * 4 * tw].split_at_mut(tw);
                 let (h1, rest) = rest.split_at_mut(tw);
                 let (h2, h3) = rest.split_at_mut(tw);
-                row_bt(&even, &odd, [h0, h1, h2, h3]);
+                // Patch columns d0..d3 of tile tx are x[2tx − 1 ..= 2tx + 2] = even[tx],
+                // odd[tx], even[tx + 1], odd[tx + 1].
+                let d = [&even[..tw], &odd[..tw], &even[1..], &odd[1..]];
+                bt(d, [h0, h1, h2, h3]);
             }
             // Vertical Bᵀ over the four transformed rows, for each horizontal index b.
             for b in 0..4 {
@@ -227,7 +230,7 @@ fn input_transform(
                 let (p0, p1, p2, p3) = (at(0), at(1), at(2), at(3));
                 // Four disjoint rows of v (distinct ξ).
                 let [v0, v1, v2, v3] = four_mut(v, [p0, p1, p2, p3], tw);
-                col_bt([d(0), d(1), d(2), d(3)], [v0, v1, v2, v3]);
+                bt([d(0), d(1), d(2), d(3)], [v0, v1, v2, v3]);
             }
         }
     }
@@ -257,27 +260,10 @@ fn split_row(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
     }
 }
 
+/// `Bᵀ` over four rows of values, elementwise: `v = (d0 − d2, d1 + d2, d2 − d1, d1 − d3)`.
+/// Used across a patch (its four columns, per tile) and down it (its four transformed rows).
 #[inline(always)]
-fn row_bt_body(even: &[f32], odd: &[f32], h: [&mut [f32]; 4]) {
-    // Patch columns d0..d3 of tile tx are x[2tx − 1 ..= 2tx + 2] = even[tx], odd[tx],
-    // even[tx + 1], odd[tx + 1]; Bᵀ d = (d0 − d2, d1 + d2, d2 − d1, d1 − d3).
-    let [h0, h1, h2, h3] = h;
-    let n = h0.len();
-    let (e0, e1) = (&even[..n], &even[1..n + 1]);
-    let (o0, o1) = (&odd[..n], &odd[1..n + 1]);
-    let (h1, h2, h3) = (&mut h1[..n], &mut h2[..n], &mut h3[..n]);
-    for t in 0..n {
-        h0[t] = e0[t] - e1[t];
-        h1[t] = o0[t] + e1[t];
-        h2[t] = e1[t] - o0[t];
-        h3[t] = o0[t] - o1[t];
-    }
-}
-multiversion!(fn row_bt(even: &[f32], odd: &[f32], h: [&mut [f32]; 4]) => row_bt_body);
-
-/// `Bᵀ` down the four horizontally transformed patch rows `d` into the rows `v` of V.
-#[inline(always)]
-fn col_bt_body(d: [&[f32]; 4], v: [&mut [f32]; 4]) {
+fn bt_body(d: [&[f32]; 4], v: [&mut [f32]; 4]) {
     let [v0, v1, v2, v3] = v;
     let n = v0.len();
     let (d0, d1, d2, d3) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n]);
@@ -289,7 +275,7 @@ fn col_bt_body(d: [&[f32]; 4], v: [&mut [f32]; 4]) {
         v3[t] = d1[t] - d3[t];
     }
 }
-multiversion!(fn col_bt(d: [&[f32]; 4], v: [&mut [f32]; 4]) => col_bt_body);
+multiversion!(fn bt(d: [&[f32]; 4], v: [&mut [f32]; 4]) => bt_body);
 
 /// Output rows `2·ty0 .. 2·(ty0 + rows)` (within `h`) of every channel from `m` (laid out
 /// `[16][cout][rows·tw]`): `Aᵀ M A` with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`, plus bias.
