@@ -8,6 +8,7 @@ pub mod ops;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use janus_kernels::gemm::Precision;
 use ops::{Conv3x3, GroupNormAct};
 
 /// A convolution: the banded 3×3 kernel for stride-1 3×3 layers, candle's otherwise.
@@ -23,22 +24,6 @@ impl Module for Conv2d {
             Self::K3(c) => c.forward(x),
             Self::Generic(c) => c.forward(x),
         }
-    }
-}
-
-impl Conv2d {
-    fn set_bf16_products(&mut self, on: bool) -> Result<()> {
-        match self {
-            Self::K3(c) => c.set_bf16_products(on),
-            Self::Generic(_) => Ok(()),
-        }
-    }
-}
-
-impl ResnetBlock {
-    fn set_bf16_products(&mut self, on: bool) -> Result<()> {
-        self.conv1.set_bf16_products(on)?;
-        self.conv2.set_bf16_products(on)
     }
 }
 
@@ -121,6 +106,9 @@ fn group_norm(vb: VarBuilder, c: usize, silu: bool) -> Result<GroupNormAct> {
     GroupNormAct::new(w, b, 32, 1e-6, silu)
 }
 
+/// A convolution; 3×3 stride-1 padding-1 ones get [`Conv3x3`], whose CPU path multiplies in
+/// `precision` (the other shapes are small and run on candle).
+#[allow(clippy::too_many_arguments)]
 fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -128,11 +116,12 @@ fn conv(
     k: usize,
     stride: usize,
     pad: usize,
+    precision: Precision,
 ) -> Result<Conv2d> {
     let w = vb.get((cout, cin, k, k), "weight")?;
     let b = vb.get(cout, "bias")?;
     if k == 3 && stride == 1 && pad == 1 {
-        return Ok(Conv2d::K3(Conv3x3::new(w, b)?));
+        return Ok(Conv2d::K3(Conv3x3::new(w, b, precision)?));
     }
     let cfg = Conv2dConfig {
         padding: pad,
@@ -152,14 +141,14 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn load(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, cin: usize, cout: usize, p: Precision) -> Result<Self> {
         Ok(Self {
             norm1: group_norm(vb.pp("norm1"), cin, true)?,
-            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1, p)?,
             norm2: group_norm(vb.pp("norm2"), cout, true)?,
-            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1, p)?,
             nin_shortcut: if cin != cout {
-                Some(conv(vb.pp("nin_shortcut"), cin, cout, 1, 1, 0)?)
+                Some(conv(vb.pp("nin_shortcut"), cin, cout, 1, 1, 0, p)?)
             } else {
                 None
             },
@@ -258,30 +247,15 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// bf16 products with f32 accumulation in the 3×3 convolutions (CPU bf16 compute).
-    fn set_bf16_products(&mut self, on: bool) -> Result<()> {
-        self.conv_in.set_bf16_products(on)?;
-        self.mid.0.set_bf16_products(on)?;
-        self.mid.2.set_bf16_products(on)?;
-        for level in &mut self.levels {
-            for r in &mut level.res {
-                r.set_bf16_products(on)?;
-            }
-            if let Some(c) = &mut level.resample {
-                c.set_bf16_products(on)?;
-            }
-        }
-        self.conv_out.set_bf16_products(on)
-    }
-
-    fn load(vb: VarBuilder, cfg: &VqConfig) -> Result<Self> {
+    /// Loads the decoder; its 3×3 convolutions multiply in `p` on the CPU.
+    fn load(vb: VarBuilder, cfg: &VqConfig, p: Precision) -> Result<Self> {
         let n = cfg.ch_mult.len();
         let mut block_in = cfg.ch * cfg.ch_mult[n - 1];
-        let conv_in = conv(vb.pp("conv_in"), cfg.z_channels, block_in, 3, 1, 1)?;
+        let conv_in = conv(vb.pp("conv_in"), cfg.z_channels, block_in, 3, 1, 1, p)?;
         let mid = (
-            ResnetBlock::load(vb.pp("mid.0"), block_in, block_in)?,
+            ResnetBlock::load(vb.pp("mid.0"), block_in, block_in, p)?,
             AttnBlock::load(vb.pp("mid.1"), block_in)?,
-            ResnetBlock::load(vb.pp("mid.2"), block_in, block_in)?,
+            ResnetBlock::load(vb.pp("mid.2"), block_in, block_in, p)?,
         );
         let mut levels = Vec::with_capacity(n);
         for i in 0..n {
@@ -294,6 +268,7 @@ impl Decoder {
                     lvb.pp(format!("res.{j}")),
                     block_in,
                     block_out,
+                    p,
                 )?);
                 block_in = block_out;
                 if i == 0 {
@@ -301,7 +276,15 @@ impl Decoder {
                 }
             }
             let resample = if i != n - 1 {
-                Some(conv(lvb.pp("upsample.conv"), block_in, block_in, 3, 1, 1)?)
+                Some(conv(
+                    lvb.pp("upsample.conv"),
+                    block_in,
+                    block_in,
+                    3,
+                    1,
+                    1,
+                    p,
+                )?)
             } else {
                 None
             };
@@ -316,7 +299,7 @@ impl Decoder {
             mid,
             levels,
             norm_out: group_norm(vb.pp("norm_out"), block_in, true)?,
-            conv_out: conv(vb.pp("conv_out"), block_in, 3, 3, 1, 1)?,
+            conv_out: conv(vb.pp("conv_out"), block_in, 3, 3, 1, 1, p)?,
         })
     }
 
@@ -364,8 +347,10 @@ pub struct Encoder {
 
 impl Encoder {
     fn load(vb: VarBuilder, cfg: &VqConfig) -> Result<Self> {
+        // The encoder (image → codes) keeps f32 products on the CPU.
+        let p = Precision::F32;
         let n = cfg.ch_mult.len();
-        let conv_in = conv(vb.pp("conv_in"), 3, cfg.ch, 3, 1, 1)?;
+        let conv_in = conv(vb.pp("conv_in"), 3, cfg.ch, 3, 1, 1, p)?;
         let mut in_mult = vec![1];
         in_mult.extend(&cfg.ch_mult);
         let mut levels = Vec::with_capacity(n);
@@ -381,6 +366,7 @@ impl Encoder {
                     lvb.pp(format!("res.{j}")),
                     block_in,
                     block_out,
+                    p,
                 )?);
                 block_in = block_out;
                 if i == n - 1 {
@@ -395,6 +381,7 @@ impl Encoder {
                     3,
                     2,
                     0,
+                    p,
                 )?)
             } else {
                 None
@@ -406,16 +393,16 @@ impl Encoder {
             });
         }
         let mid = (
-            ResnetBlock::load(vb.pp("mid.0"), block_in, block_in)?,
+            ResnetBlock::load(vb.pp("mid.0"), block_in, block_in, p)?,
             AttnBlock::load(vb.pp("mid.1"), block_in)?,
-            ResnetBlock::load(vb.pp("mid.2"), block_in, block_in)?,
+            ResnetBlock::load(vb.pp("mid.2"), block_in, block_in, p)?,
         );
         Ok(Self {
             conv_in,
             levels,
             mid,
             norm_out: group_norm(vb.pp("norm_out"), block_in, true)?,
-            conv_out: conv(vb.pp("conv_out"), block_in, cfg.z_channels, 3, 1, 1)?,
+            conv_out: conv(vb.pp("conv_out"), block_in, cfg.z_channels, 3, 1, 1, p)?,
         })
     }
 
@@ -493,19 +480,37 @@ impl VqModel {
         let encoder = if with_encoder {
             Some((
                 Encoder::load(vb.pp("encoder"), cfg)?,
-                conv(vb.pp("quant_conv"), cfg.z_channels, e, 1, 1, 0)?,
+                conv(
+                    vb.pp("quant_conv"),
+                    cfg.z_channels,
+                    e,
+                    1,
+                    1,
+                    0,
+                    Precision::F32,
+                )?,
             ))
         } else {
             None
         };
-        let mut decoder = Decoder::load(vb.pp("decoder"), cfg)?;
-        if on_cpu && dtype == DType::BF16 {
-            decoder.set_bf16_products(true)?;
-        }
+        let products = if on_cpu && dtype == DType::BF16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        let decoder = Decoder::load(vb.pp("decoder"), cfg, products)?;
         Ok(Self {
             encoder,
             decoder,
-            post_quant_conv: conv(vb.pp("post_quant_conv"), e, cfg.z_channels, 1, 1, 0)?,
+            post_quant_conv: conv(
+                vb.pp("post_quant_conv"),
+                e,
+                cfg.z_channels,
+                1,
+                1,
+                0,
+                Precision::F32,
+            )?,
             codebook,
             cfg: cfg.clone(),
             device,

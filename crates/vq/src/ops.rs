@@ -18,57 +18,46 @@ use std::sync::Arc;
 /// A 3×3, stride-1, padding-1 convolution with bias.
 #[derive(Debug, Clone)]
 pub struct Conv3x3 {
-    /// `[cout, cin·9]`, rows in (c, ky, kx) order as the checkpoint's `[cout, cin, 3, 3]`.
-    weight: Tensor,
-    bias: Tensor,
-    /// candle's convolution, used off the CPU.
-    generic: candle_nn::Conv2d,
-    /// The CPU path: the weights transformed for Winograd F(2×2, 3×3) and packed, for the
-    /// current product precision (built when the weight is in CPU memory).
-    winograd: Option<Arc<Winograd3x3>>,
+    imp: ConvImpl,
+}
+
+#[derive(Debug, Clone)]
+enum ConvImpl {
+    /// Weights in CPU memory: transformed for Winograd F(2×2, 3×3) and packed once, for one
+    /// product precision (the checkpoint's copy is not kept), and the bias.
+    Cpu(Arc<Winograd3x3>, Arc<Vec<f32>>),
+    /// Elsewhere: candle's convolution.
+    Generic(candle_nn::Conv2d),
 }
 
 impl Conv3x3 {
-    /// Wraps a `[cout, cin, 3, 3]` weight and `[cout]` bias (f32).
-    pub fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
+    /// Wraps a `[cout, cin, 3, 3]` weight and `[cout]` bias; on the CPU the products are in
+    /// `precision` (bf16: operands rounded to bf16, f32 accumulation).
+    pub fn new(weight: Tensor, bias: Tensor, precision: Precision) -> Result<Self> {
         let (cout, cin, kh, kw) = weight.dims4()?;
         if (kh, kw) != (3, 3) {
             candle_core::bail!("Conv3x3 needs a 3×3 kernel, got {kh}×{kw}");
         }
-        let cfg = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let generic = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
-        let mut conv = Self {
-            weight: weight.reshape((cout, cin * 9))?,
-            bias: bias.reshape((cout, 1))?,
-            generic,
-            winograd: None,
-        };
-        conv.prepare_cpu(Precision::F32)?;
-        Ok(conv)
-    }
-
-    /// Sets whether the CPU path multiplies in bf16 (f32 accumulation).
-    pub fn set_bf16_products(&mut self, on: bool) -> Result<()> {
-        self.prepare_cpu(if on { Precision::Bf16 } else { Precision::F32 })
-    }
-
-    /// Transforms and packs the weights for the CPU path (nothing on other devices).
-    fn prepare_cpu(&mut self, precision: Precision) -> Result<()> {
-        if !self.weight.device().is_cpu() {
-            return Ok(());
+        if bias.dims1()? != cout {
+            candle_core::bail!("Conv3x3: bias of {} for {cout} channels", bias.dims1()?);
         }
-        let (cout, k) = self.weight.dims2()?;
-        let w = self
-            .weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let wg = Winograd3x3::new(&w, cout, k / 9, precision).map_err(candle_core::Error::wrap)?;
-        self.winograd = Some(Arc::new(wg));
-        Ok(())
+        let imp = if weight.device().is_cpu() {
+            let w = weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let wg =
+                Winograd3x3::new(&w, cout, cin, precision).map_err(candle_core::Error::wrap)?;
+            let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            ConvImpl::Cpu(Arc::new(wg), Arc::new(b))
+        } else {
+            let cfg = candle_nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            ConvImpl::Generic(candle_nn::Conv2d::new(weight, Some(bias), cfg))
+        };
+        Ok(Self { imp })
     }
 }
 
@@ -86,27 +75,15 @@ impl Conv3x3 {
     }
 
     fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let cpu = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
-        let res_ok = residual.is_none_or(|r| {
-            r.dtype() == DType::F32
-                && x.dims4()
-                    .ok()
-                    .map(|(n, _, h, w)| (n, self.weight.dims()[0], h, w))
-                    == r.dims4().ok()
-        });
-        if !cpu || !res_ok {
-            let y = self.generic.forward(x)?;
-            return match residual {
-                Some(r) => r + y,
-                None => Ok(y),
-            };
-        }
-        let Some(wg) = &self.winograd else {
-            let y = self.generic.forward(x)?;
-            return match residual {
-                Some(r) => r + y,
-                None => Ok(y),
-            };
+        let (wg, bias) = match &self.imp {
+            ConvImpl::Cpu(wg, bias) => (wg, bias),
+            ConvImpl::Generic(conv) => {
+                let y = conv.forward(x)?;
+                return match residual {
+                    Some(r) => r + y,
+                    None => Ok(y),
+                };
+            }
         };
         let (n, c, h, w) = x.dims4()?;
         let cout = wg.out_channels();
@@ -116,17 +93,20 @@ impl Conv3x3 {
                 wg.in_channels()
             );
         }
-        let x = x.contiguous()?;
+        // A residual of another shape or dtype: the plain product, then candle's add (and its
+        // shape error).
+        let residual = match residual {
+            Some(r) if r.dtype() != DType::F32 || r.dims4().ok() != Some((n, cout, h, w)) => {
+                return r + self.forward_cpu(x, None)?;
+            }
+            r => r,
+        };
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
         let data = match &*storage {
             candle_core::Storage::Cpu(s) => &s.as_slice::<f32>()?[layout.start_offset()..],
             _ => candle_core::bail!("CPU storage expected"),
         };
-        let bias = self
-            .bias
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
         let plane = h * w;
         let mut out = match residual {
             Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
@@ -137,7 +117,7 @@ impl Conv3x3 {
                 &data[i * c * plane..(i + 1) * c * plane],
                 h,
                 w,
-                Some(&bias),
+                Some(bias),
                 &mut out[i * cout * plane..(i + 1) * cout * plane],
                 residual.is_some(),
             )
@@ -237,7 +217,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 5, 37, 400), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.2, (7, 5, 3, 3), &dev).unwrap();
         let b = Tensor::randn(0f32, 0.2, 7, &dev).unwrap();
-        let ours = Conv3x3::new(w.clone(), b.clone())
+        let ours = Conv3x3::new(w.clone(), b.clone(), Precision::F32)
             .unwrap()
             .forward(&x)
             .unwrap();
@@ -245,7 +225,7 @@ mod tests {
             padding: 1,
             ..Default::default()
         };
-        let conv = Conv3x3::new(w.clone(), b.clone()).unwrap();
+        let conv = Conv3x3::new(w.clone(), b.clone(), Precision::F32).unwrap();
         let theirs = candle_nn::Conv2d::new(w, Some(b), cfg).forward(&x).unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-4);
         // The fused skip connection.
