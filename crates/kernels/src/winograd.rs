@@ -248,17 +248,32 @@ fn four_mut(v: &mut [f32], at: [usize; 4], len: usize) -> [&mut [f32]; 4] {
 
 /// `even[j] = x[2j − 1]`, `odd[j] = x[2j]` for the row `x` padded with zeros (x = −1 and past
 /// its end).
-fn split_row(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+#[inline(always)]
+fn split_row_body(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
     let w = row.len();
-    for (j, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
-        *e = if j >= 1 && 2 * j - 1 < w {
+    let n = even.len().min(odd.len());
+    // Interior: pairs (x[2j − 1], x[2j]) for j = 1 .. with 2j < w, as one strided copy.
+    let pairs = w.saturating_sub(1) / 2;
+    let inner = pairs.min(n.saturating_sub(1));
+    for (p, (e, o)) in row[1..]
+        .chunks_exact(2)
+        .take(inner)
+        .zip(even[1..].iter_mut().zip(odd[1..].iter_mut()))
+    {
+        *e = p[0];
+        *o = p[1];
+    }
+    // The edges: j = 0 and j past the interior.
+    for j in std::iter::once(0).chain(inner + 1..n).filter(|&j| j < n) {
+        even[j] = if j >= 1 && 2 * j - 1 < w {
             row[2 * j - 1]
         } else {
             0.0
         };
-        *o = if 2 * j < w { row[2 * j] } else { 0.0 };
+        odd[j] = if 2 * j < w { row[2 * j] } else { 0.0 };
     }
 }
+multiversion!(fn split_row(row: &[f32], even: &mut [f32], odd: &mut [f32]) => split_row_body);
 
 /// `Bᵀ` over four rows of values, elementwise: `v = (d0 − d2, d1 + d2, d2 − d1, d1 − d3)`.
 /// Used across a patch (its four columns, per tile) and down it (its four transformed rows).
