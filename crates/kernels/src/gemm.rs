@@ -2,13 +2,18 @@
 //! micro-kernels, for prefill, the vision tower and the VQ decoder's convolutions.
 //!
 //! Blocking (one task per column stripe of C, stripes in parallel on the global rayon pool):
-//! - A (`m × k`, any strides) is packed once per call into panels of `MR` rows, `[k][MR]` each;
+//! - A (`m × k`, any strides) is packed once per call into panels of `MR` rows, `[k][MR]` each
+//!   (or once for many calls: [`PackedA`], [`gemm_packed`]);
 //! - each task packs its stripe's `KC × NC` block of B (any strides, f32 or bf16 source) into
 //!   micro-panels `[KC][NR]` that stay in L2, then runs every A panel over them: the `MR × KC`
 //!   A micro-panel stays in L1 while the stripe's `NR`-wide micro-panels stream past it.
+//! - Packing runs that are contiguous in memory (rows of a row-major A, columns of a transposed
+//!   weight) goes through 8 × 8 register transposes on AVX-512 machines, converting on the way
+//!   (bf16 widened, or f32 rounded to bf16 pairs); packing buffers are reused per thread.
 //! - The micro-kernel holds an `MR × NR` tile of C in registers (AVX-512: 12 × 32 in 24 zmm;
 //!   AVX2: 6 × 16 in 12 ymm) and adds it into C, so k-blocks accumulate in place; C starts as
-//!   the bias (or zero, or its old value when accumulating).
+//!   the bias (or its old value when accumulating), and when it starts at zero the first
+//!   k-block stores its tiles instead.
 //! - bf16 products (`Precision::Bf16`): A and B are rounded to bf16 while packing, pairs of k
 //!   interleaved, and multiplied by `vdpbf16ps` (AVX512-BF16) into f32 accumulators. CPUs
 //!   without it get the same rounding and f32 FMAs (same products, sums in another order).
