@@ -43,7 +43,7 @@ impl Weights<'_> {
     }
 }
 
-/// out[r * n + j] = sum_i x[r * k + i] * w[j * k + i]  (+ bias[j] if given), for r < m, j < n. f32 accumulation.
+/// `out[r * n + j] = sum_i x[r * k + i] * w[j * k + i]` (+ `bias[j]` if given), for r < m, j < n. f32 accumulation.
 /// Panics only on slice-length mismatch (callers guarantee shapes); validate with assert! at the top.
 pub fn linear_rows(
     x: &[f32],
