@@ -724,14 +724,15 @@ fn pack_runs<K: Kernel, T: Src>(
     pack_runs_body::<K, T>(runs, steps, kvalid, round, dst)
 }
 
-/// One packed element of run `src` at packed step `t` (zeros past `kvalid` k values).
+/// The packed element at packed step `t` of a row of A or column of B whose k-th value is
+/// `get(k)`: its `KP` values from k = t·KP, zeros past `kvalid` values.
 #[inline(always)]
-fn pack_one<K: Kernel, T: Src>(src: &[T], t: usize, kvalid: usize, round: bool) -> K::P {
+fn pack_step<K: Kernel>(get: impl Fn(usize) -> f32, t: usize, kvalid: usize, round: bool) -> K::P {
     let mut vals = [0f32; 2];
     for (u, v) in vals.iter_mut().enumerate().take(K::KP) {
         let p = t * K::KP + u;
         if p < kvalid {
-            *v = src[p].f();
+            *v = get(p);
         }
     }
     K::pack(vals, round)
@@ -742,7 +743,7 @@ fn pack_one<K: Kernel, T: Src>(src: &[T], t: usize, kvalid: usize, round: bool) 
 /// on the way), a transpose, and eight stores; the rest goes element by element.
 #[cfg(target_arch = "x86_64")]
 mod xpack {
-    use super::{pack_one, Kernel, Src};
+    use super::{pack_step, Kernel, Src};
     use std::arch::x86_64::*;
 
     /// How 8 packed elements load from a run as 8 32-bit lanes.
@@ -949,7 +950,7 @@ mod xpack {
             let row = &mut dst[t * rn..(t + 1) * rn];
             for (d, run) in row.iter_mut().zip(runs) {
                 *d = match run {
-                    Some(src) => pack_one::<K, T>(src, t, kvalid, round),
+                    Some(src) => pack_step::<K>(|p| src[p].f(), t, kvalid, round),
                     None => K::P::default(),
                 };
             }
@@ -989,15 +990,8 @@ fn pack_runs_body<K: Kernel, T: Src>(
                     }
                 }
                 Some(src) => {
-                    for (t, d) in tr.iter_mut().enumerate() {
-                        let mut vals = [0f32; 2];
-                        for (u, v) in vals.iter_mut().enumerate().take(kp) {
-                            let p = (sb + t) * kp + u;
-                            if t < cnt && p < kvalid {
-                                *v = src[p].f();
-                            }
-                        }
-                        *d = K::pack(vals, round);
+                    for (t, d) in tr.iter_mut().enumerate().take(cnt) {
+                        *d = pack_step::<K>(|p| src[p].f(), sb + t, kvalid, round);
                     }
                 }
             }
@@ -1105,14 +1099,8 @@ fn pack_b<K: Kernel, T: Src>(
             }
             let col = (j0 + j) * b.cs;
             for s in 0..steps {
-                let mut vals = [0f32; 2];
-                for (t, v) in vals.iter_mut().enumerate().take(kp) {
-                    let pk = (s0 + s) * kp + t;
-                    if pk < k {
-                        *v = b.data[pk * b.rs + col].f();
-                    }
-                }
-                panel[s * nr + jj] = K::pack(vals, round);
+                panel[s * nr + jj] =
+                    pack_step::<K>(|p| b.data[p * b.rs + col].f(), s0 + s, k, round);
             }
         }
     }
@@ -1224,14 +1212,7 @@ fn pack_a<K: Kernel>(
             }
             let row = i * a.rs;
             for s in 0..ksteps {
-                let mut vals = [0f32; 2];
-                for (t, v) in vals.iter_mut().enumerate().take(kp) {
-                    let pk = s * kp + t;
-                    if pk < k {
-                        *v = a.data[row + pk * a.cs];
-                    }
-                }
-                panel[s * mr + r] = K::pack(vals, round);
+                panel[s * mr + r] = pack_step::<K>(|p| a.data[row + p * a.cs], s, k, round);
             }
         }
     };
