@@ -78,7 +78,7 @@ pub fn sdpa(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Random `q` `[b, h, sq, d]` and views `[b, h, sk, d]` into random caches of `cap` slots.
@@ -95,7 +95,8 @@ mod tests {
         (q, k, v, kc, vc)
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// Largest absolute difference of two tensors (compared in f32).
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
             .unwrap()
             .abs()

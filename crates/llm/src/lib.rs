@@ -738,16 +738,7 @@ mod tests {
         assert_eq!(c.rope_theta, 10000.0);
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::attention::tests::max_abs_diff as max_diff;
 
     /// Incremental decode and chunked prefill equal a full forward; rows of different lengths
     /// in one batch equal each row alone.
