@@ -74,66 +74,13 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
-/// The im2col matrix of a 3×3, stride-1, padding-1 convolution over output rows
-/// `y0..y0 + rows` of one `[c, h, w]` image, read straight from the image while packing (never
-/// materialised): row `q = ci·9 + ky·3 + kx`, column `r·w + x` holds
-/// `img[ci, y0 + r + ky − 1, x + kx − 1]` (0 outside the image).
-#[derive(Clone, Copy, Debug)]
-pub struct Im2col3x3<'a> {
-    /// The image, `[c, h, w]` row-major.
-    pub img: &'a [f32],
-    /// Channels.
-    pub c: usize,
-    /// Height.
-    pub h: usize,
-    /// Width.
-    pub w: usize,
-    /// First output row.
-    pub y0: usize,
-    /// Output rows.
-    pub rows: usize,
-}
-
-impl Im2col3x3<'_> {
-    fn in_bounds(&self) -> bool {
-        self.c
-            .checked_mul(self.h)
-            .and_then(|v| v.checked_mul(self.w))
-            .is_some_and(|len| len <= self.img.len())
-            && self.y0.checked_add(self.rows).is_some_and(|e| e <= self.h)
-    }
-
-    /// Row `q`, columns `p0..p0 + dst.len()`, which lie in one output row.
-    #[inline]
-    fn segment(&self, q: usize, p0: usize, dst: &mut [f32]) {
-        let (ci, ky, kx) = (q / 9, q % 9 / 3, q % 3);
-        let (r, x0) = (p0 / self.w, p0 % self.w);
-        let sy = self.y0 + r + ky;
-        if sy == 0 || sy > self.h {
-            dst.fill(0.0);
-            return;
-        }
-        let row = &self.img[(ci * self.h + sy - 1) * self.w..][..self.w];
-        // dst[j] = row[x0 + j + kx − 1] where that index is inside the row.
-        let start = x0 as isize + kx as isize - 1;
-        let lo = (-start).clamp(0, dst.len() as isize) as usize;
-        let hi = (self.w as isize - start).clamp(lo as isize, dst.len() as isize) as usize;
-        dst[..lo].fill(0.0);
-        dst[hi..].fill(0.0);
-        let s0 = (start + lo as isize) as usize;
-        dst[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
-    }
-}
-
-/// The B operand: f32 or bf16 storage, or an implicit im2col matrix.
+/// The B operand: f32 or bf16 storage.
 #[derive(Clone, Copy, Debug)]
 pub enum BRef<'a> {
     /// f32 elements.
     F32(MatRef<'a, f32>),
     /// bf16 elements (exactly widened, or used as is for bf16 products).
     Bf16(MatRef<'a, bf16>),
-    /// The im2col matrix of a 3×3 convolution (`c·9 × rows·w`), packed from the image.
-    Im2col3x3(Im2col3x3<'a>),
 }
 
 impl BRef<'_> {
@@ -141,14 +88,12 @@ impl BRef<'_> {
         match self {
             BRef::F32(b) => (b.rows, b.cols),
             BRef::Bf16(b) => (b.rows, b.cols),
-            BRef::Im2col3x3(b) => (b.c * 9, b.rows * b.w),
         }
     }
     fn in_bounds(&self) -> bool {
         match self {
             BRef::F32(b) => b.in_bounds(),
             BRef::Bf16(b) => b.in_bounds(),
-            BRef::Im2col3x3(b) => b.in_bounds(),
         }
     }
 }
@@ -1021,7 +966,7 @@ fn pack_b<K: Kernel, T: Src>(
 ) {
     let (nr, kp) = (K::NR, K::KP);
     if b.cs == 1 && ncs.is_multiple_of(nr) {
-        // Row-major B (e.g. an im2col matrix): each packed step is NR (or NR pairs of)
+        // Row-major B (e.g. Winograd's transformed input): each packed step is NR (or NR pairs of)
         // consecutive elements of one or two B rows.
         for u in 0..ncs / nr {
             let panel = &mut bp[u * steps * nr..(u + 1) * steps * nr];
@@ -1101,52 +1046,6 @@ fn pack_b<K: Kernel, T: Src>(
             for s in 0..steps {
                 panel[s * nr + jj] =
                     pack_step::<K>(|p| b.data[p * b.rs + col].f(), s0 + s, k, round);
-            }
-        }
-    }
-}
-
-/// [`pack_b`] for an implicit im2col matrix: each micro-panel's NR columns are, within one
-/// output row, shifted copies of image rows.
-#[allow(clippy::too_many_arguments)]
-fn pack_b_im2col<K: Kernel>(
-    b: &Im2col3x3<'_>,
-    k: usize,
-    s0: usize,
-    steps: usize,
-    j0: usize,
-    ncs: usize,
-    round: bool,
-    bp: &mut [K::P],
-) {
-    let (nr, kp) = (K::NR, K::KP);
-    let mut seg = [[0f32; 64]; 2];
-    debug_assert!(nr <= 64);
-    for u in 0..ncs.div_ceil(nr) {
-        let panel = &mut bp[u * steps * nr..(u + 1) * steps * nr];
-        let p0 = j0 + u * nr;
-        let cnt = nr.min(ncs - u * nr);
-        for s in 0..steps {
-            for (t, sg) in seg.iter_mut().enumerate().take(kp) {
-                let q = (s0 + s) * kp + t;
-                let sg = &mut sg[..nr];
-                if q >= k {
-                    sg.fill(0.0);
-                    continue;
-                }
-                // Split at output-row ends: each piece is a shifted copy of one image row.
-                let mut off = 0;
-                while off < cnt {
-                    let p = p0 + off;
-                    let len = (b.w - p % b.w).min(cnt - off);
-                    b.segment(q, p, &mut sg[off..off + len]);
-                    off += len;
-                }
-                sg[cnt..].fill(0.0);
-            }
-            let dst = &mut panel[s * nr..(s + 1) * nr];
-            for (jj, d) in dst.iter_mut().enumerate() {
-                *d = K::pack([seg[0][jj], seg[1][jj]], round);
             }
         }
     }
@@ -1307,9 +1206,6 @@ unsafe fn run_packed<K: Kernel>(
                 match b {
                     BRef::F32(bv) => pack_b::<K, f32>(&bv, k, s0, steps, j0, ncs, round, bp),
                     BRef::Bf16(bv) => pack_b::<K, bf16>(&bv, k, s0, steps, j0, ncs, round, bp),
-                    BRef::Im2col3x3(bv) => {
-                        pack_b_im2col::<K>(&bv, k, s0, steps, j0, ncs, round, bp)
-                    }
                 }
                 for q in 0..panels {
                     let i0 = q * mr;
@@ -1752,72 +1648,6 @@ mod tests {
         // Several stripes, several k-blocks, partial tiles on both edges, parallel tasks.
         check_shape(61, 700, 600, true, 11);
         check_shape(50, 1030, 300, false, 12);
-    }
-
-    #[test]
-    fn implicit_im2col_equals_explicit() {
-        // Widths below, at and above the tile width; bands at the top, middle and bottom.
-        for &(c, h, w, y0, rows, cout) in &[
-            (3, 5, 7, 0, 5, 4),
-            (2, 9, 33, 2, 4, 13),
-            (4, 6, 64, 3, 3, 25),
-            (1, 1, 1, 0, 1, 1),
-        ] {
-            let mut s = (c * 100 + w) as u64;
-            let img: Vec<f32> = (0..c * h * w).map(|_| lcg(&mut s)).collect();
-            let wt: Vec<f32> = (0..cout * c * 9).map(|_| lcg(&mut s)).collect();
-            let n = rows * w;
-            let mut cols = vec![0f32; c * 9 * n];
-            for q in 0..c * 9 {
-                let (ci, ky, kx) = (q / 9, q % 9 / 3, q % 3);
-                for r in 0..rows {
-                    for x in 0..w {
-                        let (sy, sx) = ((y0 + r + ky) as isize - 1, (x + kx) as isize - 1);
-                        if (0..h as isize).contains(&sy) && (0..w as isize).contains(&sx) {
-                            cols[q * n + r * w + x] = img[(ci * h + sy as usize) * w + sx as usize];
-                        }
-                    }
-                }
-            }
-            let src = Im2col3x3 {
-                img: &img,
-                c,
-                h,
-                w,
-                y0,
-                rows,
-            };
-            for path in gemm_paths() {
-                for precision in [Precision::F32, Precision::Bf16] {
-                    let o = GemmOpts {
-                        precision,
-                        ..Default::default()
-                    };
-                    let am = MatRef::row_major(&wt, cout, c * 9);
-                    let (mut want, mut got) = (vec![0f32; cout * n], vec![0f32; cout * n]);
-                    let explicit = BRef::F32(MatRef::row_major(&cols, c * 9, n));
-                    gemm_on(path, am, explicit, &mut want, n, &o).unwrap();
-                    gemm_on(path, am, BRef::Im2col3x3(src), &mut got, n, &o).unwrap();
-                    for (g, w_) in got.iter().zip(&want) {
-                        assert!((g - w_).abs() <= 1e-5, "{path} {precision:?}: {g} vs {w_}");
-                    }
-                }
-            }
-        }
-        // A band past the image is an error.
-        let img = vec![0f32; 2 * 3 * 4];
-        let bad = Im2col3x3 {
-            img: &img,
-            c: 2,
-            h: 3,
-            w: 4,
-            y0: 2,
-            rows: 2,
-        };
-        let wt = vec![0f32; 18];
-        let mut out = vec![0f32; 8];
-        let am = MatRef::row_major(&wt, 1, 18);
-        assert!(gemm(am, BRef::Im2col3x3(bad), &mut out, 8, &GemmOpts::default()).is_err());
     }
 
     #[test]
