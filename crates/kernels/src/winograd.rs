@@ -15,7 +15,9 @@
 //! transformed and packed for the GEMM once ([`Winograd3x3::new`]).
 
 use crate::elementwise::multiversion;
-use crate::gemm::{gemm_packed, BRef, GemmError, GemmOpts, MatRef, PackedA, Precision};
+use crate::gemm::{
+    gemm_packed, with_f32_scratch, BRef, GemmError, GemmOpts, MatRef, PackedA, Precision,
+};
 use rayon::prelude::*;
 
 /// Tiles per band, roughly (at least one tile row): a band's V and M stay in L2. Measured on
@@ -135,51 +137,44 @@ impl Winograd3x3 {
         // Few bands (small images): bands one after another, each product across the pool.
         let parallel_bands = bands >= 2 * threads;
         let op = crate::gemm::SendPtrF32::new(out);
-        let run_band = |bi: usize| {
+        let opts = GemmOpts {
+            precision: self.precision,
+            serial: parallel_bands,
+            ..Default::default()
+        };
+        let run_band = |bi: usize| -> Result<(), GemmError> {
             let ty0 = bi * rb;
             let rows = rb.min(th - ty0);
             let nt = rows * tw;
-            with_f32(16 * cin * nt, |v| {
-                with_f32(16 * cout * nt, |m| {
+            // V and M are written whole before they are read (the transform, the products).
+            with_f32_scratch(16 * cin * nt, |v| {
+                with_f32_scratch(16 * cout * nt, |m| {
                     input_transform(img, cin, h, w, ty0, rows, v);
                     for xi in 0..16 {
-                        let opts = GemmOpts {
-                            precision: self.precision,
-                            serial: parallel_bands,
-                            ..Default::default()
-                        };
+                        let vx = &v[xi * cin * nt..(xi + 1) * cin * nt];
                         gemm_packed(
                             &self.u[xi],
-                            BRef::F32(MatRef::row_major(
-                                &v[xi * cin * nt..(xi + 1) * cin * nt],
-                                cin,
-                                nt,
-                            )),
+                            BRef::F32(MatRef::row_major(vx, cin, nt)),
                             &mut m[xi * cout * nt..(xi + 1) * cout * nt],
                             nt,
                             &opts,
-                        )
-                        .expect("shapes checked above");
+                        )?;
                     }
                     // SAFETY: this band writes only output rows 2·ty0 .. 2·(ty0 + rows) of
                     // each channel, which no other band touches; `out` outlives the loop.
                     let out = unsafe { op.slice() };
                     output_transform(m, cout, h, w, ty0, rows, bias, accumulate, out);
+                    Ok(())
                 })
             })
         };
         if parallel_bands {
-            (0..bands).into_par_iter().for_each(run_band);
+            (0..bands).into_par_iter().try_for_each(run_band)?;
         } else {
-            (0..bands).for_each(run_band);
+            (0..bands).try_for_each(run_band)?;
         }
         Ok(())
     }
-}
-
-/// Runs `f` on a zeroed f32 buffer from the GEMM's per-thread scratch.
-fn with_f32<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    crate::gemm::with_f32_scratch(len, f)
 }
 
 /// `V_ξ[ci][r·tw + tx]` for tile rows `ty0 .. ty0 + rows` of every channel, `v` laid out

@@ -63,7 +63,7 @@ impl Conv3x3 {
 
 impl Module for Conv3x3 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_cpu(x, None)
+        self.forward_with(x, None)
     }
 }
 
@@ -71,10 +71,11 @@ impl Conv3x3 {
     /// `residual + conv(x)`; on the CPU the convolution accumulates into a copy of `residual`
     /// (the ResnetBlock's skip connection without a separate add pass).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.forward_cpu(x, Some(residual))
+        self.forward_with(x, Some(residual))
     }
 
-    fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    /// `conv(x)` (`+ residual`) on whichever implementation the weights were loaded for.
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (wg, bias) = match &self.imp {
             ConvImpl::Cpu(wg, bias) => (wg, bias),
             ConvImpl::Generic(conv) => {
@@ -97,7 +98,7 @@ impl Conv3x3 {
         // shape error).
         let residual = match residual {
             Some(r) if r.dtype() != DType::F32 || r.dims4().ok() != Some((n, cout, h, w)) => {
-                return r + self.forward_cpu(x, None)?;
+                return r + self.forward_with(x, None)?;
             }
             r => r,
         };
