@@ -5,10 +5,20 @@
 //! the packed GEMM ([`crate::gemm`]; decode-shaped queries use plain dot products), and the
 //! softmax uses a vectorisable `exp`.
 
-use crate::gemm::{gemm, BRef, GemmOpts, MatRef};
+use crate::gemm::{gemm, with_f32_scratch, BRef, GemmOpts, MatRef, Precision};
 use rayon::prelude::*;
 
-/// Shapes and strides of one attention call; all tensors are f32.
+/// Where one operand's rows lie in its slice: row `i` of head `h` starts at `h · head + i · row`
+/// and holds `dim` consecutive values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strides {
+    /// Distance between consecutive heads' first rows, in elements.
+    pub head: usize,
+    /// Distance between consecutive rows of one head, in elements.
+    pub row: usize,
+}
+
+/// Shapes and layouts of one attention call; all tensors are f32.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     /// Independent (batch × head) problems.
@@ -19,17 +29,62 @@ pub struct AttnShape {
     pub kv_len: usize,
     /// Head width.
     pub dim: usize,
-    /// Distance between consecutive heads' keys (and values) in elements (≥ kv_len · dim), so a
-    /// pre-allocated KV cache can be read in place.
-    pub kv_head_stride: usize,
     /// Consecutive heads sharing one additive mask (the heads of one batch row).
     pub heads_per_mask: usize,
+    /// Layout of the queries.
+    pub q: Strides,
+    /// Layout of the keys and of the values (a pre-allocated KV cache read in place, or the
+    /// k and v thirds of a fused qkv product).
+    pub kv: Strides,
+    /// Layout of the output.
+    pub out: Strides,
+    /// Precision of the two products (`Bf16`: q, k, the probabilities and v rounded to bf16,
+    /// accumulated in f32). The softmax is f32 either way.
+    pub precision: Precision,
 }
 
-/// `out[h] = softmax(q[h] · k[h]ᵀ · scale + mask[h / heads_per_mask]) · v[h]`.
+impl AttnShape {
+    /// q and out `[heads, q_len, dim]`; k and v `[kv_len, dim]` per head, heads
+    /// `kv_head_stride` elements apart; f32 products.
+    pub fn packed(
+        heads: usize,
+        q_len: usize,
+        kv_len: usize,
+        dim: usize,
+        kv_head_stride: usize,
+        heads_per_mask: usize,
+    ) -> Self {
+        let per_head = Strides {
+            head: q_len * dim,
+            row: dim,
+        };
+        Self {
+            heads,
+            q_len,
+            kv_len,
+            dim,
+            heads_per_mask,
+            q: per_head,
+            kv: Strides {
+                head: kv_head_stride,
+                row: dim,
+            },
+            out: per_head,
+            precision: Precision::F32,
+        }
+    }
+}
+
+/// Elements an operand of `heads × rows` rows of `dim` needs under `st`.
+fn span(st: Strides, heads: usize, rows: usize, dim: usize) -> usize {
+    (heads - 1) * st.head + (rows - 1) * st.row + dim
+}
+
+/// `out[h] = softmax(q[h] · k[h]ᵀ · scale + mask[h / heads_per_mask]) · v[h]`, each operand laid
+/// out per its [`Strides`]; `mask` (optional) is `[heads / heads_per_mask, q_len, kv_len]`.
 ///
-/// `q` and `out` are `[heads, q_len, dim]`; `k`, `v` hold head `h` at `h · kv_head_stride` as
-/// `[kv_len, dim]`; `mask` (optional) is `[heads / heads_per_mask, q_len, kv_len]`.
+/// Panics if an operand is shorter than its layout needs, or if the output layout lets two
+/// heads' rows overlap.
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -44,22 +99,27 @@ pub fn attention(
         q_len,
         kv_len,
         dim,
-        kv_head_stride,
         heads_per_mask,
+        q: qs,
+        kv: kvs,
+        out: os,
+        precision,
     } = shape;
-    assert_eq!(q.len(), heads * q_len * dim, "q shape");
-    assert_eq!(out.len(), heads * q_len * dim, "out shape");
-    assert!(kv_head_stride >= kv_len * dim, "kv stride");
     if heads == 0 || q_len == 0 {
         return;
     }
+    assert!(kv_len > 0 && dim > 0, "attention over no keys");
+    assert!(q.len() >= span(qs, heads, q_len, dim), "q shape");
+    assert!(k.len() >= span(kvs, heads, kv_len, dim), "k shape");
+    assert!(v.len() >= span(kvs, heads, kv_len, dim), "v shape");
+    assert!(out.len() >= span(os, heads, q_len, dim), "out shape");
+    // Heads' output rows must be disjoint: heads one after another (each a block of rows), or
+    // rows one after another (each holding every head's slot side by side).
+    let head_major = os.row >= dim && os.head >= span(os, 1, q_len, dim);
+    let row_major = os.head >= dim && os.row >= span(Strides { row: 0, ..os }, heads, 1, dim);
     assert!(
-        k.len() >= (heads - 1) * kv_head_stride + kv_len * dim,
-        "k shape"
-    );
-    assert!(
-        v.len() >= (heads - 1) * kv_head_stride + kv_len * dim,
-        "v shape"
+        head_major || row_major,
+        "out rows of different heads overlap"
     );
     if let Some(m) = mask {
         assert!(
@@ -72,38 +132,54 @@ pub fn attention(
             "mask shape"
         );
     }
-    out.par_chunks_mut(q_len * dim)
-        .enumerate()
-        .for_each(|(h, o)| {
-            let qh = &q[h * q_len * dim..(h + 1) * q_len * dim];
-            let kh = &k[h * kv_head_stride..h * kv_head_stride + kv_len * dim];
-            let vh = &v[h * kv_head_stride..h * kv_head_stride + kv_len * dim];
-            let mut scores = vec![0f32; q_len * kv_len];
-            // Decode steps have one query per head: plain dot products and a weighted row sum beat
-            // the matmul kernel (no V transpose, no nested parallelism for a few µs of work).
+    let optr = crate::gemm::SendPtrF32::new(out);
+    // Heads run in parallel; each head's products run serially inside its task once there
+    // are enough heads to occupy the pool.
+    let serial = heads >= rayon::current_num_threads();
+    let opts = GemmOpts {
+        precision,
+        serial,
+        ..Default::default()
+    };
+    (0..heads).into_par_iter().for_each(|h| {
+        let qh = &q[h * qs.head..];
+        let kh = &k[h * kvs.head..];
+        let vh = &v[h * kvs.head..];
+        let mh = mask.map(|m| {
+            let g = h / heads_per_mask;
+            &m[g * q_len * kv_len..(g + 1) * q_len * kv_len]
+        });
+        with_f32_scratch(q_len * kv_len + q_len * dim, |buf| {
+            let (scores, o) = buf.split_at_mut(q_len * kv_len);
+            // Decode steps have one query per head: plain dot products and a weighted row sum
+            // beat the matmul kernel (no V transpose, no nested parallelism for a few µs of
+            // work). They multiply in f32 whatever the precision.
             let small = q_len <= SMALL_Q;
             if small {
                 for (i, srow) in scores.chunks_mut(kv_len).enumerate() {
-                    let qi = &qh[i * dim..(i + 1) * dim];
-                    for (s, kj) in srow.iter_mut().zip(kh.chunks(dim)) {
-                        *s = dot(qi, kj);
+                    let qi = &qh[i * qs.row..i * qs.row + dim];
+                    for (j, s) in srow.iter_mut().enumerate() {
+                        *s = dot(qi, &kh[j * kvs.row..j * kvs.row + dim]);
                     }
                 }
             } else {
                 // Q·Kᵀ on the packed GEMM: K's rows are Kᵀ's columns.
+                let kt = MatRef {
+                    data: kh,
+                    rows: dim,
+                    cols: kv_len,
+                    rs: 1,
+                    cs: kvs.row,
+                };
                 gemm(
-                    MatRef::row_major(qh, q_len, dim),
-                    BRef::F32(MatRef::transposed(kh, dim, kv_len)),
-                    &mut scores,
+                    strided(qh, q_len, dim, qs.row),
+                    BRef::F32(kt),
+                    scores,
                     kv_len,
-                    &GemmOpts::default(),
+                    &opts,
                 )
                 .expect("attention: shapes checked above");
             }
-            let mh = mask.map(|m| {
-                let g = h / heads_per_mask;
-                &m[g * q_len * kv_len..(g + 1) * q_len * kv_len]
-            });
             for (i, row) in scores.chunks_mut(kv_len).enumerate() {
                 let mrow = mh.map(|m| &m[i * kv_len..(i + 1) * kv_len]);
                 softmax_row(row, scale, mrow);
@@ -111,27 +187,46 @@ pub fn attention(
             if small {
                 o.fill(0.0);
                 for (i, orow) in o.chunks_mut(dim).enumerate() {
-                    for (&p, vj) in scores[i * kv_len..(i + 1) * kv_len]
-                        .iter()
-                        .zip(vh.chunks(dim))
-                    {
+                    for (j, &p) in scores[i * kv_len..(i + 1) * kv_len].iter().enumerate() {
+                        let vj = &vh[j * kvs.row..j * kvs.row + dim];
                         for (acc, &x) in orow.iter_mut().zip(vj) {
                             *acc += p * x;
                         }
                     }
                 }
-                return;
+            } else {
+                // P·V on the packed GEMM (V read in place).
+                gemm(
+                    MatRef::row_major(scores, q_len, kv_len),
+                    BRef::F32(strided(vh, kv_len, dim, kvs.row)),
+                    o,
+                    dim,
+                    &opts,
+                )
+                .expect("attention: shapes checked above");
             }
-            // P·V on the packed GEMM (V read in place, row-major [kv_len, dim]).
-            gemm(
-                MatRef::row_major(&scores, q_len, kv_len),
-                BRef::F32(MatRef::row_major(vh, kv_len, dim)),
-                o,
-                dim,
-                &GemmOpts::default(),
-            )
-            .expect("attention: shapes checked above");
-        });
+            for (i, orow) in o.chunks(dim).enumerate() {
+                // SAFETY: `out` spans every head's rows (asserted above) and outlives the
+                // parallel loop; rows of different heads are disjoint (asserted above), so
+                // this task is the only writer of these `dim` elements.
+                unsafe {
+                    let dst = optr.ptr().add(h * os.head + i * os.row);
+                    std::ptr::copy_nonoverlapping(orow.as_ptr(), dst, dim);
+                }
+            }
+        })
+    });
+}
+
+/// `rows × cols` with rows `rs` apart and contiguous columns.
+fn strided(data: &[f32], rows: usize, cols: usize, rs: usize) -> MatRef<'_, f32> {
+    MatRef {
+        data,
+        rows,
+        cols,
+        rs,
+        cs: 1,
+    }
 }
 
 /// Queries per head up to which the decode-shaped path is used.
@@ -170,7 +265,8 @@ fn softmax_row_body(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
     let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
         for (l, &x) in lanes.iter_mut().zip(c) {
-            *l = l.max(x);
+            // A plain comparison is one `vmaxps`; `f32::max`'s NaN rule costs two more per vector.
+            *l = if x > *l { x } else { *l };
         }
     }
     let max = chunks
@@ -206,13 +302,17 @@ pub fn exp_approx(x: f32) -> f32 {
     // short high part and a correction (Cody–Waite) so r keeps full precision for large |x|.
     // Round to nearest by the 1.5·2²³ trick: `f32::round` is a libm call that blocks vectorising.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n from t's bits: t = 1.5·2²³ + n holds n in its low mantissa bits (|n| ≤ 126 here), so
+    // the exponent field is plain integer arithmetic. (`n as i32` is a saturating cast that the
+    // compiler lowers to one scalar conversion per lane, which kept this loop from vectorising.)
+    let bits = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
 
@@ -250,6 +350,70 @@ pub(crate) mod tests {
         }
     }
 
+    /// A fused qkv layout (each row `[q | k | v]` with heads side by side), the output written
+    /// into heads' slots of `[q_len, heads · dim]` rows, in both precisions: f32 against an f64
+    /// reference, bf16 against the same reference computed from bf16-rounded q, k, v and
+    /// probabilities.
+    #[test]
+    fn fused_qkv_layout_in_both_precisions() {
+        let round = |x: f32| half::bf16::from_f32(x).to_f32() as f64;
+        let exact = |x: f32| x as f64;
+        for q_len in [2, 37] {
+            let (heads, dim) = (3, 20);
+            let (w, n) = (heads * dim, q_len);
+            let mut s = 11u64;
+            let qkv: Vec<f32> = (0..n * 3 * w).map(|_| lcg(&mut s) * 2.0).collect();
+            for precision in [Precision::F32, Precision::Bf16] {
+                let st = |row| Strides { head: dim, row };
+                let shape = AttnShape {
+                    heads,
+                    q_len: n,
+                    kv_len: n,
+                    dim,
+                    heads_per_mask: heads,
+                    q: st(3 * w),
+                    kv: st(3 * w),
+                    out: st(w),
+                    precision,
+                };
+                let mut out = vec![f32::NAN; n * w];
+                attention(&qkv, &qkv[w..], &qkv[2 * w..], shape, 0.3, None, &mut out);
+                // The decode-shaped path (q_len ≤ SMALL_Q) multiplies in f32 in any precision.
+                let r: &dyn Fn(f32) -> f64 = if precision == Precision::Bf16 && q_len > SMALL_Q {
+                    &round
+                } else {
+                    &exact
+                };
+                let mut worst = 0f64;
+                for h in 0..heads {
+                    let at =
+                        |i: usize, part: usize, d: usize| qkv[i * 3 * w + part * w + h * dim + d];
+                    for i in 0..n {
+                        let mut p: Vec<f64> = (0..n)
+                            .map(|j| {
+                                (0..dim)
+                                    .map(|d| r(at(i, 0, d)) * r(at(j, 1, d)))
+                                    .sum::<f64>()
+                                    * 0.3
+                            })
+                            .collect();
+                        let max = p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        p.iter_mut().for_each(|x| *x = (*x - max).exp());
+                        let sum: f64 = p.iter().sum();
+                        for d in 0..dim {
+                            let want: f64 = (0..n)
+                                .map(|j| r((p[j] / sum) as f32) * r(at(j, 2, d)))
+                                .sum();
+                            let got = out[i * w + h * dim + d] as f64;
+                            worst = worst.max((got - want).abs());
+                        }
+                    }
+                }
+                assert!(worst < 1e-4, "q_len {q_len} {precision:?}: worst {worst}");
+            }
+        }
+    }
+
     fn check_against_naive(q_len: usize) {
         let (heads, kv_len, dim, stride) = (6, 9, 20, 12 * 20);
         let mut s = 7u64;
@@ -259,14 +423,7 @@ pub(crate) mod tests {
         let mask: Vec<f32> = (0..2 * q_len * kv_len)
             .map(|i| if i % 7 == 3 { -1e30 } else { 0.0 })
             .collect();
-        let shape = AttnShape {
-            heads,
-            q_len,
-            kv_len,
-            dim,
-            kv_head_stride: stride,
-            heads_per_mask: 3,
-        };
+        let shape = AttnShape::packed(heads, q_len, kv_len, dim, stride, 3);
         let mut out = vec![0f32; heads * q_len * dim];
         attention(&q, &k, &v, shape, 0.25, Some(&mask), &mut out);
         for h in 0..heads {

@@ -574,6 +574,11 @@ impl SendPtrF32 {
         }
     }
 
+    /// The slice's first element, for writers of disjoint parts that never form a slice.
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.ptr
+    }
+
     /// The whole slice again.
     ///
     /// # Safety

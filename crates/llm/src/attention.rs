@@ -35,14 +35,7 @@ pub fn sdpa(
         if ks == vs {
             let q = q.contiguous()?;
             let mask = mask.map(|m| m.contiguous()).transpose()?;
-            let shape = janus_kernels::attention::AttnShape {
-                heads: b * h,
-                q_len: sq,
-                kv_len: sk,
-                dim: d,
-                kv_head_stride: ks,
-                heads_per_mask: h,
-            };
+            let shape = janus_kernels::attention::AttnShape::packed(b * h, sq, sk, d, ks, h);
             let mut out = vec![0f32; b * h * sq * d];
             let (qg, ql) = q.storage_and_layout();
             let (kg, kl) = k.storage_and_layout();
@@ -77,6 +70,71 @@ pub fn sdpa(
     att.to_dtype(dt)?.matmul(v)
 }
 
+/// Self-attention over a fused product `qkv` `[b, n, 3 · heads · d]` (rows `[q | k | v]`, each
+/// head's `d` values consecutive), no mask: returns `[b, n, heads · d]`, heads side by side as
+/// the output projection reads them.
+///
+/// On the CPU in f32 the kernel reads q, k and v in place and writes each head's slot of the
+/// output rows, so no transposed copy is made; `bf16_products` then rounds the operands of
+/// both products to bf16 (f32 accumulation and softmax). Elsewhere the thirds are split and
+/// transposed for [`sdpa`], in the tensors' dtype.
+pub fn fused_qkv_attention(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+    bf16_products: bool,
+) -> Result<Tensor> {
+    let (b, n, w3) = qkv.dims3()?;
+    if heads == 0 || w3 % (3 * heads) != 0 {
+        candle_core::bail!("fused qkv width {w3} is not 3 × {heads} heads");
+    }
+    let w = w3 / 3;
+    let d = w / heads;
+    if cpu_f32(qkv) {
+        let qkv = qkv.contiguous()?;
+        let (g, l) = qkv.storage_and_layout();
+        let data = &cpu_slice(&g, l)?[..b * n * w3];
+        let mut out = vec![0f32; b * n * w];
+        let strides = |row| janus_kernels::attention::Strides { head: d, row };
+        let shape = janus_kernels::attention::AttnShape {
+            heads,
+            q_len: n,
+            kv_len: n,
+            dim: d,
+            heads_per_mask: heads,
+            q: strides(w3),
+            kv: strides(w3),
+            out: strides(w),
+            precision: if bf16_products {
+                janus_kernels::gemm::Precision::Bf16
+            } else {
+                janus_kernels::gemm::Precision::F32
+            },
+        };
+        for (x, o) in data.chunks(n * w3).zip(out.chunks_mut(n * w)) {
+            janus_kernels::attention::attention(
+                x,
+                &x[w..],
+                &x[2 * w..],
+                shape,
+                scale as f32,
+                None,
+                o,
+            );
+        }
+        return Tensor::from_vec(out, (b, n, w), qkv.device());
+    }
+    let qkv = qkv.reshape((b, n, 3, heads, d))?;
+    let part = |i| {
+        qkv.narrow(2, i, 1)?
+            .squeeze(2)?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let y = sdpa(&part(0)?, &part(1)?, &part(2)?, scale, None)?;
+    y.transpose(1, 2)?.reshape((b, n, w))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -105,6 +163,47 @@ pub(crate) mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The CPU kernel reading a fused qkv product in place equals splitting it and running
+    /// candle's ops (f32), and the bf16 variant stays within bf16 rounding of it; the generic
+    /// path (bf16 tensors) returns the same layout.
+    #[test]
+    fn fused_qkv_attention_matches_split_heads() {
+        let (b, n, heads, d) = (2, 9, 4, 8);
+        let qkv = Tensor::randn(0f32, 1.0, (b, n, 3 * heads * d), &Device::Cpu).unwrap();
+        let parts = qkv.reshape((b, n, 3, heads, d)).unwrap();
+        let part = |i| {
+            parts
+                .narrow(2, i, 1)
+                .unwrap()
+                .squeeze(2)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (part(0), part(1), part(2));
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * 0.35).unwrap();
+        let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
+        let want = att
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, n, heads * d))
+            .unwrap();
+        let f32_out = fused_qkv_attention(&qkv, heads, 0.35, false).unwrap();
+        assert!(max_abs_diff(&f32_out, &want) < 1e-5);
+        let bf16_out = fused_qkv_attention(&qkv, heads, 0.35, true).unwrap();
+        let e = max_abs_diff(&bf16_out, &want);
+        assert!(e > 0.0 && e < 0.05, "bf16 products: {e}");
+        let generic =
+            fused_qkv_attention(&qkv.to_dtype(DType::BF16).unwrap(), heads, 0.35, false).unwrap();
+        assert_eq!(generic.dims(), &[b, n, heads * d]);
+        assert!(max_abs_diff(&generic, &want) < 0.05);
+        assert!(fused_qkv_attention(&qkv, 5, 0.35, false).is_err());
     }
 
     #[test]

@@ -64,6 +64,8 @@ struct Block {
     fc1: Linear,
     fc2: Linear,
     heads: usize,
+    /// Attention's products rounded to bf16 on the CPU (as the linear layers' are).
+    bf16_products: bool,
 }
 
 impl Block {
@@ -80,31 +82,20 @@ impl Block {
             fc1: lin("mlp.fc1", w, cfg.mlp_hidden())?,
             fc2: lin("mlp.fc2", cfg.mlp_hidden(), w)?,
             heads: cfg.heads,
+            bf16_products,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, w) = x.dims3()?;
+        let w = x.dim(2)?;
         let hd = w / self.heads;
         let h = self.norm1.forward(x)?;
-        let qkv = self.qkv.forward(&h)?.reshape((b, n, 3, self.heads, hd))?;
-        let q = qkv
-            .narrow(2, 0, 1)?
-            .squeeze(2)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = qkv
-            .narrow(2, 1, 1)?
-            .squeeze(2)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = qkv
-            .narrow(2, 2, 1)?
-            .squeeze(2)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let y = janus_llm::attention::sdpa(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None)?;
-        let y = y.transpose(1, 2)?.reshape((b, n, w))?;
+        let y = janus_llm::attention::fused_qkv_attention(
+            &self.qkv.forward(&h)?,
+            self.heads,
+            1.0 / (hd as f64).sqrt(),
+            self.bf16_products,
+        )?;
         // Residual adds accumulate into the products and GELU runs on fc1's finished tiles on
         // the CPU GEMM path (separate passes elsewhere).
         let x = self.proj.forward_residual(&y, x)?;
