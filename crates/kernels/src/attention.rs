@@ -6,6 +6,7 @@
 //! softmax uses a vectorisable `exp`.
 
 use crate::gemm::{gemm, with_f32_scratch, BRef, GemmOpts, MatRef, Precision};
+use half::bf16;
 use rayon::prelude::*;
 
 /// Where one operand's rows lie in its slice: row `i` of head `h` starts at `h · head + i · row`
@@ -18,7 +19,77 @@ pub struct Strides {
     pub row: usize,
 }
 
-/// Shapes and layouts of one attention call; all tensors are f32.
+/// Keys or values: f32, or bf16 as a bf16 KV cache holds them (read in place, exactly widened
+/// where a product multiplies in f32).
+#[derive(Debug, Clone, Copy)]
+pub enum Kv<'a> {
+    /// f32 elements.
+    F32(&'a [f32]),
+    /// bf16 elements.
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Kv<'a> {
+    fn len(self) -> usize {
+        match self {
+            Kv::F32(x) => x.len(),
+            Kv::Bf16(x) => x.len(),
+        }
+    }
+
+    /// The elements from `at` on.
+    fn from(self, at: usize) -> Self {
+        match self {
+            Kv::F32(x) => Kv::F32(&x[at..]),
+            Kv::Bf16(x) => Kv::Bf16(&x[at..]),
+        }
+    }
+
+    /// A GEMM operand over these elements: `(i, j)` at `i · rs + j · cs`.
+    fn mat(self, rows: usize, cols: usize, rs: usize, cs: usize) -> BRef<'a> {
+        match self {
+            Kv::F32(data) => BRef::F32(MatRef {
+                data,
+                rows,
+                cols,
+                rs,
+                cs,
+            }),
+            Kv::Bf16(data) => BRef::Bf16(MatRef {
+                data,
+                rows,
+                cols,
+                rs,
+                cs,
+            }),
+        }
+    }
+
+    /// `Σ q[d] · self[at + d]` in f32.
+    fn dot(self, q: &[f32], at: usize) -> f32 {
+        match self {
+            Kv::F32(x) => dot(q, &x[at..at + q.len()]),
+            Kv::Bf16(x) => dot_bf16(q, &x[at..at + q.len()]),
+        }
+    }
+
+    /// `acc[d] += p · self[at + d]`.
+    fn axpy(self, p: f32, at: usize, acc: &mut [f32]) {
+        let n = acc.len();
+        match self {
+            Kv::F32(x) => acc
+                .iter_mut()
+                .zip(&x[at..at + n])
+                .for_each(|(a, &x)| *a += p * x),
+            Kv::Bf16(x) => acc
+                .iter_mut()
+                .zip(&x[at..at + n])
+                .for_each(|(a, &x)| *a += p * x.to_f32()),
+        }
+    }
+}
+
+/// Shapes and layouts of one attention call (q, mask and output f32; k and v f32 or bf16).
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     /// Independent (batch × head) problems.
@@ -87,8 +158,8 @@ fn span(st: Strides, heads: usize, rows: usize, dim: usize) -> usize {
 /// heads' rows overlap.
 pub fn attention(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: Kv<'_>,
+    v: Kv<'_>,
     shape: AttnShape,
     scale: f32,
     mask: Option<&[f32]>,
@@ -143,8 +214,8 @@ pub fn attention(
     };
     (0..heads).into_par_iter().for_each(|h| {
         let qh = &q[h * qs.head..];
-        let kh = &k[h * kvs.head..];
-        let vh = &v[h * kvs.head..];
+        let kh = k.from(h * kvs.head);
+        let vh = v.from(h * kvs.head);
         let mh = mask.map(|m| {
             let g = h / heads_per_mask;
             &m[g * q_len * kv_len..(g + 1) * q_len * kv_len]
@@ -159,26 +230,14 @@ pub fn attention(
                 for (i, srow) in scores.chunks_mut(kv_len).enumerate() {
                     let qi = &qh[i * qs.row..i * qs.row + dim];
                     for (j, s) in srow.iter_mut().enumerate() {
-                        *s = dot(qi, &kh[j * kvs.row..j * kvs.row + dim]);
+                        *s = kh.dot(qi, j * kvs.row);
                     }
                 }
             } else {
                 // Q·Kᵀ on the packed GEMM: K's rows are Kᵀ's columns.
-                let kt = MatRef {
-                    data: kh,
-                    rows: dim,
-                    cols: kv_len,
-                    rs: 1,
-                    cs: kvs.row,
-                };
-                gemm(
-                    strided(qh, q_len, dim, qs.row),
-                    BRef::F32(kt),
-                    scores,
-                    kv_len,
-                    &opts,
-                )
-                .expect("attention: shapes checked above");
+                let kt = kh.mat(dim, kv_len, 1, kvs.row);
+                gemm(strided(qh, q_len, dim, qs.row), kt, scores, kv_len, &opts)
+                    .expect("attention: shapes checked above");
             }
             for (i, row) in scores.chunks_mut(kv_len).enumerate() {
                 let mrow = mh.map(|m| &m[i * kv_len..(i + 1) * kv_len]);
@@ -188,17 +247,14 @@ pub fn attention(
                 o.fill(0.0);
                 for (i, orow) in o.chunks_mut(dim).enumerate() {
                     for (j, &p) in scores[i * kv_len..(i + 1) * kv_len].iter().enumerate() {
-                        let vj = &vh[j * kvs.row..j * kvs.row + dim];
-                        for (acc, &x) in orow.iter_mut().zip(vj) {
-                            *acc += p * x;
-                        }
+                        vh.axpy(p, j * kvs.row, orow);
                     }
                 }
             } else {
                 // P·V on the packed GEMM (V read in place).
                 gemm(
                     MatRef::row_major(scores, q_len, kv_len),
-                    BRef::F32(strided(vh, kv_len, dim, kvs.row)),
+                    vh.mat(kv_len, dim, kvs.row, 1),
                     o,
                     dim,
                     &opts,
@@ -245,6 +301,24 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ca.zip(cb) {
         for l in 0..16 {
             lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// [`dot`] with the second operand in bf16 (widened exactly).
+fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y.to_f32())
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l].to_f32();
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -377,7 +451,15 @@ pub(crate) mod tests {
                     precision,
                 };
                 let mut out = vec![f32::NAN; n * w];
-                attention(&qkv, &qkv[w..], &qkv[2 * w..], shape, 0.3, None, &mut out);
+                attention(
+                    &qkv,
+                    Kv::F32(&qkv[w..]),
+                    Kv::F32(&qkv[2 * w..]),
+                    shape,
+                    0.3,
+                    None,
+                    &mut out,
+                );
                 // The decode-shaped path (q_len ≤ SMALL_Q) multiplies in f32 in any precision.
                 let r: &dyn Fn(f32) -> f64 = if precision == Precision::Bf16 && q_len > SMALL_Q {
                     &round
@@ -425,7 +507,48 @@ pub(crate) mod tests {
             .collect();
         let shape = AttnShape::packed(heads, q_len, kv_len, dim, stride, 3);
         let mut out = vec![0f32; heads * q_len * dim];
-        attention(&q, &k, &v, shape, 0.25, Some(&mask), &mut out);
+        attention(
+            &q,
+            Kv::F32(&k),
+            Kv::F32(&v),
+            shape,
+            0.25,
+            Some(&mask),
+            &mut out,
+        );
+        // The same keys and values rounded to bf16 give, read as bf16, exactly what their
+        // widened f32 copies give, in either precision (on both the dot-product and the GEMM
+        // paths).
+        let r = |x: &Vec<f32>| -> Vec<half::bf16> {
+            x.iter().map(|&x| half::bf16::from_f32(x)).collect()
+        };
+        let (kb, vb) = (r(&k), r(&v));
+        let w = |x: &Vec<half::bf16>| -> Vec<f32> { x.iter().map(|x| x.to_f32()).collect() };
+        let (kw, vw) = (w(&kb), w(&vb));
+        for precision in [Precision::F32, Precision::Bf16] {
+            let shape = AttnShape { precision, ..shape };
+            let mut want = vec![0f32; out.len()];
+            attention(
+                &q,
+                Kv::F32(&kw),
+                Kv::F32(&vw),
+                shape,
+                0.25,
+                Some(&mask),
+                &mut want,
+            );
+            let mut got = vec![0f32; out.len()];
+            attention(
+                &q,
+                Kv::Bf16(&kb),
+                Kv::Bf16(&vb),
+                shape,
+                0.25,
+                Some(&mask),
+                &mut got,
+            );
+            assert_eq!(got, want, "q_len {q_len} {precision:?}");
+        }
         for h in 0..heads {
             for i in 0..q_len {
                 let mut w: Vec<f64> = (0..kv_len)

@@ -1,5 +1,5 @@
 //! Scaled-dot-product attention: `janus_kernels::attention` on the CPU (heads in parallel,
-//! KV-cache views read in place), candle ops elsewhere.
+//! f32 or bf16 KV-cache views read in place), candle ops elsewhere.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -12,6 +12,23 @@ fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> Result
     match s {
         candle_core::Storage::Cpu(s) => Ok(&s.as_slice::<f32>()?[l.start_offset()..]),
         _ => candle_core::bail!("CPU storage expected"),
+    }
+}
+
+/// The f32 or bf16 data of a CPU storage from the layout's start offset, as keys or values.
+fn cpu_kv<'a>(
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+) -> Result<janus_kernels::attention::Kv<'a>> {
+    use janus_kernels::attention::Kv;
+    match s {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(x)) => {
+            Ok(Kv::F32(&x[l.start_offset()..]))
+        }
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(x)) => {
+            Ok(Kv::Bf16(&x[l.start_offset()..]))
+        }
+        _ => candle_core::bail!("CPU f32 or bf16 storage expected"),
     }
 }
 
@@ -30,12 +47,26 @@ pub fn sdpa(
         let s = t.stride();
         (s[3] == 1 && s[2] == d && s[0] == h * s[1] && t.dim(0).ok() == Some(b)).then_some(s[1])
     };
-    let fast = cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && mask.is_none_or(cpu_f32);
+    // The CPU kernel: f32, or bf16 (a bf16 KV cache read in place; q, the scores and the
+    // softmax in f32, both products rounded to bf16 with f32 accumulation, as bf16 products
+    // are on other devices).
+    let dt = q.dtype();
+    let cpu_dt = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == dt;
+    let fast = matches!(dt, DType::F32 | DType::BF16)
+        && cpu_dt(q)
+        && cpu_dt(k)
+        && cpu_dt(v)
+        && mask.is_none_or(|m| matches!(m.device(), Device::Cpu));
     if let (true, Some(ks), Some(vs)) = (fast, kv_stride(k), kv_stride(v)) {
         if ks == vs {
-            let q = q.contiguous()?;
-            let mask = mask.map(|m| m.contiguous()).transpose()?;
-            let shape = janus_kernels::attention::AttnShape::packed(b * h, sq, sk, d, ks, h);
+            let q = q.to_dtype(DType::F32)?.contiguous()?;
+            let mask = mask
+                .map(|m| m.to_dtype(DType::F32)?.contiguous())
+                .transpose()?;
+            let mut shape = janus_kernels::attention::AttnShape::packed(b * h, sq, sk, d, ks, h);
+            if dt == DType::BF16 {
+                shape.precision = janus_kernels::gemm::Precision::Bf16;
+            }
             let mut out = vec![0f32; b * h * sq * d];
             let (qg, ql) = q.storage_and_layout();
             let (kg, kl) = k.storage_and_layout();
@@ -47,21 +78,32 @@ pub fn sdpa(
             };
             janus_kernels::attention::attention(
                 &cpu_slice(&qg, ql)?[..b * h * sq * d],
-                cpu_slice(&kg, kl)?,
-                cpu_slice(&vg, vl)?,
+                cpu_kv(&kg, kl)?,
+                cpu_kv(&vg, vl)?,
                 shape,
                 scale as f32,
                 md,
                 &mut out,
             );
-            return Tensor::from_vec(out, (b, h, sq, d), q.device());
+            return Tensor::from_vec(out, (b, h, sq, d), q.device())?.to_dtype(dt);
         }
     }
-    // Generic path (CUDA, or CPU in another dtype): both products in the compute dtype, read
+    sdpa_generic(q, k, v, scale, mask)
+}
+
+/// [`sdpa`] in candle ops (CUDA, or the CPU in another dtype).
+fn sdpa_generic(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dt = q.dtype();
+    // Both products in the compute dtype, read
     // straight from the cache views (cuBLAS accumulates bf16 products in f32), so no step copies
     // or widens the keys and values; scale, mask and softmax in f32 on the small score matrix,
     // as the reference's eager attention upcasts its softmax.
-    let dt = q.dtype();
     let mut att = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
     if let Some(mask) = mask {
         att = att.broadcast_add(&mask.to_dtype(DType::F32)?)?;
@@ -114,8 +156,8 @@ pub fn fused_qkv_attention(
         for (x, o) in data.chunks(n * w3).zip(out.chunks_mut(n * w)) {
             janus_kernels::attention::attention(
                 x,
-                &x[w..],
-                &x[2 * w..],
+                janus_kernels::attention::Kv::F32(&x[w..]),
+                janus_kernels::attention::Kv::F32(&x[2 * w..]),
                 shape,
                 scale as f32,
                 None,
@@ -231,10 +273,10 @@ pub(crate) mod tests {
         assert!(d < 1e-5, "{d}");
     }
 
-    /// The generic path (the one CUDA takes) in bf16 on cache views: products in bf16 read
-    /// in place, softmax in f32; within bf16 rounding of the f32 result.
+    /// bf16 on cache views, on the CPU kernel and on the generic path (the one CUDA takes):
+    /// products in bf16 read in place, softmax in f32; within bf16 rounding of the f32 result.
     #[test]
-    fn generic_bf16_on_cache_views_matches_f32() {
+    fn bf16_on_cache_views_matches_f32() {
         let dev = Device::Cpu;
         let (q, k, v, kc, vc) = qkv_views((1, 4, 5, 16), 7, 12);
         let mut m = vec![0f32; 5 * 7];
@@ -251,9 +293,12 @@ pub(crate) mod tests {
             bf(&vc).narrow(2, 0, 7).unwrap(),
         );
         assert!(!kb.is_contiguous(), "a cache view, not a copy");
-        let got = sdpa(&bf(&q), &kb, &vb, 0.25, Some(&mask)).unwrap();
-        assert_eq!(got.dtype(), DType::BF16);
-        let d = max_abs_diff(&got, &want);
-        assert!(d < 0.05, "bf16 attention off by {d}");
+        let kernel = sdpa(&bf(&q), &kb, &vb, 0.25, Some(&mask)).unwrap();
+        let generic = sdpa_generic(&bf(&q), &kb, &vb, 0.25, Some(&mask)).unwrap();
+        for (path, got) in [("kernel", kernel), ("generic", generic)] {
+            assert_eq!(got.dtype(), DType::BF16, "{path}");
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 0.05, "bf16 attention ({path}) off by {d}");
+        }
     }
 }
