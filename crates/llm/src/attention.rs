@@ -33,7 +33,8 @@ fn cpu_kv<'a>(
 }
 
 /// `softmax(q kᵀ · scale + mask) v` for `q` `[b, h, sq, d]`, `k`/`v` `[b, h, sk, d]` (views of a
-/// larger cache along `sk` allowed), `mask` additive `[b, 1, sq, sk]`. Returns `[b, h, sq, d]`.
+/// larger cache along `sk` allowed), `mask` additive `[b, 1, sq, sk]`. Returns `[b, h, sq, d]`
+/// in q's dtype. On the CPU, f32 queries may attend over a bf16 cache (bf16 products).
 pub fn sdpa(
     q: &Tensor,
     k: &Tensor,
@@ -47,16 +48,18 @@ pub fn sdpa(
         let s = t.stride();
         (s[3] == 1 && s[2] == d && s[0] == h * s[1] && t.dim(0).ok() == Some(b)).then_some(s[1])
     };
-    // The CPU kernel: f32, or bf16 (a bf16 KV cache read in place; q, the scores and the
-    // softmax in f32, both products rounded to bf16 with f32 accumulation, as bf16 products
-    // are on other devices).
+    // The CPU kernel: f32, or bf16 anywhere (a bf16 KV cache read in place; q, the scores and
+    // the softmax in f32, both products rounded to bf16 with f32 accumulation, as bf16
+    // products are on other devices).
     let dt = q.dtype();
-    let cpu_dt = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == dt;
+    let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu);
     let fast = matches!(dt, DType::F32 | DType::BF16)
-        && cpu_dt(q)
-        && cpu_dt(k)
-        && cpu_dt(v)
-        && mask.is_none_or(|m| matches!(m.device(), Device::Cpu));
+        && matches!(k.dtype(), DType::F32 | DType::BF16)
+        && v.dtype() == k.dtype()
+        && on_cpu(q)
+        && on_cpu(k)
+        && on_cpu(v)
+        && mask.is_none_or(on_cpu);
     if let (true, Some(ks), Some(vs)) = (fast, kv_stride(k), kv_stride(v)) {
         if ks == vs {
             let q = q.to_dtype(DType::F32)?.contiguous()?;
@@ -64,7 +67,7 @@ pub fn sdpa(
                 .map(|m| m.to_dtype(DType::F32)?.contiguous())
                 .transpose()?;
             let mut shape = janus_kernels::attention::AttnShape::packed(b * h, sq, sk, d, ks, h);
-            if dt == DType::BF16 {
+            if dt == DType::BF16 || k.dtype() == DType::BF16 {
                 shape.precision = janus_kernels::gemm::Precision::Bf16;
             }
             let mut out = vec![0f32; b * h * sq * d];
@@ -295,6 +298,11 @@ pub(crate) mod tests {
         assert!(!kb.is_contiguous(), "a cache view, not a copy");
         let kernel = sdpa(&bf(&q), &kb, &vb, 0.25, Some(&mask)).unwrap();
         let generic = sdpa_generic(&bf(&q), &kb, &vb, 0.25, Some(&mask)).unwrap();
+        // f32 queries over the bf16 cache (the CPU's bf16 compute): f32 out, bf16 products.
+        let mixed = sdpa(&q, &kb, &vb, 0.25, Some(&mask)).unwrap();
+        assert_eq!(mixed.dtype(), DType::F32);
+        let d = max_abs_diff(&mixed, &want);
+        assert!(d > 0.0 && d < 0.05, "f32 q over a bf16 cache off by {d}");
         for (path, got) in [("kernel", kernel), ("generic", generic)] {
             assert_eq!(got.dtype(), DType::BF16, "{path}");
             let d = max_abs_diff(&got, &want);

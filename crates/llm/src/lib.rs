@@ -344,6 +344,8 @@ impl RmsNorm {
 struct Attention {
     qkv: Linear,
     o_proj: Linear,
+    /// dtype the keys and values are cached in.
+    kv_dtype: DType,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -351,15 +353,16 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &LlmConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &LlmConfig, kv_dtype: DType, bf16_products: bool) -> Result<Self> {
         let (h, hd, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.kv_heads());
         let q = Linear::load(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, false)?;
         let k = Linear::load(vb.pp("k_proj"), h, kvh * hd, false)?;
         let v = Linear::load(vb.pp("v_proj"), h, kvh * hd, false)?;
         let o_proj = Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, false)?;
         Ok(Self {
-            qkv: Linear::fuse(&[q, k, v])?,
-            o_proj,
+            qkv: Linear::fuse(&[q, k, v])?.with_bf16_products(bf16_products),
+            o_proj: o_proj.with_bf16_products(bf16_products),
+            kv_dtype,
             heads: cfg.num_attention_heads,
             kv_heads: kvh,
             head_dim: hd,
@@ -387,7 +390,8 @@ impl Attention {
         let k = k.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, n, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.to_dtype(self.kv_dtype)?;
+        let v = v.to_dtype(self.kv_dtype)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut ys = Vec::with_capacity(b);
         for (r, (row, mask)) in cache.rows.iter_mut().zip(masks).enumerate() {
@@ -432,14 +436,14 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &LlmConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &LlmConfig, bf16_products: bool) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let gate = Linear::load(vb.pp("gate_proj"), h, i, false)?;
         let up = Linear::load(vb.pp("up_proj"), h, i, false)?;
         let down_proj = Linear::load(vb.pp("down_proj"), i, h, false)?;
         Ok(Self {
-            gate_up: Linear::fuse(&[gate, up])?,
-            down_proj,
+            gate_up: Linear::fuse(&[gate, up])?.with_bf16_products(bf16_products),
+            down_proj: down_proj.with_bf16_products(bf16_products),
             inter: i,
         })
     }
@@ -463,22 +467,30 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &LlmConfig, dtype: DType) -> Result<Self> {
+    /// `act` is the activations' dtype, `kv` the cache's; `bf16_products` rounds the operands
+    /// of the CPU's large-M products to bf16.
+    fn load(
+        vb: VarBuilder,
+        cfg: &LlmConfig,
+        act: DType,
+        kv: DType,
+        bf16_products: bool,
+    ) -> Result<Self> {
         Ok(Self {
             input_layernorm: RmsNorm::load(
                 vb.pp("input_layernorm"),
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
-                dtype,
+                act,
             )?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, kv, bf16_products)?,
             post_attention_layernorm: RmsNorm::load(
                 vb.pp("post_attention_layernorm"),
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
-                dtype,
+                act,
             )?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, bf16_products)?,
             span: tracing::span!(tracing::Level::TRACE, "block"),
         })
     }
@@ -494,13 +506,21 @@ pub struct Llm {
     cos: Tensor,
     sin: Tensor,
     cfg: LlmConfig,
+    /// The compute dtype asked for: of the KV cache and of the hidden states returned.
     dtype: DType,
+    /// dtype of the activations inside the layers (f32 for bf16 compute on the CPU).
+    act: DType,
     device: Device,
 }
 
 impl Llm {
     /// Loads from `vb` positioned at the LLM root (`language_model` in Janus checkpoints).
-    /// `dtype` is the compute dtype for activations; weights keep the `vb` dtype.
+    /// `dtype` is the compute dtype; weights keep the `vb` dtype.
+    ///
+    /// bf16 on the CPU keeps the activations, norms, RoPE and softmax in f32 and rounds the
+    /// operands of the large products (linear layers and attention) to bf16, accumulating in
+    /// f32 (`vdpbf16ps` on AVX512-BF16); the KV cache and the returned hidden states are bf16,
+    /// as on other devices.
     pub fn load(vb: VarBuilder, cfg: &LlmConfig, dtype: DType, with_lm_head: bool) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let device = vb.device().clone();
@@ -508,10 +528,12 @@ impl Llm {
         // Kept in its storage dtype (bf16 for the hub checkpoints); `embed` widens only the rows
         // it gathers (exact), instead of a vocab × hidden f32 copy.
         let embed_tokens = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let cpu_bf16 = dtype == DType::BF16 && device.is_cpu();
+        let act = if cpu_bf16 { DType::F32 } else { dtype };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, dtype))
+            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, act, dtype, cpu_bf16))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps, dtype)?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps, act)?;
         let lm_head = if with_lm_head {
             Some(Linear::load(
                 vb.pp("lm_head"),
@@ -522,7 +544,7 @@ impl Llm {
         } else {
             None
         };
-        let (cos, sin) = rope_tables(cfg, dtype, &device)?;
+        let (cos, sin) = rope_tables(cfg, act, &device)?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -532,6 +554,7 @@ impl Llm {
             sin,
             cfg: cfg.clone(),
             dtype,
+            act,
             device,
         })
     }
@@ -541,7 +564,8 @@ impl Llm {
         &self.cfg
     }
 
-    /// Compute dtype of activations.
+    /// The compute dtype: of the inputs callers build, the KV cache and the hidden states
+    /// returned (activations inside may be wider, see [`Llm::load`]).
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -603,7 +627,7 @@ impl Llm {
             .iter()
             .map(|r| causal_mask(r.len, n, &self.device))
             .collect::<Result<Vec<_>>>()?;
-        let mut x = embeds.to_dtype(self.dtype)?;
+        let mut x = embeds.to_dtype(self.act)?;
         for (li, block) in self.layers.iter().enumerate() {
             let _enter = block.span.enter();
             let h = block.input_layernorm.forward(&x)?;
@@ -615,7 +639,7 @@ impl Llm {
         for r in &mut cache.rows {
             r.len += n;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x)?.to_dtype(self.dtype)
     }
 
     /// Multiply-adds per token of the decoder layers (their matmuls, attention over the cache
