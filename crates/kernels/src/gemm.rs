@@ -221,6 +221,154 @@ impl PackedA {
     }
 }
 
+/// A right operand packed once for the default path of a precision, for products that reuse
+/// it many times (a linear layer's weight, used only at large M): [`gemm_packed_b`] then skips
+/// packing B. Holds `⌈n / NR⌉` micro-panels of `⌈k / KP⌉ × NR` packed elements (f32, or
+/// bf16 pairs for bf16 products: half the bytes of an f32 weight).
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    path: Path,
+    precision: Precision,
+    k: usize,
+    n: usize,
+    data: Vec<u32>,
+}
+
+impl PackedB {
+    /// Packs `b` (`k × n`) for [`gemm_packed_b`] calls with `precision`; errors if the view
+    /// reaches past its slice.
+    pub fn new(b: BRef<'_>, precision: Precision) -> Result<Self, GemmError> {
+        if !b.in_bounds() {
+            return Err(GemmError("B's view reaches past its slice".into()));
+        }
+        let p = path(precision);
+        let (k, n) = b.dims();
+        fn packed<K: Kernel>(b: BRef<'_>, precision: Precision) -> Vec<u32> {
+            let (k, n) = b.dims();
+            let (nr, ksteps) = (K::NR, k.div_ceil(K::KP));
+            let mut data = vec![0u32; n.div_ceil(nr) * ksteps * nr];
+            if data.is_empty() {
+                return data;
+            }
+            // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid.
+            let bp = unsafe {
+                std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<K::P>(), data.len())
+            };
+            let round = K::round_bf16(precision);
+            // Micro-panel u is `[ksteps][NR]` at u · ksteps · NR: the whole k range of a run of
+            // panels is one `pack_b` call, and runs go to the pool.
+            const PANELS: usize = 8;
+            bp.par_chunks_mut(PANELS * ksteps * nr)
+                .enumerate()
+                .for_each(|(i, chunk)| {
+                    let j0 = i * PANELS * nr;
+                    let ncs = (PANELS * nr).min(n - j0);
+                    match b {
+                        BRef::F32(bv) => pack_b::<K, f32>(&bv, k, 0, ksteps, j0, ncs, round, chunk),
+                        BRef::Bf16(bv) => {
+                            pack_b::<K, bf16>(&bv, k, 0, ksteps, j0, ncs, round, chunk)
+                        }
+                    }
+                });
+            data
+        }
+        let data = match p {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 => packed::<x86::Avx512Bf16>(b, precision),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => packed::<x86::Avx512>(b, precision),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => packed::<x86::Avx2>(b, precision),
+            _ => packed::<Portable>(b, precision),
+        };
+        Ok(Self {
+            path: p,
+            precision,
+            k,
+            n,
+            data,
+        })
+    }
+
+    /// Rows of B (the inner dimension).
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of B.
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    /// The precision it was packed for.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * self.data.len()
+    }
+}
+
+/// [`gemm`] with B packed beforehand; `opts.precision` must be the one B was packed for.
+pub fn gemm_packed_b(
+    a: MatRef<'_, f32>,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    opts: &GemmOpts<'_>,
+) -> Result<(), GemmError> {
+    if opts.precision != b.precision {
+        return Err(GemmError(format!(
+            "B was packed for {:?} products, the call asks for {:?}",
+            b.precision, opts.precision
+        )));
+    }
+    if !a.in_bounds() {
+        return Err(GemmError("A's view reaches past its slice".into()));
+    }
+    let (m, n, k) = check_dims((a.rows, a.cols), (b.k, b.n), c, ldc, opts)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    /// # Safety
+    /// `K` is the kernel of the path `b` was packed on (so the CPU has its features).
+    unsafe fn run<K: Kernel>(
+        a: MatRef<'_, f32>,
+        b: &PackedB,
+        c: &mut [f32],
+        ldc: usize,
+        (m, n, k): (usize, usize, usize),
+        opts: &GemmOpts<'_>,
+    ) {
+        // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid; `data` was
+        // packed by `pack_b::<K>` for a k × n B.
+        let bp =
+            unsafe { std::slice::from_raw_parts(b.data.as_ptr().cast::<K::P>(), b.data.len()) };
+        with_scratch::<K, _>(packed_a_len::<K>(m, k), |ap| {
+            pack_a::<K>(a, m, k, K::round_bf16(opts.precision), ap, !opts.serial);
+            // SAFETY: forwarded (shapes checked by the caller).
+            unsafe { run_packed::<K>(ap, BSrc::Packed(bp), c, ldc, m, n, k, opts) }
+        })
+    }
+    let dims = (m, n, k);
+    match b.path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path was chosen by `path` on this CPU when B was packed.
+        Path::Avx512Bf16 => unsafe { run::<x86::Avx512Bf16>(a, b, c, ldc, dims, opts) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx512 => unsafe { run::<x86::Avx512>(a, b, c, ldc, dims, opts) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx2 => unsafe { run::<x86::Avx2>(a, b, c, ldc, dims, opts) },
+        // SAFETY: the portable kernel needs no CPU feature.
+        _ => unsafe { run::<Portable>(a, b, c, ldc, dims, opts) },
+    }
+    Ok(())
+}
+
 /// [`gemm`] with A packed beforehand; `opts.precision` must be the one A was packed for.
 pub fn gemm_packed(
     a: &PackedA,
@@ -235,7 +383,10 @@ pub fn gemm_packed(
             a.precision, opts.precision
         )));
     }
-    let (m, n, _) = check_dims(a.m, a.k, &b, c, ldc, opts)?;
+    if !b.in_bounds() {
+        return Err(GemmError("B's view reaches past its slice".into()));
+    }
+    let (m, n, _) = check_dims((a.m, a.k), b.dims(), c, ldc, opts)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -254,7 +405,7 @@ pub fn gemm_packed(
             unsafe { std::slice::from_raw_parts(a.data.as_ptr().cast::<K::P>(), a.data.len()) };
         let (_, n) = b.dims();
         // SAFETY: forwarded (shapes checked by the caller).
-        unsafe { run_packed::<K>(ap, b, c, ldc, a.m, n, a.k, opts) }
+        unsafe { run_packed::<K>(ap, BSrc::Pack(b), c, ldc, a.m, n, a.k, opts) }
     }
     match a.path {
         #[cfg(target_arch = "x86_64")]
@@ -372,26 +523,24 @@ fn check(
     if !a.in_bounds() {
         return Err(GemmError("A's view reaches past its slice".into()));
     }
-    check_dims(a.rows, a.cols, b, c, ldc, opts)
+    if !b.in_bounds() {
+        return Err(GemmError("B's view reaches past its slice".into()));
+    }
+    check_dims((a.rows, a.cols), b.dims(), c, ldc, opts)
 }
 
-/// The checks of [`check`] past A's own view, for an `m × k` A.
+/// The checks of [`check`] past the operands' own views, for an `m × k` A and a `kb × n` B.
 fn check_dims(
-    m: usize,
-    k: usize,
-    b: &BRef<'_>,
+    (m, k): (usize, usize),
+    (kb, n): (usize, usize),
     c: &[f32],
     ldc: usize,
     opts: &GemmOpts<'_>,
 ) -> Result<(usize, usize, usize), GemmError> {
-    let (kb, n) = b.dims();
     if kb != k {
         return Err(GemmError(format!(
             "inner dimensions differ: A is {m}×{k}, B is {kb}×{n}"
         )));
-    }
-    if !b.in_bounds() {
-        return Err(GemmError("B's view reaches past its slice".into()));
     }
     if m > 0 && n > 0 && (ldc < n || c.len() < (m - 1) * ldc + n) {
         return Err(GemmError(format!(
@@ -1074,7 +1223,7 @@ unsafe fn drive<K: Kernel>(
     // A: panel q holds rows q·MR.. as [ksteps][MR] (zero rows past m, zero k past k).
     with_scratch::<K, _>(packed_a_len::<K>(m, k), |ap| {
         pack_a::<K>(a, m, k, K::round_bf16(opts.precision), ap, !opts.serial);
-        run_packed::<K>(ap, b, c, ldc, m, n, k, opts)
+        run_packed::<K>(ap, BSrc::Pack(b), c, ldc, m, n, k, opts)
     })
 }
 
@@ -1129,6 +1278,14 @@ fn pack_a<K: Kernel>(
     }
 }
 
+/// Where [`run_packed`] gets B: packed per stripe and k-block as it goes, or prepacked whole
+/// by [`PackedB`] (micro-panel u at u · ⌈k / KP⌉ · NR).
+#[derive(Clone, Copy)]
+enum BSrc<'a, P> {
+    Pack(BRef<'a>),
+    Packed(&'a [P]),
+}
+
 /// The product from A packed by [`pack_a`] (B packed per stripe and k-block as it goes).
 ///
 /// # Safety
@@ -1136,7 +1293,7 @@ fn pack_a<K: Kernel>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_packed<K: Kernel>(
     ap: &[K::P],
-    b: BRef<'_>,
+    b: BSrc<'_, K::P>,
     c: &mut [f32],
     ldc: usize,
     m: usize,
@@ -1201,17 +1358,34 @@ unsafe fn run_packed<K: Kernel>(
                 K::act(opts.act, &mut c[i * ldc + j0..i * ldc + j0 + ncs]);
             }
         }
-        with_scratch::<K, _>(micro * kcs * nr, |bp| {
+        let scratch_len = match b {
+            BSrc::Pack(_) => micro * kcs * nr,
+            BSrc::Packed(_) => 0,
+        };
+        with_scratch::<K, _>(scratch_len, |bp| {
             let mut tmp = vec![0f32; mr * nr];
             let nkb = ksteps.div_ceil(kcs);
             for kb in 0..nkb {
                 let s0 = kb * kcs;
                 let steps = kcs.min(ksteps - s0);
-                // Pack B rows s0·KP.. of columns j0..j0+ncs as micro-panels [steps][NR].
-                match b {
-                    BRef::F32(bv) => pack_b::<K, f32>(&bv, k, s0, steps, j0, ncs, round, bp),
-                    BRef::Bf16(bv) => pack_b::<K, bf16>(&bv, k, s0, steps, j0, ncs, round, bp),
-                }
+                // B rows s0·KP.. of columns j0..j0+ncs as micro-panels [steps][NR], u apart:
+                // packed now, or the prepacked panels' rows (j0 is a multiple of NR).
+                let (bbase, ustride): (*const K::P, usize) = match b {
+                    BSrc::Pack(BRef::F32(bv)) => {
+                        pack_b::<K, f32>(&bv, k, s0, steps, j0, ncs, round, bp);
+                        (bp.as_ptr(), steps * nr)
+                    }
+                    BSrc::Pack(BRef::Bf16(bv)) => {
+                        pack_b::<K, bf16>(&bv, k, s0, steps, j0, ncs, round, bp);
+                        (bp.as_ptr(), steps * nr)
+                    }
+                    // SAFETY: panel j0/NR + u holds ksteps·NR elements from
+                    // (j0/NR + u)·ksteps·NR, inside the prepacked slice for u < micro.
+                    BSrc::Packed(pb) => (
+                        unsafe { pb.as_ptr().add((j0 / nr) * ksteps * nr + s0 * nr) },
+                        ksteps * nr,
+                    ),
+                };
                 for q in 0..panels {
                     let i0 = q * mr;
                     let rows = mr.min(m - i0);
@@ -1220,8 +1394,9 @@ unsafe fn run_packed<K: Kernel>(
                     for u in 0..micro {
                         let jc = j0 + u * nr;
                         let cols = nr.min(j0 + ncs - jc);
-                        // SAFETY: micro-panel u spans steps·NR packed elements inside `bp`.
-                        let bpan = unsafe { bp.as_ptr().add(u * steps * nr) };
+                        // SAFETY: micro-panel u's block spans steps·NR packed elements from
+                        // `bbase + u · ustride`, inside `bp` or the prepacked B.
+                        let bpan = unsafe { bbase.add(u * ustride) };
                         let add = !(zero_start && kb == 0);
                         if rows == mr && cols == nr {
                             // SAFETY: rows i0..i0+MR < m and columns jc..jc+NR ≤ j0+ncs of C are
@@ -1797,6 +1972,71 @@ mod tests {
                         assert!(gemm_packed(&pa, short, &mut got, n, &opts).is_err());
                     }
                 }
+            }
+        }
+    }
+
+    /// A weight packed once as B (f32 or bf16 storage, `[n, k]` read transposed, as a linear
+    /// layer's) gives the product `gemm` gives packing it per call, bit for bit, with bias,
+    /// GELU or accumulation, across several k-blocks and stripes and ragged edges.
+    #[test]
+    fn prepacked_b_gives_the_same_product() {
+        let mut s = 5u64;
+        for (m, k, n) in [(1, 1, 1), (13, 7, 33), (40, 1100, 70), (30, 64, 600)] {
+            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let start: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+            let weights = [
+                BRef::F32(MatRef::transposed(&w, k, n)),
+                BRef::Bf16(MatRef::transposed(&wb, k, n)),
+            ];
+            for (bm, precision) in weights
+                .into_iter()
+                .flat_map(|b| [(b, Precision::F32), (b, Precision::Bf16)])
+            {
+                let pb = PackedB::new(bm, precision).unwrap();
+                assert_eq!((pb.rows(), pb.cols()), (k, n));
+                for (act, accumulate) in
+                    [(Act::None, false), (Act::GeluErf, false), (Act::None, true)]
+                {
+                    let opts = GemmOpts {
+                        bias_n: Some(&bias),
+                        precision,
+                        act,
+                        accumulate,
+                        ..Default::default()
+                    };
+                    let am = MatRef::row_major(&a, m, k);
+                    let mut want = start.clone();
+                    gemm(am, bm, &mut want, n, &opts).unwrap();
+                    let mut got = start.clone();
+                    gemm_packed_b(am, &pb, &mut got, n, &opts).unwrap();
+                    assert_eq!(got, want, "{m}×{k}×{n} {precision:?} {act:?} {accumulate}");
+                }
+                // Wrong precision, inner dimension or C: errors, C untouched.
+                let other = match precision {
+                    Precision::F32 => Precision::Bf16,
+                    Precision::Bf16 => Precision::F32,
+                };
+                let opts = GemmOpts {
+                    precision: other,
+                    ..Default::default()
+                };
+                let mut c = vec![7f32; m * n];
+                let am = MatRef::row_major(&a, m, k);
+                assert!(gemm_packed_b(am, &pb, &mut c, n, &opts).is_err());
+                let opts = GemmOpts {
+                    precision,
+                    ..Default::default()
+                };
+                if k > 1 {
+                    let narrow = MatRef::row_major(&a, m, k - 1);
+                    assert!(gemm_packed_b(narrow, &pb, &mut c, n, &opts).is_err());
+                }
+                assert!(gemm_packed_b(am, &pb, &mut c[..m * n - 1], n, &opts).is_err());
+                assert!(c.iter().all(|&x| x == 7.0));
             }
         }
     }

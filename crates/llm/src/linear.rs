@@ -11,16 +11,21 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use janus_kernels::gemm::{self, Act, BRef, GemmOpts, MatRef, Precision};
+use janus_kernels::gemm::{self, Act, BRef, GemmOpts, MatRef, PackedB, Precision};
 use janus_kernels::Weights;
+use std::sync::Arc;
 
 /// Largest number of activation rows sent to the few-row CPU kernel.
 pub const SMALL_M: usize = 32;
 
-/// A dense layer `y = x Wᵀ + b` with weight `[out, in]` kept in its storage dtype.
+/// A dense layer `y = x Wᵀ + b` with weight `[out, in]` kept in its storage dtype (or, for
+/// layers that only ever see many rows on the CPU, packed once for the GEMM).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
+    /// The weight packed for the CPU GEMM by [`Linear::prepack`]; `weight` is then an empty
+    /// placeholder and every product goes through the packed copy.
+    packed: Option<Arc<PackedB>>,
     bias: Option<Tensor>,
     /// Products of large-M CPU calls with f32 activations rounded to bf16 (f32 accumulation):
     /// the CPU's bf16-compute mode for layers that keep f32 activations (the vision tower).
@@ -34,9 +39,53 @@ impl Linear {
         let span = tracing::span!(tracing::Level::TRACE, "linear");
         Self {
             weight,
+            packed: None,
             bias,
             bf16_products: false,
             span,
+        }
+    }
+
+    /// Packs the weight once for the CPU GEMM at the precision this layer's products use
+    /// (bf16 pairs with bf16 products: half an f32 weight's bytes) and drops the tensor, so
+    /// large-M products skip packing it per call at no extra memory. For layers that only see
+    /// many rows (the vision tower): every product, few-row ones included, then runs on the
+    /// GEMM. No-op off the CPU or for weights the GEMM cannot read.
+    pub fn prepack(mut self) -> Result<Self> {
+        if !self.weight.device().is_cpu() || self.packed.is_some() {
+            return Ok(self);
+        }
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let precision = if self.bf16_products {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        let w = self.weight.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let r = wl.start_offset()..wl.start_offset() + out_dim * in_dim;
+        let b = match &*ws {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                BRef::F32(MatRef::transposed(&v[r], in_dim, out_dim))
+            }
+            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+                BRef::Bf16(MatRef::transposed(&v[r], in_dim, out_dim))
+            }
+            _ => return Ok(self),
+        };
+        let packed = PackedB::new(b, precision).map_err(candle_core::Error::wrap)?;
+        drop(ws);
+        self.packed = Some(Arc::new(packed));
+        // The placeholder keeps the dtype and device; its shape is never read (see `dims`).
+        self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        Ok(self)
+    }
+
+    /// `(out, in)`.
+    fn dims(&self) -> (usize, usize) {
+        match &self.packed {
+            Some(p) => (p.cols(), p.rows()),
+            None => self.weight.dims2().unwrap_or((0, 0)),
         }
     }
 
@@ -61,6 +110,9 @@ impl Linear {
     /// Stacks several layers that read the same input into one (e.g. q, k, v) so a step reads
     /// their weights in one pass.
     pub fn fuse(parts: &[Linear]) -> Result<Self> {
+        if parts.iter().any(|p| p.packed.is_some()) {
+            candle_core::bail!("Linear::fuse: fuse before prepacking");
+        }
         let ws: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
         let weight = Tensor::cat(&ws, 0)?;
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
@@ -74,17 +126,12 @@ impl Linear {
 
     /// Output features.
     pub fn out_dim(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        self.dims().0
     }
 
     /// Input features.
     pub fn in_dim(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0)
-    }
-
-    /// The weight tensor `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+        self.dims().1
     }
 }
 
@@ -123,6 +170,19 @@ impl Module for Linear {
             if let Some(y) = self.forward_gemm_cpu(x, rows, in_dim, Act::None, None)? {
                 return y.reshape(out_shape);
             }
+        }
+        if self.packed.is_some() {
+            // Only CPU layers are packed, and the GEMM takes every product but an empty one
+            // (or one whose input width is wrong).
+            if rows == 0 && in_dim == self.in_dim() {
+                return Tensor::zeros(out_shape, x.dtype(), x.device());
+            }
+            candle_core::bail!(
+                "prepacked linear layer of input width {} got {:?} on {:?}",
+                self.in_dim(),
+                x.shape(),
+                x.device()
+            );
         }
         let x2 = x.reshape((rows, in_dim))?;
         let w = if self.weight.dtype() == x.dtype() {
@@ -178,8 +238,9 @@ impl Linear {
     }
 
     /// Large-M product on the CPU GEMM (f32 or bf16 activations, f32 or bf16 weights); `None`
-    /// when the weight or bias layout does not allow it. bf16 activations are multiplied with
-    /// bf16 products and f32 accumulation, and the result is returned in bf16.
+    /// when the weight or bias layout does not allow it (never for a prepacked weight). bf16
+    /// activations are multiplied with bf16 products and f32 accumulation, and the result is
+    /// returned in bf16; a prepacked weight multiplies at the precision it was packed for.
     fn forward_gemm_cpu(
         &self,
         x: &Tensor,
@@ -192,13 +253,14 @@ impl Linear {
         if residual.is_some() && out_dt != DType::F32 {
             return Ok(None);
         }
-        let precision = match out_dt {
-            DType::F32 if self.bf16_products => Precision::Bf16,
-            DType::F32 => Precision::F32,
-            DType::BF16 => Precision::Bf16,
-            _ => return Ok(None),
+        let precision = match (&self.packed, out_dt) {
+            (Some(p), _) => p.precision(),
+            (None, DType::F32) if self.bf16_products => Precision::Bf16,
+            (None, DType::F32) => Precision::F32,
+            (None, DType::BF16) => Precision::Bf16,
+            (None, _) => return Ok(None),
         };
-        if !self.weight.is_contiguous() || in_dim != self.in_dim() {
+        if in_dim != self.in_dim() || (self.packed.is_none() && !self.weight.is_contiguous()) {
             return Ok(None);
         }
         let out_dim = self.out_dim();
@@ -207,11 +269,7 @@ impl Linear {
             Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
-        let out = self.with_cpu_slices(&x, bias.as_ref(), rows, |xs, bias_slice, w| {
-            let b = match w {
-                Weights::F32(w) => BRef::F32(MatRef::transposed(w, in_dim, out_dim)),
-                Weights::Bf16(w) => BRef::Bf16(MatRef::transposed(w, in_dim, out_dim)),
-            };
+        let product = |xs: &[f32], bias_slice: Option<&[f32]>, w: Option<Weights<'_>>| {
             let mut out = match residual {
                 Some(r) => r.flatten_all()?.to_vec1::<f32>()?,
                 None => vec![0f32; rows * out_dim],
@@ -223,16 +281,23 @@ impl Linear {
                 accumulate: residual.is_some(),
                 ..Default::default()
             };
-            gemm::gemm(
-                MatRef::row_major(xs, rows, in_dim),
-                b,
-                &mut out,
-                out_dim,
-                &opts,
-            )
+            let a = MatRef::row_major(xs, rows, in_dim);
+            match (&self.packed, w) {
+                (Some(p), _) => gemm::gemm_packed_b(a, p, &mut out, out_dim, &opts),
+                (None, Some(Weights::F32(w))) => {
+                    let b = BRef::F32(MatRef::transposed(w, in_dim, out_dim));
+                    gemm::gemm(a, b, &mut out, out_dim, &opts)
+                }
+                (None, Some(Weights::Bf16(w))) => {
+                    let b = BRef::Bf16(MatRef::transposed(w, in_dim, out_dim));
+                    gemm::gemm(a, b, &mut out, out_dim, &opts)
+                }
+                (None, None) => unreachable!("a weight without a packed copy has its slice"),
+            }
             .map_err(candle_core::Error::wrap)?;
             Ok(out)
-        })?;
+        };
+        let out = self.with_cpu_slices(&x, bias.as_ref(), rows, product)?;
         let Some(out) = out else {
             return Ok(None);
         };
@@ -246,7 +311,7 @@ impl Linear {
 
     /// Few-row product on the CPU kernel; `None` when the weight layout does not allow it.
     fn forward_small_cpu(&self, x: &Tensor, rows: usize, in_dim: usize) -> Result<Option<Tensor>> {
-        if !self.weight.is_contiguous() || in_dim != self.in_dim() {
+        if self.packed.is_some() || !self.weight.is_contiguous() || in_dim != self.in_dim() {
             return Ok(None);
         }
         let x = x.contiguous()?;
@@ -257,6 +322,7 @@ impl Linear {
             None => None,
         };
         let out = self.with_cpu_slices(&x, bias.as_ref(), rows, |xs, bias_slice, w| {
+            let w = w.expect("not prepacked (checked above)");
             let mut out = vec![0f32; rows * out_dim];
             janus_kernels::linear_rows(xs, rows, in_dim, w, out_dim, bias_slice, &mut out);
             Ok(out)
@@ -266,14 +332,14 @@ impl Linear {
     }
 
     /// Runs `f` on the CPU slices of `x` (f32, contiguous, `rows × in_dim`), of `bias` (f32,
-    /// contiguous) and of the weight (f32 or bf16, contiguous); `None` when one of them is not
-    /// in CPU memory in such a dtype.
+    /// contiguous) and of the weight (f32 or bf16, contiguous; `None` when prepacked); `None`
+    /// when one of them is not in CPU memory in such a dtype.
     fn with_cpu_slices<R>(
         &self,
         x: &Tensor,
         bias: Option<&Tensor>,
         rows: usize,
-        f: impl FnOnce(&[f32], Option<&[f32]>, Weights<'_>) -> Result<R>,
+        f: impl FnOnce(&[f32], Option<&[f32]>, Option<Weights<'_>>) -> Result<R>,
     ) -> Result<Option<R>> {
         let (in_dim, out_dim) = (self.in_dim(), self.out_dim());
         let (xs, xl) = x.storage_and_layout();
@@ -292,6 +358,9 @@ impl Linear {
             },
             None => None,
         };
+        if self.packed.is_some() {
+            return f(xs, bias_slice, None).map(Some);
+        }
         let (ws, wl) = self.weight.storage_and_layout();
         let w = wl.start_offset()..wl.start_offset() + out_dim * in_dim;
         let w = match &*ws {
@@ -299,7 +368,7 @@ impl Linear {
             candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => Weights::Bf16(&v[w]),
             _ => return Ok(None),
         };
-        f(xs, bias_slice, w).map(Some)
+        f(xs, bias_slice, Some(w)).map(Some)
     }
 }
 

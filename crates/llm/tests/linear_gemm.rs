@@ -65,3 +65,59 @@ fn large_m_forms_match_candle() {
     let bad = Tensor::zeros((1, rows, n + 1), DType::F32, &dev).unwrap();
     assert!(lin.forward_residual(&x, &bad).is_err());
 }
+
+/// A prepacked layer (the vision tower's) gives, bit for bit, the large-M products of the same
+/// layer unpacked, in f32 and with bf16 products, from f32 or bf16 weights; few-row and empty
+/// inputs still work (through the GEMM); it cannot be fused any more.
+#[test]
+fn prepacked_layer_matches_unpacked() {
+    let dev = Device::Cpu;
+    let (rows, k, n) = (SMALL_M + 9, 70, 45);
+    let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
+    let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+    let res = Tensor::randn(0f32, 1.0, (1, rows, n), &dev).unwrap();
+    for wdt in [DType::F32, DType::BF16] {
+        let w = Tensor::randn(0f32, 0.2, (n, k), &dev)
+            .unwrap()
+            .to_dtype(wdt)
+            .unwrap();
+        for bf16_products in [false, true] {
+            let plain = Linear::new(w.clone(), Some(b.clone())).with_bf16_products(bf16_products);
+            let packed = plain.clone().prepack().unwrap();
+            assert_eq!((packed.in_dim(), packed.out_dim()), (k, n));
+            let same = |a: Tensor, b: Tensor, what: &str| {
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                assert_eq!(max_diff(&a, &b), 0.0, "{wdt:?} {bf16_products} {what}");
+            };
+            same(
+                packed.forward(&x).unwrap(),
+                plain.forward(&x).unwrap(),
+                "plain",
+            );
+            same(
+                packed.forward_gelu(&x).unwrap(),
+                plain.forward_gelu(&x).unwrap(),
+                "gelu",
+            );
+            same(
+                packed.forward_residual(&x, &res).unwrap(),
+                plain.forward_residual(&x, &res).unwrap(),
+                "residual",
+            );
+            // Few rows: the packed layer multiplies on the GEMM, the plain one on the few-row
+            // kernel (f32 products); equal within the products' rounding.
+            let few = x.narrow(1, 0, 3).unwrap();
+            let tol = if bf16_products { 0.05 } else { 1e-4 };
+            let d = max_diff(
+                &packed.forward(&few).unwrap(),
+                &plain.forward(&few).unwrap(),
+            );
+            assert!(d < tol, "{wdt:?} {bf16_products} few rows: {d}");
+            let none = x.narrow(1, 0, 0).unwrap();
+            assert_eq!(packed.forward(&none).unwrap().dims(), &[1, 0, n]);
+            let wide = Tensor::zeros((1, 2, k + 1), DType::F32, &dev).unwrap();
+            assert!(packed.forward(&wide).is_err());
+            assert!(Linear::fuse(&[packed.clone(), packed]).is_err());
+        }
+    }
+}

@@ -71,8 +71,12 @@ struct Block {
 impl Block {
     fn load(vb: VarBuilder, cfg: &VisionConfig, dtype: DType, bf16_products: bool) -> Result<Self> {
         let w = cfg.width;
+        // The tower only multiplies many rows (patches) at a time: on the CPU the weights are
+        // packed once for the GEMM, in place of the tensors.
         let lin = |name: &str, i: usize, o: usize| -> Result<Linear> {
-            Ok(Linear::load(vb.pp(name), i, o, true)?.with_bf16_products(bf16_products))
+            Linear::load(vb.pp(name), i, o, true)?
+                .with_bf16_products(bf16_products)
+                .prepack()
         };
         Ok(Self {
             norm1: layer_norm(vb.pp("norm1"), w, dtype)?,
@@ -142,8 +146,9 @@ impl VisionTower {
         // The stride-p conv equals a matmul over flattened (c, ky, kx) patches.
         let conv_w = vb.get((w, 3, p, p), "patch_embed.proj.weight")?;
         let conv_b = vb.get(w, "patch_embed.proj.bias")?.to_dtype(DType::F32)?;
-        let patch_embed =
-            Linear::new(conv_w.reshape((w, 3 * p * p))?, Some(conv_b)).with_bf16_products(cpu_bf16);
+        let patch_embed = Linear::new(conv_w.reshape((w, 3 * p * p))?, Some(conv_b))
+            .with_bf16_products(cpu_bf16)
+            .prepack()?;
         let pos_embed = vb
             .get((1, cfg.num_patches(), w), "pos_embed")?
             .to_dtype(dtype)?
