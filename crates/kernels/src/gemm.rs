@@ -682,9 +682,22 @@ const SCRATCH_KEEP: usize = 32 << 20;
 /// reads.
 fn with_scratch<K: Kernel, R>(len: usize, f: impl FnOnce(&mut [K::P]) -> R) -> R {
     const { assert!(std::mem::size_of::<K::P>() == 4 && std::mem::align_of::<K::P>() <= 4) };
-    let mut buf = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    // The smallest kept buffer that is long enough, else the longest (grown): callers of
+    // different sizes interleave (a product's packing inside an attention head's scores), and
+    // growing a short buffer would copy and zero it again.
+    let mut buf = SCRATCH
+        .with(|s| {
+            let mut s = s.borrow_mut();
+            let fit = (0..s.len())
+                .filter(|&i| s[i].len() >= len)
+                .min_by_key(|&i| s[i].len())
+                .or_else(|| (0..s.len()).max_by_key(|&i| s[i].len()));
+            fit.map(|i| s.swap_remove(i))
+        })
+        .unwrap_or_default();
     if buf.len() < len {
-        buf.resize(len, 0);
+        // Nothing to keep: a fresh allocation instead of a copy of the old contents.
+        buf = vec![0; len];
     }
     // SAFETY: `K::P` is f32 or u32 (size 4, align ≤ 4, every bit pattern valid; see `Kernel`),
     // and the slice covers `len` initialised u32s.
