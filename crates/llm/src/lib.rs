@@ -450,6 +450,27 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up.forward(x)?;
+        if matches!(gu.device(), Device::Cpu) && gu.dtype() == DType::F32 {
+            // One pass over the fused product (candle's narrow + silu + mul are three, on
+            // strided views).
+            let gu = gu.contiguous()?;
+            let mut dims = gu.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = self.inter;
+            }
+            let mut out = vec![0f32; gu.elem_count() / 2];
+            {
+                let (g, l) = gu.storage_and_layout();
+                let candle_core::Storage::Cpu(g) = &*g else {
+                    candle_core::bail!("CPU storage expected");
+                };
+                let g = &g.as_slice::<f32>()?[l.start_offset()..l.start_offset() + gu.elem_count()];
+                janus_kernels::elementwise::silu_mul(g, self.inter, &mut out);
+            }
+            return self
+                .down_proj
+                .forward(&Tensor::from_vec(out, dims, gu.device())?);
+        }
         let gate = gu.narrow(D::Minus1, 0, self.inter)?;
         let up = gu.narrow(D::Minus1, self.inter, self.inter)?;
         self.down_proj
