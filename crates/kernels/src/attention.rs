@@ -328,13 +328,21 @@ fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
 /// vectorises them (a single running max/sum is a serial dependency chain).
 #[inline(always)]
 fn softmax_row_body(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
-    match mask {
-        Some(m) => row
-            .iter_mut()
-            .zip(m)
-            .for_each(|(x, &b)| *x = *x * scale + b),
-        None => row.iter_mut().for_each(|x| *x *= scale),
-    }
+    // Without a mask a positive scale is folded into the exponent (it keeps the max in place),
+    // saving a pass; with a mask the scaled, masked scores are written first.
+    let s = match mask {
+        Some(m) => {
+            row.iter_mut()
+                .zip(m)
+                .for_each(|(x, &b)| *x = *x * scale + b);
+            1.0
+        }
+        None if scale > 0.0 => scale,
+        None => {
+            row.iter_mut().for_each(|x| *x *= scale);
+            1.0
+        }
+    };
     let mut lanes = [f32::NEG_INFINITY; 16];
     let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
@@ -349,15 +357,20 @@ fn softmax_row_body(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
         .chain(&lanes)
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|x| *x = exp_approx(*x - max));
+    // e^((x − max)·s), summed as it is written.
     let mut sums = [0f32; 16];
-    let mut chunks = row.chunks_exact(16);
+    let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
-        for (l, &x) in sums.iter_mut().zip(c) {
-            *l += x;
+        for (l, x) in sums.iter_mut().zip(c) {
+            *x = exp_approx((*x - max) * s);
+            *l += *x;
         }
     }
-    let sum: f32 = chunks.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>();
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_approx((*x - max) * s);
+        sum += *x;
+    }
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
 }

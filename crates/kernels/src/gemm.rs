@@ -1338,11 +1338,13 @@ unsafe fn run_packed<K: Kernel>(
         // SAFETY: this task reads and writes only columns j0..j0+ncs of rows < m of C (inside
         // `c` per `check`), which no other task touches; `c` outlives the parallel loop.
         let c = unsafe { std::slice::from_raw_parts_mut(cp.get(), clen) };
-        // Start C as bias / zero (or keep it when accumulating). A zero start is left to the
-        // first k-block, whose tiles are stored instead of added.
-        let zero_start =
-            !opts.accumulate && opts.bias_m.is_none() && opts.bias_n.is_none() && ksteps > 0;
-        for i in (0..m).filter(|_| !zero_start) {
+        // C starts at zero (the first k-block's tiles are stored, not added) or keeps its
+        // contents when accumulating; biases are added with the activation as each row panel
+        // is finished, while it is in cache, not by a pass over cold C first. k = 0 has no
+        // k-block: C is set here.
+        let zero_start = !opts.accumulate && ksteps > 0;
+        let biased = opts.bias_m.is_some() || opts.bias_n.is_some();
+        for i in (0..m).filter(|_| ksteps == 0) {
             let row = &mut c[i * ldc + j0..i * ldc + j0 + ncs];
             if !opts.accumulate {
                 let bm = opts.bias_m.map_or(0.0, |v| v[i]);
@@ -1432,9 +1434,18 @@ unsafe fn run_packed<K: Kernel>(
                             }
                         }
                     }
-                    if kb + 1 == nkb && opts.act != Act::None {
+                    if kb + 1 == nkb && (biased || opts.act != Act::None) {
                         for r in 0..rows {
                             let row = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + ncs];
+                            let bm = opts.bias_m.map_or(0.0, |v| v[i0 + r]);
+                            match opts.bias_n {
+                                Some(bn) => row
+                                    .iter_mut()
+                                    .zip(&bn[j0..j0 + ncs])
+                                    .for_each(|(o, &v)| *o += v + bm),
+                                None if bm != 0.0 => row.iter_mut().for_each(|o| *o += bm),
+                                None => {}
+                            }
                             K::act(opts.act, row);
                         }
                     }
