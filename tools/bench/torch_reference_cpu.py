@@ -37,6 +37,7 @@ uses for the same key (it leaves out the aligner and the lm_head), for comparing
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -74,19 +75,9 @@ def parse_args():
 # Config (the same defaults and overrides as crates/pipeline/src/config.rs)
 
 
-def llm_config(cfg):
-    """language_config with transformers.LlamaConfig's defaults for what the 7B config omits."""
-    lc = dict(cfg.get("language_config", {}))
-    lc.setdefault("hidden_size", 4096)
-    lc.setdefault("num_attention_heads", 32)
-    lc.setdefault("intermediate_size", 11008)
-    lc.setdefault("rms_norm_eps", 1e-6)
-    lc.setdefault("rope_theta", 10000.0)
-    lc.setdefault("num_hidden_layers", 32)
-    lc.setdefault("num_key_value_heads", lc["num_attention_heads"])
-    lc.setdefault("max_position_embeddings", 16384)
-    lc.setdefault("vocab_size", 102400)
-    return lc
+# `llm_config` is the sibling script's (the same defaults for what the 7B config omits).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_reference import llm_config  # noqa: E402
 
 
 def vision_config(cfg):

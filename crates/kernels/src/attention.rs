@@ -540,26 +540,13 @@ pub(crate) mod tests {
         let (kw, vw) = (w(&kb), w(&vb));
         for precision in [Precision::F32, Precision::Bf16] {
             let shape = AttnShape { precision, ..shape };
-            let mut want = vec![0f32; out.len()];
-            attention(
-                &q,
-                Kv::F32(&kw),
-                Kv::F32(&vw),
-                shape,
-                0.25,
-                Some(&mask),
-                &mut want,
-            );
-            let mut got = vec![0f32; out.len()];
-            attention(
-                &q,
-                Kv::Bf16(&kb),
-                Kv::Bf16(&vb),
-                shape,
-                0.25,
-                Some(&mask),
-                &mut got,
-            );
+            let run = |k, v| {
+                let mut o = vec![0f32; out.len()];
+                attention(&q, k, v, shape, 0.25, Some(&mask), &mut o);
+                o
+            };
+            let want = run(Kv::F32(&kw), Kv::F32(&vw));
+            let got = run(Kv::Bf16(&kb), Kv::Bf16(&vb));
             assert_eq!(got, want, "q_len {q_len} {precision:?}");
         }
         for h in 0..heads {

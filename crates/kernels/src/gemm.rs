@@ -24,6 +24,22 @@ use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+/// `$f::<K>(args)` with `K` the kernel of path `$p` (the one dispatch from a path to a kernel).
+/// For the `unsafe` kernel entry points the caller states why the CPU has the path's features.
+macro_rules! on_path {
+    ($p:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $p {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 => $f::<x86::Avx512Bf16>($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => $f::<x86::Avx512>($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => $f::<x86::Avx2>($($arg),*),
+            _ => $f::<Portable>($($arg),*),
+        }
+    };
+}
+
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a, T> {
@@ -192,15 +208,7 @@ impl PackedA {
             pack_a::<K>(a, m, k, K::round_bf16(precision), ap, true);
             data
         }
-        let data = match p {
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512Bf16 => packed::<x86::Avx512Bf16>(a, precision),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512 => packed::<x86::Avx512>(a, precision),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2 => packed::<x86::Avx2>(a, precision),
-            _ => packed::<Portable>(a, precision),
-        };
+        let data = on_path!(p, packed(a, precision));
         Ok(Self {
             path: p,
             precision,
@@ -272,15 +280,7 @@ impl PackedB {
                 });
             data
         }
-        let data = match p {
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512Bf16 => packed::<x86::Avx512Bf16>(b, precision),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512 => packed::<x86::Avx512>(b, precision),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2 => packed::<x86::Avx2>(b, precision),
-            _ => packed::<Portable>(b, precision),
-        };
+        let data = on_path!(p, packed(b, precision));
         Ok(Self {
             path: p,
             precision,
@@ -352,20 +352,9 @@ pub fn gemm_packed_b(
             unsafe { run_packed::<K>(ap, BSrc::Packed(bp), c, ldc, m, n, k, opts) }
         })
     }
-    let dims = (m, n, k);
-    match b.path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the path was chosen by `path` on this CPU when B was packed.
-        Path::Avx512Bf16 => unsafe { run::<x86::Avx512Bf16>(a, b, c, ldc, dims, opts) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx512 => unsafe { run::<x86::Avx512>(a, b, c, ldc, dims, opts) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx2 => unsafe { run::<x86::Avx2>(a, b, c, ldc, dims, opts) },
-        // SAFETY: the portable kernel needs no CPU feature.
-        _ => unsafe { run::<Portable>(a, b, c, ldc, dims, opts) },
-    }
+    // SAFETY: the path was chosen by `path` on this CPU when B was packed (the portable
+    // kernel needs no feature).
+    unsafe { on_path!(b.path, run(a, b, c, ldc, (m, n, k), opts)) };
     Ok(())
 }
 
@@ -407,19 +396,9 @@ pub fn gemm_packed(
         // SAFETY: forwarded (shapes checked by the caller).
         unsafe { run_packed::<K>(ap, BSrc::Pack(b), c, ldc, a.m, n, a.k, opts) }
     }
-    match a.path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the path was chosen by `path` on this CPU when A was packed.
-        Path::Avx512Bf16 => unsafe { run::<x86::Avx512Bf16>(a, b, c, ldc, opts) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx512 => unsafe { run::<x86::Avx512>(a, b, c, ldc, opts) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx2 => unsafe { run::<x86::Avx2>(a, b, c, ldc, opts) },
-        // SAFETY: the portable kernel needs no CPU feature.
-        _ => unsafe { run::<Portable>(a, b, c, ldc, opts) },
-    }
+    // SAFETY: the path was chosen by `path` on this CPU when A was packed (the portable
+    // kernel needs no feature).
+    unsafe { on_path!(a.path, run(a, b, c, ldc, opts)) };
     Ok(())
 }
 
@@ -576,20 +555,9 @@ fn gemm_at(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    match p {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `p` came from `path`/`gemm_on`, which only name paths whose features this
-        // CPU has; shapes were checked above.
-        Path::Avx512Bf16 => unsafe { drive::<x86::Avx512Bf16>(a, b, c, ldc, m, n, k, opts) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx512 => unsafe { drive::<x86::Avx512>(a, b, c, ldc, m, n, k, opts) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx2 => unsafe { drive::<x86::Avx2>(a, b, c, ldc, m, n, k, opts) },
-        // SAFETY: the portable kernel needs no CPU feature; shapes were checked above.
-        _ => unsafe { drive::<Portable>(a, b, c, ldc, m, n, k, opts) },
-    }
+    // SAFETY: `p` came from `path`/`gemm_on`, which only name paths whose features this CPU
+    // has (the portable kernel needs none); shapes were checked above.
+    unsafe { on_path!(p, drive(a, b, c, ldc, m, n, k, opts)) };
     Ok(())
 }
 

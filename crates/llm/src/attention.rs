@@ -103,9 +103,9 @@ fn sdpa_generic(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dt = q.dtype();
-    // Both products in the compute dtype, read
-    // straight from the cache views (cuBLAS accumulates bf16 products in f32), so no step copies
-    // or widens the keys and values; scale, mask and softmax in f32 on the small score matrix,
+    // Both products in the compute dtype, read straight from the cache views (cuBLAS
+    // accumulates bf16 products in f32), so no step copies or widens the keys and values;
+    // scale, mask and softmax in f32 on the small score matrix,
     // as the reference's eager attention upcasts its softmax.
     let mut att = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
     if let Some(mask) = mask {

@@ -19,13 +19,21 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-#[test]
-fn large_m_forms_match_candle() {
+/// Shapes `(rows, k, n)` past the few-row path, an input `[1, rows, k]`, a bias `[n]` and a
+/// residual `[1, rows, n]`.
+fn inputs() -> ((usize, usize, usize), Tensor, Tensor, Tensor) {
     let dev = Device::Cpu;
     let (rows, k, n) = (SMALL_M + 9, 70, 45);
     let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
     let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
     let res = Tensor::randn(0f32, 1.0, (1, rows, n), &dev).unwrap();
+    ((rows, k, n), x, b, res)
+}
+
+#[test]
+fn large_m_forms_match_candle() {
+    let dev = Device::Cpu;
+    let ((rows, k, n), x, b, res) = inputs();
     for wdt in [DType::F32, DType::BF16] {
         let w = Tensor::randn(0f32, 0.2, (n, k), &dev)
             .unwrap()
@@ -72,10 +80,7 @@ fn large_m_forms_match_candle() {
 #[test]
 fn prepacked_layer_matches_unpacked() {
     let dev = Device::Cpu;
-    let (rows, k, n) = (SMALL_M + 9, 70, 45);
-    let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
-    let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
-    let res = Tensor::randn(0f32, 1.0, (1, rows, n), &dev).unwrap();
+    let ((_, k, n), x, b, res) = inputs();
     for wdt in [DType::F32, DType::BF16] {
         let w = Tensor::randn(0f32, 0.2, (n, k), &dev)
             .unwrap()
