@@ -260,7 +260,10 @@ pub fn group_norm_act(
     eps: f64,
     silu: bool,
 ) {
-    assert!(groups > 0 && c.is_multiple_of(groups), "group_norm_act: groups");
+    assert!(
+        groups > 0 && c.is_multiple_of(groups),
+        "group_norm_act: groups"
+    );
     assert_eq!(x.len(), n * c * hw, "group_norm_act: x length");
     assert_eq!(gamma.len(), c, "group_norm_act: gamma length");
     assert_eq!(beta.len(), c, "group_norm_act: beta length");
