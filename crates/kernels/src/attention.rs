@@ -69,7 +69,7 @@ impl<'a> Kv<'a> {
     fn dot(self, q: &[f32], at: usize) -> f32 {
         match self {
             Kv::F32(x) => dot(q, &x[at..at + q.len()]),
-            Kv::Bf16(x) => dot_bf16(q, &x[at..at + q.len()]),
+            Kv::Bf16(x) => dot(q, &x[at..at + q.len()]),
         }
     }
 
@@ -77,14 +77,8 @@ impl<'a> Kv<'a> {
     fn axpy(self, p: f32, at: usize, acc: &mut [f32]) {
         let n = acc.len();
         match self {
-            Kv::F32(x) => acc
-                .iter_mut()
-                .zip(&x[at..at + n])
-                .for_each(|(a, &x)| *a += p * x),
-            Kv::Bf16(x) => acc
-                .iter_mut()
-                .zip(&x[at..at + n])
-                .for_each(|(a, &x)| *a += p * x.to_f32()),
+            Kv::F32(x) => axpy(p, &x[at..at + n], acc),
+            Kv::Bf16(x) => axpy(p, &x[at..at + n], acc),
         }
     }
 }
@@ -288,40 +282,28 @@ fn strided(data: &[f32], rows: usize, cols: usize, rs: usize) -> MatRef<'_, f32>
 /// Queries per head up to which the decode-shaped path is used.
 const SMALL_Q: usize = 4;
 
-/// Dot product with 16 independent lanes (vectorises; one running sum would not).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product with 16 independent lanes (vectorises; one running sum would not); `b` f32 or
+/// bf16 (widened exactly).
+fn dot<T: Copy + Into<f32>>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x * y.into())
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..16 {
-            lanes[l] += x[l] * y[l];
+            lanes[l] += x[l] * y[l].into();
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
-/// [`dot`] with the second operand in bf16 (widened exactly).
-fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l].to_f32();
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+/// `acc[d] += p · x[d]`, `x` f32 or bf16 (widened exactly).
+fn axpy<T: Copy + Into<f32>>(p: f32, x: &[T], acc: &mut [f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, &x)| *a += p * x.into());
 }
 
 /// In-place `softmax(row · scale + mask)`. Reductions use 16 independent lanes so the compiler

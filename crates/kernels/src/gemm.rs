@@ -124,6 +124,17 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// `Bf16` when `bf16_products`, else `F32`.
+    pub fn bf16_if(bf16_products: bool) -> Self {
+        if bf16_products {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+}
+
 /// Activation applied to C after the product and bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Act {
@@ -201,11 +212,14 @@ impl PackedA {
         fn packed<K: Kernel>(a: MatRef<'_, f32>, precision: Precision) -> Vec<u32> {
             let (m, k) = (a.rows, a.cols);
             let mut data = vec![0u32; packed_a_len::<K>(m, k)];
-            // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid.
-            let ap = unsafe {
-                std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<K::P>(), data.len())
-            };
-            pack_a::<K>(a, m, k, K::round_bf16(precision), ap, true);
+            pack_a::<K>(
+                a,
+                m,
+                k,
+                K::round_bf16(precision),
+                as_packed_mut::<K>(&mut data),
+                true,
+            );
             data
         }
         let data = on_path!(p, packed(a, precision));
@@ -258,10 +272,7 @@ impl PackedB {
             if data.is_empty() {
                 return data;
             }
-            // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid.
-            let bp = unsafe {
-                std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<K::P>(), data.len())
-            };
+            let bp = as_packed_mut::<K>(&mut data);
             let round = K::round_bf16(precision);
             // Micro-panel u is `[ksteps][NR]` at u · ksteps · NR: the whole k range of a run of
             // panels is one `pack_b` call, and runs go to the pool.
@@ -319,12 +330,7 @@ pub fn gemm_packed_b(
     ldc: usize,
     opts: &GemmOpts<'_>,
 ) -> Result<(), GemmError> {
-    if opts.precision != b.precision {
-        return Err(GemmError(format!(
-            "B was packed for {:?} products, the call asks for {:?}",
-            b.precision, opts.precision
-        )));
-    }
+    check_packed_for("B", b.precision, opts.precision)?;
     if !a.in_bounds() {
         return Err(GemmError("A's view reaches past its slice".into()));
     }
@@ -342,10 +348,8 @@ pub fn gemm_packed_b(
         (m, n, k): (usize, usize, usize),
         opts: &GemmOpts<'_>,
     ) {
-        // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid; `data` was
-        // packed by `pack_b::<K>` for a k × n B.
-        let bp =
-            unsafe { std::slice::from_raw_parts(b.data.as_ptr().cast::<K::P>(), b.data.len()) };
+        // `data` was packed by `pack_b::<K>` for a k × n B.
+        let bp = as_packed::<K>(&b.data);
         with_scratch::<K, _>(packed_a_len::<K>(m, k), |ap| {
             pack_a::<K>(a, m, k, K::round_bf16(opts.precision), ap, !opts.serial);
             // SAFETY: forwarded (shapes checked by the caller).
@@ -366,12 +370,7 @@ pub fn gemm_packed(
     ldc: usize,
     opts: &GemmOpts<'_>,
 ) -> Result<(), GemmError> {
-    if opts.precision != a.precision {
-        return Err(GemmError(format!(
-            "A was packed for {:?} products, the call asks for {:?}",
-            a.precision, opts.precision
-        )));
-    }
+    check_packed_for("A", a.precision, opts.precision)?;
     if !b.in_bounds() {
         return Err(GemmError("B's view reaches past its slice".into()));
     }
@@ -388,10 +387,8 @@ pub fn gemm_packed(
         ldc: usize,
         opts: &GemmOpts<'_>,
     ) {
-        // SAFETY: as in `with_scratch`: `K::P` is 4 bytes, any bit pattern valid; `data` was
-        // packed by `pack_a::<K>` for an m × k A.
-        let ap =
-            unsafe { std::slice::from_raw_parts(a.data.as_ptr().cast::<K::P>(), a.data.len()) };
+        // `data` was packed by `pack_a::<K>` for an m × k A.
+        let ap = as_packed::<K>(&a.data);
         let (_, n) = b.dims();
         // SAFETY: forwarded (shapes checked by the caller).
         unsafe { run_packed::<K>(ap, BSrc::Pack(b), c, ldc, a.m, n, a.k, opts) }
@@ -645,11 +642,35 @@ thread_local! {
 /// Largest buffer kept for reuse (32 Mi elements, 128 MiB); larger ones are freed after use.
 const SCRATCH_KEEP: usize = 32 << 20;
 
+/// `u32` storage viewed as the packed elements of kernel `K`.
+fn as_packed<K: Kernel>(data: &[u32]) -> &[K::P] {
+    const { assert!(std::mem::size_of::<K::P>() == 4 && std::mem::align_of::<K::P>() <= 4) };
+    // SAFETY: `K::P` is f32 or u32 (size 4, align ≤ 4, every bit pattern valid; see `Kernel`),
+    // and the slice covers `data.len()` initialised u32s.
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<K::P>(), data.len()) }
+}
+
+/// [`as_packed`], mutable.
+fn as_packed_mut<K: Kernel>(data: &mut [u32]) -> &mut [K::P] {
+    const { assert!(std::mem::size_of::<K::P>() == 4 && std::mem::align_of::<K::P>() <= 4) };
+    // SAFETY: as in `as_packed`.
+    unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<K::P>(), data.len()) }
+}
+
+/// Errors unless an operand packed for `packed` products is used for `asked` ones.
+fn check_packed_for(which: &str, packed: Precision, asked: Precision) -> Result<(), GemmError> {
+    if packed == asked {
+        return Ok(());
+    }
+    Err(GemmError(format!(
+        "{which} was packed for {packed:?} products, the call asks for {asked:?}"
+    )))
+}
+
 /// Runs `f` on a buffer of `len` packed elements taken from this thread's scratch (nested calls
 /// get distinct buffers). Its contents are whatever an earlier user left: `f` writes before it
 /// reads.
 fn with_scratch<K: Kernel, R>(len: usize, f: impl FnOnce(&mut [K::P]) -> R) -> R {
-    const { assert!(std::mem::size_of::<K::P>() == 4 && std::mem::align_of::<K::P>() <= 4) };
     // The smallest kept buffer that is long enough, else the longest (grown): callers of
     // different sizes interleave (a product's packing inside an attention head's scores), and
     // growing a short buffer would copy and zero it again.
@@ -667,9 +688,7 @@ fn with_scratch<K: Kernel, R>(len: usize, f: impl FnOnce(&mut [K::P]) -> R) -> R
         // Nothing to keep: a fresh allocation instead of a copy of the old contents.
         buf = vec![0; len];
     }
-    // SAFETY: `K::P` is f32 or u32 (size 4, align ≤ 4, every bit pattern valid; see `Kernel`),
-    // and the slice covers `len` initialised u32s.
-    let r = f(unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<K::P>(), len) });
+    let r = f(as_packed_mut::<K>(&mut buf[..len]));
     if buf.capacity() <= SCRATCH_KEEP {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();

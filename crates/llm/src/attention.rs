@@ -8,7 +8,10 @@ fn cpu_f32(t: &Tensor) -> bool {
 }
 
 /// The f32 data of a CPU storage from the layout's start offset.
-fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+pub(crate) fn cpu_slice<'a>(
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+) -> Result<&'a [f32]> {
     match s {
         candle_core::Storage::Cpu(s) => Ok(&s.as_slice::<f32>()?[l.start_offset()..]),
         _ => candle_core::bail!("CPU storage expected"),
@@ -105,8 +108,8 @@ fn sdpa_generic(
     let dt = q.dtype();
     // Both products in the compute dtype, read straight from the cache views (cuBLAS
     // accumulates bf16 products in f32), so no step copies or widens the keys and values;
-    // scale, mask and softmax in f32 on the small score matrix,
-    // as the reference's eager attention upcasts its softmax.
+    // scale, mask and softmax in f32 on the small score matrix, as the reference's eager
+    // attention upcasts its softmax.
     let mut att = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
     if let Some(mask) = mask {
         att = att.broadcast_add(&mask.to_dtype(DType::F32)?)?;
@@ -150,11 +153,7 @@ pub fn fused_qkv_attention(
             q: strides(w3),
             kv: strides(w3),
             out: strides(w),
-            precision: if bf16_products {
-                janus_kernels::gemm::Precision::Bf16
-            } else {
-                janus_kernels::gemm::Precision::F32
-            },
+            precision: janus_kernels::gemm::Precision::bf16_if(bf16_products),
         };
         for (x, o) in data.chunks(n * w3).zip(out.chunks_mut(n * w)) {
             janus_kernels::attention::attention(

@@ -461,10 +461,7 @@ impl Mlp {
             let mut out = vec![0f32; gu.elem_count() / 2];
             {
                 let (g, l) = gu.storage_and_layout();
-                let candle_core::Storage::Cpu(g) = &*g else {
-                    candle_core::bail!("CPU storage expected");
-                };
-                let g = &g.as_slice::<f32>()?[l.start_offset()..l.start_offset() + gu.elem_count()];
+                let g = &attention::cpu_slice(&g, l)?[..gu.elem_count()];
                 janus_kernels::elementwise::silu_mul(g, self.inter, &mut out);
             }
             return self

@@ -55,26 +55,16 @@ impl Linear {
         if !self.weight.device().is_cpu() || self.packed.is_some() {
             return Ok(self);
         }
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let precision = if self.bf16_products {
-            Precision::Bf16
-        } else {
-            Precision::F32
+        // A 2-D weight (`dims` and `with_weight` read its shape), contiguous for packing.
+        self.weight.dims2()?;
+        self.weight = self.weight.contiguous()?;
+        let precision = Precision::bf16_if(self.bf16_products);
+        let packed = self.with_weight(|w| {
+            PackedB::new(self.weight_operand(w), precision).map_err(candle_core::Error::wrap)
+        })?;
+        let Some(packed) = packed.transpose()? else {
+            return Ok(self);
         };
-        let w = self.weight.contiguous()?;
-        let (ws, wl) = w.storage_and_layout();
-        let r = wl.start_offset()..wl.start_offset() + out_dim * in_dim;
-        let b = match &*ws {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                BRef::F32(MatRef::transposed(&v[r], in_dim, out_dim))
-            }
-            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
-                BRef::Bf16(MatRef::transposed(&v[r], in_dim, out_dim))
-            }
-            _ => return Ok(self),
-        };
-        let packed = PackedB::new(b, precision).map_err(candle_core::Error::wrap)?;
-        drop(ws);
         self.packed = Some(Arc::new(packed));
         // The placeholder keeps the dtype and device; its shape is never read (see `dims`).
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
@@ -255,8 +245,7 @@ impl Linear {
         }
         let precision = match (&self.packed, out_dt) {
             (Some(p), _) => p.precision(),
-            (None, DType::F32) if self.bf16_products => Precision::Bf16,
-            (None, DType::F32) => Precision::F32,
+            (None, DType::F32) => Precision::bf16_if(self.bf16_products),
             (None, DType::BF16) => Precision::Bf16,
             (None, _) => return Ok(None),
         };
@@ -284,14 +273,7 @@ impl Linear {
             let a = MatRef::row_major(xs, rows, in_dim);
             match (&self.packed, w) {
                 (Some(p), _) => gemm::gemm_packed_b(a, p, &mut out, out_dim, &opts),
-                (None, Some(Weights::F32(w))) => {
-                    let b = BRef::F32(MatRef::transposed(w, in_dim, out_dim));
-                    gemm::gemm(a, b, &mut out, out_dim, &opts)
-                }
-                (None, Some(Weights::Bf16(w))) => {
-                    let b = BRef::Bf16(MatRef::transposed(w, in_dim, out_dim));
-                    gemm::gemm(a, b, &mut out, out_dim, &opts)
-                }
+                (None, Some(w)) => gemm::gemm(a, self.weight_operand(w), &mut out, out_dim, &opts),
                 (None, None) => unreachable!("a weight without a packed copy has its slice"),
             }
             .map_err(candle_core::Error::wrap)?;
@@ -361,14 +343,34 @@ impl Linear {
         if self.packed.is_some() {
             return f(xs, bias_slice, None).map(Some);
         }
+        self.with_weight(|w| f(xs, bias_slice, Some(w)))?
+            .transpose()
+    }
+
+    /// Runs `f` on the weight's CPU slice (f32 or bf16, `out × in` from its layout's start);
+    /// `None` when it is not in CPU memory in such a dtype.
+    fn with_weight<R>(&self, f: impl FnOnce(Weights<'_>) -> R) -> Result<Option<R>> {
+        let (in_dim, out_dim) = (self.in_dim(), self.out_dim());
         let (ws, wl) = self.weight.storage_and_layout();
         let w = wl.start_offset()..wl.start_offset() + out_dim * in_dim;
-        let w = match &*ws {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Weights::F32(&v[w]),
-            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => Weights::Bf16(&v[w]),
-            _ => return Ok(None),
-        };
-        f(xs, bias_slice, Some(w)).map(Some)
+        Ok(match &*ws {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                Some(f(Weights::F32(&v[w])))
+            }
+            candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+                Some(f(Weights::Bf16(&v[w])))
+            }
+            _ => None,
+        })
+    }
+
+    /// The weight `[out, in]` as the GEMM's right operand (`in × out`, read transposed).
+    fn weight_operand<'a>(&self, w: Weights<'a>) -> BRef<'a> {
+        let (in_dim, out_dim) = (self.in_dim(), self.out_dim());
+        match w {
+            Weights::F32(w) => BRef::F32(MatRef::transposed(w, in_dim, out_dim)),
+            Weights::Bf16(w) => BRef::Bf16(MatRef::transposed(w, in_dim, out_dim)),
+        }
     }
 }
 

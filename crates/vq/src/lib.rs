@@ -493,11 +493,7 @@ impl VqModel {
         } else {
             None
         };
-        let products = if on_cpu && dtype == DType::BF16 {
-            Precision::Bf16
-        } else {
-            Precision::F32
-        };
+        let products = Precision::bf16_if(on_cpu && dtype == DType::BF16);
         let decoder = Decoder::load(vb.pp("decoder"), cfg, products)?;
         Ok(Self {
             encoder,
