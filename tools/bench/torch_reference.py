@@ -54,6 +54,22 @@ def llm_config(cfg):
     return lc
 
 
+def hf_llama_config(LlamaConfig, lc, **extra):
+    """transformers' `LlamaConfig` for the language config `lc` (see `llm_config`)."""
+    return LlamaConfig(
+        hidden_size=lc["hidden_size"],
+        intermediate_size=lc["intermediate_size"],
+        num_hidden_layers=lc["num_hidden_layers"],
+        num_attention_heads=lc["num_attention_heads"],
+        num_key_value_heads=lc["num_key_value_heads"],
+        rms_norm_eps=lc["rms_norm_eps"],
+        rope_theta=lc["rope_theta"],
+        max_position_embeddings=lc["max_position_embeddings"],
+        vocab_size=lc["vocab_size"],
+        **extra,
+    )
+
+
 def main():
     args = parse_args()
     import torch
@@ -83,17 +99,7 @@ def main():
             try:
                 from transformers import LlamaConfig, LlamaModel
 
-                hf = LlamaConfig(
-                    hidden_size=hidden,
-                    intermediate_size=lc["intermediate_size"],
-                    num_hidden_layers=lc["num_hidden_layers"],
-                    num_attention_heads=lc["num_attention_heads"],
-                    num_key_value_heads=lc["num_key_value_heads"],
-                    rms_norm_eps=lc["rms_norm_eps"],
-                    rope_theta=lc["rope_theta"],
-                    max_position_embeddings=lc["max_position_embeddings"],
-                    vocab_size=lc["vocab_size"],
-                )
+                hf = hf_llama_config(LlamaConfig, lc)
                 model = LlamaModel(hf).to(dt).eval()
                 import transformers
 

@@ -75,9 +75,10 @@ def parse_args():
 # Config (the same defaults and overrides as crates/pipeline/src/config.rs)
 
 
-# `llm_config` is the sibling script's (the same defaults for what the 7B config omits).
+# `llm_config` and `hf_llama_config` are the sibling script's (the same defaults for what the
+# 7B config omits, the same transformers config).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_reference import llm_config  # noqa: E402
+from torch_reference import hf_llama_config, llm_config  # noqa: E402
 
 
 def vision_config(cfg):
@@ -329,19 +330,7 @@ def build_llm(torch, lc, attn):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kw = {} if attn is None else {"attn_implementation": attn}
-    hf = LlamaConfig(
-        hidden_size=lc["hidden_size"],
-        intermediate_size=lc["intermediate_size"],
-        num_hidden_layers=lc["num_hidden_layers"],
-        num_attention_heads=lc["num_attention_heads"],
-        num_key_value_heads=lc["num_key_value_heads"],
-        rms_norm_eps=lc["rms_norm_eps"],
-        rope_theta=lc["rope_theta"],
-        max_position_embeddings=lc["max_position_embeddings"],
-        vocab_size=lc["vocab_size"],
-        tie_word_embeddings=False,
-        **kw,
-    )
+    hf = hf_llama_config(LlamaConfig, lc, tie_word_embeddings=False, **kw)
     model = LlamaForCausalLM(hf)
     impl = getattr(model.config, "_attn_implementation", None)
     return model, f"transformers {transformers.__version__} LlamaForCausalLM (attn {impl})"
