@@ -8,6 +8,12 @@
 //! no f32 copy of the weight is made per call). bf16 activations on the CPU use the same GEMM
 //! with bf16 products (AVX512-BF16 `vdpbf16ps` where present) and f32 accumulation. The GPU uses
 //! candle's matmul.
+//!
+//! The LLM's layers pack their weights once at load ([`Linear::prepack_if_no_larger`]) where
+//! that takes no more memory than the weight: f32 weights, or bf16 products (bf16 pairs). Every
+//! product of such a layer, decode steps included, then runs on the packed GEMM, whose
+//! row-count kernels cover one or two rows, and nothing is packed per call. bf16 weights
+//! multiplied in f32 keep their tensor and the paths above.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -69,6 +75,17 @@ impl Linear {
         // The placeholder keeps the dtype and device; its shape is never read (see `dims`).
         self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
         Ok(self)
+    }
+
+    /// [`Linear::prepack`] when the packed copy takes no more memory than the weight it
+    /// replaces: f32 weights, or products in bf16 (packed as bf16 pairs). bf16 weights
+    /// multiplied in f32 stay as they are (packing would widen them to f32).
+    pub fn prepack_if_no_larger(self) -> Result<Self> {
+        if self.weight.dtype() == DType::F32 || self.bf16_products {
+            self.prepack()
+        } else {
+            Ok(self)
+        }
     }
 
     /// `(out, in)`.
