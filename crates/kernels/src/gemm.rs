@@ -1606,9 +1606,9 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let pf = steps.saturating_sub(C_PREFETCH_STEPS);
         for s in 0..steps {
-            if s == pf {
-                // SAFETY: forwarded contract (the C tile is valid memory).
-                unsafe { prefetch_tile::<R>(c, ldc) };
+            if s.wrapping_sub(pf) < R {
+                // SAFETY: row s − pf < R of the C tile (valid memory, per the contract).
+                unsafe { prefetch_row(c.add((s - pf) * ldc)) };
             }
             // SAFETY: s < steps: within the packed B micro-panel and A micro-panel.
             unsafe {
@@ -1626,32 +1626,32 @@ mod x86 {
         unsafe { store_tile512(&acc, c, ldc, add) }
     }
 
-    /// k steps before a tile's end at which its block of C is prefetched. C is touched once
-    /// per k-block and is by then out of L1 (often out of L2); without this `store_tile512`
-    /// waits for its lines. About 2 000 cycles ahead: long enough for an L3 or DRAM fetch,
-    /// short enough that the B stream does not evict the lines again. At the prefill shapes
-    /// (2 threads, variants interleaved in one process) it halved `store_tile512`'s share of
-    /// the profile (5.0 → 2.8 %) and the best times were 1–5 % shorter than without; 24, 48
-    /// and 200 steps were within noise of 96.
+    /// k steps before a tile's end at which its block of C starts being prefetched, one row
+    /// per step. C is touched once per k-block and is by then out of L1 (often out of L2);
+    /// without this `store_tile512` waits for its lines. About 2 000 cycles ahead: long enough
+    /// for an L3 or DRAM fetch, short enough that the B stream does not evict the lines again.
+    /// Prefetching the whole tile at one step was slower than a row per step: the burst holds
+    /// the L1 miss buffers the B stream needs. At the prefill and vision shapes (variants
+    /// interleaved in one process, 2 threads, best and mean of 6–8) a row per step was 3–7 %
+    /// faster than no prefetch in f32 and 0–4 % with bf16 products; the whole-tile burst was
+    /// in between.
     const C_PREFETCH_STEPS: usize = 96;
 
-    /// Prefetches the cache lines of an R × 32 C tile (rows `ldc` floats apart) into L1.
+    /// Prefetches the lines of one 32-float row of a C tile into L1.
     ///
     /// # Safety
-    /// avx512f present (for inlining into the kernels); `c` valid for R rows of 32 floats
-    /// `ldc` apart (prefetches never fault, but the addresses are computed with `add`).
+    /// avx512f present (for inlining into the kernels); `p` points at 32 floats (prefetches
+    /// never fault, but the addresses are computed with `add`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn prefetch_tile<const R: usize>(c: *mut f32, ldc: usize) {
-        for r in 0..R {
-            // SAFETY: row r < R of the tile, 32 floats = 128 bytes: two lines when 64-byte
-            // aligned, three otherwise (bytes 0, 64 and 124 lie in all of them).
-            unsafe {
-                let p = c.add(r * ldc) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(p);
-                _mm_prefetch::<_MM_HINT_T0>(p.add(64));
-                _mm_prefetch::<_MM_HINT_T0>(p.add(124));
-            }
+    unsafe fn prefetch_row(p: *const f32) {
+        // SAFETY: 32 floats = 128 bytes from `p`: two lines when 64-byte aligned, three
+        // otherwise (bytes 0, 64 and 124 lie in all of them).
+        unsafe {
+            let p = p as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+            _mm_prefetch::<_MM_HINT_T0>(p.add(124));
         }
     }
 
@@ -1744,9 +1744,9 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let pf = steps.saturating_sub(C_PREFETCH_STEPS);
         for s in 0..steps {
-            if s == pf {
-                // SAFETY: forwarded contract (the C tile is valid memory).
-                unsafe { prefetch_tile::<R>(c, ldc) };
+            if s.wrapping_sub(pf) < R {
+                // SAFETY: row s − pf < R of the C tile (valid memory, per the contract).
+                unsafe { prefetch_row(c.add((s - pf) * ldc)) };
             }
             // SAFETY: s < steps: within the packed micro-panels. The transmutes reinterpret
             // 512 bits of bf16 pairs as the bf16 vector type (same size, any bits valid).
