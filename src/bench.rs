@@ -23,6 +23,11 @@ pub struct BenchArgs {
     /// first is also timed end to end (s per image, VQ decode); the others report ms per step.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     gen_n: Vec<usize>,
+    /// Warm runs of the vision tower, the prefill and the VQ decode, each reported as the
+    /// median (`vision_s`, `prefill_s`, `vq_decode_s`) with every run listed (`*_runs_s`), as
+    /// `tools/bench/torch_reference_cpu.py --repeats` reports the reference.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeats: u32,
     /// Skip the understanding half.
     #[arg(long)]
     skip_understanding: bool,
@@ -47,6 +52,17 @@ fn test_image() -> image::RgbImage {
     })
 }
 
+/// `f` timed `n` times: the median and every run, in order.
+fn timed_runs(n: u32, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, Vec<f64>)> {
+    let runs = (0..n).map(|_| f()).collect::<Result<Vec<f64>>>()?;
+    let med = median(&mut runs.clone());
+    Ok((med, runs))
+}
+
+fn rounded(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| round(x, 3)).collect()
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -57,6 +73,15 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    // Checked before either half loads.
+    let ns = if args.gen_n.is_empty() {
+        vec![1]
+    } else {
+        args.gen_n.clone()
+    };
+    if let Some(bad) = ns.iter().find(|&&n| n == 0 || n > 16) {
+        anyhow::bail!("--gen-n: {bad} images per request is outside 1..=16");
+    }
     let opts = args.model.options()?;
     let mut out = json!({
         "model": args.model.model.display().to_string(),
@@ -90,9 +115,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let t = Instant::now();
         m.image_features(&prepared.images)?;
         let vision_cold_s = secs(t);
-        let t = Instant::now();
-        m.image_features(&prepared.images)?;
-        let vision_s = secs(t);
+        let (vision_s, vision_runs) = timed_runs(args.repeats, || {
+            let t = Instant::now();
+            m.image_features(&prepared.images)?;
+            Ok(secs(t))
+        })?;
         // The prompt alone: the image goes through the tower first (not timed), then the whole
         // prompt is prefilled in one call.
         let prefill_once = || -> Result<f64> {
@@ -104,7 +131,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(secs(t))
         };
         let prefill_cold_s = prefill_once()?;
-        let prefill_s = prefill_once()?;
+        let (prefill_s, prefill_runs) = timed_runs(args.repeats, prefill_once)?;
         let (mut batch, _) = m.start(vec![prepared.clone()])?;
         let t = Instant::now();
         let mut n = 0;
@@ -119,9 +146,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         out["understanding"] = json!({
             "load_s": round(load_s, 3),
             "vision_s": round(vision_s, 3),
+            "vision_runs_s": rounded(&vision_runs),
             "vision_cold_s": round(vision_cold_s, 3),
             "prompt_tokens": prepared.ids.len(),
             "prefill_s": round(prefill_s, 3),
+            "prefill_runs_s": rounded(&prefill_runs),
             "prefill_cold_s": round(prefill_cold_s, 3),
             "decode_tokens": n,
             "decode_tok_per_s": round(n as f64 / decode_s, 2),
@@ -174,14 +203,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             eprintln!("{row}");
             Ok((job, row, prefill_s, total, med))
         };
-        let ns = if args.gen_n.is_empty() {
-            vec![1]
-        } else {
-            args.gen_n.clone()
-        };
-        if let Some(bad) = ns.iter().find(|&&n| n == 0 || n > 16) {
-            anyhow::bail!("--gen-n: {bad} images per request is outside 1..=16");
-        }
         // The first n last, so its job is the one decoded and reported on top.
         let mut by_n = vec![json!(null)];
         for &n in &ns[1..] {
@@ -204,9 +225,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let t = Instant::now();
         m.decode(std::slice::from_ref(&grid))?;
         let vq_cold_s = secs(t);
-        let t = Instant::now();
-        m.decode(&[grid])?;
-        let vq_s = secs(t);
+        let (vq_s, vq_runs) = timed_runs(args.repeats, || {
+            let t = Instant::now();
+            m.decode(std::slice::from_ref(&grid))?;
+            Ok(secs(t))
+        })?;
         let measured = steps == job.total_steps();
         let steps_s = if measured {
             total_steps_s
@@ -227,6 +250,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "s_per_image_measured": measured,
         });
         out["vq_decode_s"] = json!(round(vq_s, 3));
+        out["vq_decode_runs_s"] = json!(rounded(&vq_runs));
         out["vq_decode_cold_s"] = json!(round(vq_cold_s, 3));
         if let Some((_, total)) = janus_pipeline::device_memory(&opts.device) {
             out["device_memory_total_gb"] = json!(round(total as f64 / 1e9, 2));

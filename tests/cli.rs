@@ -300,6 +300,91 @@ fn local_mode_runs_the_model_in_process() {
     assert!(!out.stdout.trim().is_empty());
 }
 
+/// `janus bench` on the fixture: every part reported, `--repeats` warm runs listed with their
+/// median as the part's figure, the generation rows per `--gen-n`, and bad options refused
+/// before any model loads.
+#[test]
+fn bench_reports_every_part_and_the_median_of_its_runs() {
+    let model = fixture().join("model");
+    let model = model.to_str().unwrap();
+    let out = janus(
+        &[
+            "--threads",
+            "2",
+            "bench",
+            "--model",
+            model,
+            "--decode-tokens",
+            "3",
+            "--gen-steps",
+            "2",
+            "--gen-n",
+            "1,2",
+            "--repeats",
+            "3",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).expect("bench prints JSON");
+    assert_eq!(j["threads"], 2);
+    let median_of = |runs: &serde_json::Value, figure: &serde_json::Value, what: &str| {
+        let mut v: Vec<f64> = runs
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: no runs in {j}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(v.len(), 3, "{what}: one entry per --repeats run");
+        assert!(v.iter().all(|&x| x >= 0.0), "{what}: {v:?}");
+        v.sort_by(f64::total_cmp);
+        assert_eq!(
+            figure.as_f64().unwrap(),
+            v[1],
+            "{what} is the median of its runs"
+        );
+    };
+    let u = &j["understanding"];
+    median_of(&u["vision_runs_s"], &u["vision_s"], "vision");
+    median_of(&u["prefill_runs_s"], &u["prefill_s"], "prefill");
+    median_of(&j["vq_decode_runs_s"], &j["vq_decode_s"], "VQ decode");
+    assert_eq!(u["decode_tokens"], 3);
+    assert!(u["prompt_tokens"].as_u64().unwrap() > 0);
+    for key in ["vision_gflop", "prefill_gflop"] {
+        assert!(u[key].as_f64().unwrap() > 0.0, "{key}: {u}");
+    }
+    assert!(j["vq_decode_gflop"].as_f64().unwrap() > 0.0);
+    let g = &j["generation"];
+    assert_eq!(g["steps_timed"], 2);
+    assert_eq!(
+        g["s_per_image_measured"], false,
+        "2 of the steps: extrapolated"
+    );
+    let by_n: Vec<u64> = g["by_n"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(by_n, [1, 2]);
+
+    for (args, names) in [
+        (&["--repeats", "0"][..], "--repeats"),
+        (&["--gen-n", "17"][..], "--gen-n"),
+    ] {
+        let mut all = vec!["bench", "--model", model];
+        all.extend_from_slice(args);
+        let out = janus(&all, &[]);
+        assert_ne!(out.code, Some(0), "{args:?} is refused");
+        assert!(out.stderr.contains(names), "{args:?}: {}", out.stderr);
+        assert!(
+            !out.stderr.contains("vision_s"),
+            "{args:?}: refused before the understanding half ran: {}",
+            out.stderr
+        );
+    }
+}
+
 /// `GET` of an `http://host:port/path` URL over HTTP/1.1 (bounded); the status line and body.
 fn http_get(url: &str) -> (String, String) {
     let rest = url.strip_prefix("http://").unwrap();
