@@ -360,7 +360,7 @@ impl Attention {
         let v = Linear::load(vb.pp("v_proj"), h, kvh * hd, false)?;
         let o_proj = Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, false)?;
         Ok(Self {
-            qkv: Linear::fuse(&[q, k, v])?
+            qkv: Linear::fuse([q, k, v])?
                 .with_bf16_products(bf16_products)
                 .prepack_if_no_larger()?,
             o_proj: o_proj
@@ -446,7 +446,7 @@ impl Mlp {
         let up = Linear::load(vb.pp("up_proj"), h, i, false)?;
         let down_proj = Linear::load(vb.pp("down_proj"), i, h, false)?;
         Ok(Self {
-            gate_up: Linear::fuse(&[gate, up])?
+            gate_up: Linear::fuse([gate, up])?
                 .with_bf16_products(bf16_products)
                 .prepack_if_no_larger()?,
             down_proj: down_proj

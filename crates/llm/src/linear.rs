@@ -115,8 +115,10 @@ impl Linear {
     }
 
     /// Stacks several layers that read the same input into one (e.g. q, k, v) so a step reads
-    /// their weights in one pass.
-    pub fn fuse(parts: &[Linear]) -> Result<Self> {
+    /// their weights in one pass. Takes the parts, so their weights are freed as soon as the
+    /// stacked copy exists (a load then holds at most two copies of a layer's weights, also
+    /// when the stacked one is prepacked next).
+    pub fn fuse<const N: usize>(parts: [Linear; N]) -> Result<Self> {
         if parts.iter().any(|p| p.packed.is_some()) {
             candle_core::bail!("Linear::fuse: fuse before prepacking");
         }

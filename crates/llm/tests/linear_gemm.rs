@@ -122,7 +122,7 @@ fn prepacked_layer_matches_unpacked() {
             assert_eq!(packed.forward(&none).unwrap().dims(), &[1, 0, n]);
             let wide = Tensor::zeros((1, 2, k + 1), DType::F32, &dev).unwrap();
             assert!(packed.forward(&wide).is_err());
-            assert!(Linear::fuse(&[packed.clone(), packed]).is_err());
+            assert!(Linear::fuse([packed.clone(), packed]).is_err());
         }
     }
 }
