@@ -262,38 +262,79 @@ impl PackedB {
     /// Packs `b` (`k × n`) for [`gemm_packed_b`] calls with `precision`; errors if the view
     /// reaches past its slice.
     pub fn new(b: BRef<'_>, precision: Precision) -> Result<Self, GemmError> {
-        if !b.in_bounds() {
-            return Err(GemmError("B's view reaches past its slice".into()));
+        Self::stacked(&[b], precision)
+    }
+
+    /// Packs the parts side by side, `[B₀ | B₁ | …]` (`k × Σnᵢ`), as [`PackedB::new`] would
+    /// pack that matrix, without building it: a fused layer's weights (q, k and v) go straight
+    /// from the checkpoint's tensors into one packed operand. Every part has the same k, and
+    /// every part but the last a multiple of [`PackedB::STACK_COLS`] columns (so no micro-panel
+    /// straddles two parts); errors otherwise, or if a view reaches past its slice.
+    pub fn stacked(parts: &[BRef<'_>], precision: Precision) -> Result<Self, GemmError> {
+        let Some(first) = parts.first() else {
+            return Err(GemmError("no parts to pack".into()));
+        };
+        let k = first.dims().0;
+        for (i, b) in parts.iter().enumerate() {
+            if !b.in_bounds() {
+                return Err(GemmError(format!(
+                    "B part {i}'s view reaches past its slice"
+                )));
+            }
+            let (bk, bn) = b.dims();
+            if bk != k {
+                return Err(GemmError(format!(
+                    "B part {i} has {bk} rows, part 0 has {k}"
+                )));
+            }
+            if i + 1 < parts.len() && bn % Self::STACK_COLS != 0 {
+                return Err(GemmError(format!(
+                    "B part {i} has {bn} columns, not a multiple of {}",
+                    Self::STACK_COLS
+                )));
+            }
         }
+        let n = parts.iter().map(|b| b.dims().1).sum();
         let p = path(precision);
-        let (k, n) = b.dims();
-        fn packed<K: Kernel>(b: BRef<'_>, precision: Precision) -> Vec<u32> {
-            let (k, n) = b.dims();
+        fn packed<K: Kernel>(
+            parts: &[BRef<'_>],
+            k: usize,
+            n: usize,
+            precision: Precision,
+        ) -> Vec<u32> {
+            const { assert!(PackedB::STACK_COLS % K::NR == 0) };
             let (nr, ksteps) = (K::NR, k.div_ceil(K::KP));
             let mut data = vec![0u32; n.div_ceil(nr) * ksteps * nr];
             if data.is_empty() {
                 return data;
             }
-            let bp = as_packed_mut::<K>(&mut data);
+            let mut rest = as_packed_mut::<K>(&mut data);
             let round = K::round_bf16(precision);
-            // Micro-panel u is `[ksteps][NR]` at u · ksteps · NR: the whole k range of a run of
-            // panels is one `pack_b` call, and runs go to the pool.
-            const PANELS: usize = 8;
-            bp.par_chunks_mut(PANELS * ksteps * nr)
-                .enumerate()
-                .for_each(|(i, chunk)| {
-                    let j0 = i * PANELS * nr;
-                    let ncs = (PANELS * nr).min(n - j0);
-                    match b {
-                        BRef::F32(bv) => pack_b::<K, f32>(&bv, k, 0, ksteps, j0, ncs, round, chunk),
-                        BRef::Bf16(bv) => {
-                            pack_b::<K, bf16>(&bv, k, 0, ksteps, j0, ncs, round, chunk)
+            for &b in parts {
+                let bn = b.dims().1;
+                let (bp, tail) = rest.split_at_mut(bn.div_ceil(nr) * ksteps * nr);
+                rest = tail;
+                // Micro-panel u is `[ksteps][NR]` at u · ksteps · NR: the whole k range of a
+                // run of panels is one `pack_b` call, and runs go to the pool.
+                const PANELS: usize = 8;
+                bp.par_chunks_mut(PANELS * ksteps * nr)
+                    .enumerate()
+                    .for_each(|(i, chunk)| {
+                        let j0 = i * PANELS * nr;
+                        let ncs = (PANELS * nr).min(bn - j0);
+                        match b {
+                            BRef::F32(bv) => {
+                                pack_b::<K, f32>(&bv, k, 0, ksteps, j0, ncs, round, chunk)
+                            }
+                            BRef::Bf16(bv) => {
+                                pack_b::<K, bf16>(&bv, k, 0, ksteps, j0, ncs, round, chunk)
+                            }
                         }
-                    }
-                });
+                    });
+            }
             data
         }
-        let data = on_path!(p, packed(b, precision));
+        let data = on_path!(p, packed(parts, k, n, precision));
         Ok(Self {
             path: p,
             precision,
@@ -302,6 +343,10 @@ impl PackedB {
             data,
         })
     }
+
+    /// Column multiple of the parts of [`PackedB::stacked`] (but the last): a multiple of
+    /// every kernel's NR.
+    pub const STACK_COLS: usize = 32;
 
     /// Rows of B (the inner dimension).
     pub fn rows(&self) -> usize {
@@ -2128,6 +2173,52 @@ mod tests {
     /// A weight packed once as B (f32 or bf16 storage, `[n, k]` read transposed, as a linear
     /// layer's) gives the product `gemm` gives packing it per call, bit for bit, with bias,
     /// GELU or accumulation, across several k-blocks and stripes and ragged edges.
+    /// Parts packed side by side hold the very bytes of the stacked matrix packed whole, on
+    /// f32 and bf16 sources, at both precisions; parts that cannot stack are errors.
+    #[test]
+    fn stacked_parts_pack_like_the_stacked_matrix() {
+        let mut s = 9u64;
+        let (k, widths) = (70, [32usize, 64, 13]);
+        let n: usize = widths.iter().sum();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+        // Rows of W ([n, k], read transposed) split into the parts.
+        let mut cuts = vec![0];
+        for wd in widths {
+            cuts.push(cuts.last().unwrap() + wd * k);
+        }
+        for precision in [Precision::F32, Precision::Bf16] {
+            let whole = PackedB::new(BRef::F32(MatRef::transposed(&w, k, n)), precision).unwrap();
+            let parts: Vec<BRef<'_>> = widths
+                .iter()
+                .zip(cuts.windows(2))
+                .map(|(&wd, c)| BRef::F32(MatRef::transposed(&w[c[0]..c[1]], k, wd)))
+                .collect();
+            let stacked = PackedB::stacked(&parts, precision).unwrap();
+            assert_eq!((stacked.rows(), stacked.cols()), (k, n));
+            assert_eq!(stacked.data, whole.data, "{precision:?}");
+            let whole_b = PackedB::new(BRef::Bf16(MatRef::transposed(&wb, k, n)), precision);
+            let parts_b: Vec<BRef<'_>> = widths
+                .iter()
+                .zip(cuts.windows(2))
+                .map(|(&wd, c)| BRef::Bf16(MatRef::transposed(&wb[c[0]..c[1]], k, wd)))
+                .collect();
+            let stacked_b = PackedB::stacked(&parts_b, precision).unwrap();
+            assert_eq!(
+                stacked_b.data,
+                whole_b.unwrap().data,
+                "bf16 source {precision:?}"
+            );
+            // A part that is not the last must be a whole number of tiles wide, all parts
+            // must share k, and there must be parts.
+            let ragged = [parts[2], parts[0]];
+            assert!(PackedB::stacked(&ragged, precision).is_err());
+            let short = BRef::F32(MatRef::transposed(&w[..(k - 1) * 32], k - 1, 32));
+            assert!(PackedB::stacked(&[parts[0], short], precision).is_err());
+            assert!(PackedB::stacked(&[], precision).is_err());
+        }
+    }
+
     #[test]
     fn prepacked_b_gives_the_same_product() {
         let mut s = 5u64;

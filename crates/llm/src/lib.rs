@@ -360,9 +360,7 @@ impl Attention {
         let v = Linear::load(vb.pp("v_proj"), h, kvh * hd, false)?;
         let o_proj = Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, false)?;
         Ok(Self {
-            qkv: Linear::fuse([q, k, v])?
-                .with_bf16_products(bf16_products)
-                .prepack_if_no_larger()?,
+            qkv: Linear::fuse_prepacked([q, k, v], bf16_products)?,
             o_proj: o_proj
                 .with_bf16_products(bf16_products)
                 .prepack_if_no_larger()?,
@@ -446,9 +444,7 @@ impl Mlp {
         let up = Linear::load(vb.pp("up_proj"), h, i, false)?;
         let down_proj = Linear::load(vb.pp("down_proj"), i, h, false)?;
         Ok(Self {
-            gate_up: Linear::fuse([gate, up])?
-                .with_bf16_products(bf16_products)
-                .prepack_if_no_larger()?,
+            gate_up: Linear::fuse_prepacked([gate, up], bf16_products)?,
             down_proj: down_proj
                 .with_bf16_products(bf16_products)
                 .prepack_if_no_larger()?,

@@ -124,13 +124,62 @@ impl Linear {
         }
         let ws: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
         let weight = Tensor::cat(&ws, 0)?;
-        let bias = if parts.iter().all(|p| p.bias.is_some()) {
-            let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
-            Some(Tensor::cat(&bs, 0)?)
-        } else {
-            None
-        };
-        Ok(Self::new(weight, bias))
+        Ok(Self::new(weight, stacked_bias(&parts)?))
+    }
+
+    /// [`Linear::fuse`], with bf16 products when asked, then
+    /// [`Linear::prepack_if_no_larger`]; when it packs, straight from the parts' weights into
+    /// one packed operand ([`PackedB::stacked`]), without the stacked copy `fuse` builds, so a
+    /// load holds the parts and the packed copy and nothing else.
+    pub fn fuse_prepacked<const N: usize>(parts: [Linear; N], bf16_products: bool) -> Result<Self> {
+        let dtype = parts.first().map(|p| p.weight.dtype());
+        let in_dim = parts.first().map(|p| p.in_dim());
+        let direct = parts.iter().all(|p| {
+            p.packed.is_none()
+                && p.weight.device().is_cpu()
+                && p.weight.is_contiguous()
+                && p.weight.rank() == 2
+                && Some(p.weight.dtype()) == dtype
+                && Some(p.in_dim()) == in_dim
+                && (p.weight.dtype() == DType::F32
+                    || (bf16_products && p.weight.dtype() == DType::BF16))
+        });
+        if direct && N > 0 {
+            let packed = {
+                let guards: Vec<_> = parts
+                    .iter()
+                    .map(|p| p.weight.storage_and_layout())
+                    .collect();
+                let mut operands = Vec::with_capacity(N);
+                for (p, (storage, layout)) in parts.iter().zip(&guards) {
+                    let w = layout.start_offset()..layout.start_offset() + p.out_dim() * p.in_dim();
+                    operands.push(match &**storage {
+                        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                            p.weight_operand(Weights::F32(&v[w]))
+                        }
+                        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+                            p.weight_operand(Weights::Bf16(&v[w]))
+                        }
+                        _ => unreachable!("f32 or bf16 CPU weights (checked above)"),
+                    });
+                }
+                PackedB::stacked(&operands, Precision::bf16_if(bf16_products))
+            };
+            // Parts whose widths do not stack (not a multiple of the kernels' tile) take the
+            // path below.
+            if let Ok(packed) = packed {
+                let bias = stacked_bias(&parts)?;
+                let placeholder =
+                    Tensor::zeros(0, parts[0].weight.dtype(), parts[0].weight.device())?;
+                drop(parts);
+                let mut fused = Self::new(placeholder, bias).with_bf16_products(bf16_products);
+                fused.packed = Some(Arc::new(packed));
+                return Ok(fused);
+            }
+        }
+        Linear::fuse(parts)?
+            .with_bf16_products(bf16_products)
+            .prepack_if_no_larger()
     }
 
     /// Output features.
@@ -145,6 +194,15 @@ impl Linear {
 }
 
 /// Biases stay f32 when weights are stored in bf16 on the CPU: they are tiny and added in f32.
+/// The parts' biases stacked, when every part has one.
+fn stacked_bias(parts: &[Linear]) -> Result<Option<Tensor>> {
+    if !parts.iter().all(|p| p.bias.is_some()) {
+        return Ok(None);
+    }
+    let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+    Ok(Some(Tensor::cat(&bs, 0)?))
+}
+
 fn bias_dtype(weight_dtype: DType) -> DType {
     match weight_dtype {
         DType::BF16 | DType::F16 => DType::F32,

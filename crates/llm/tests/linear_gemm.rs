@@ -126,3 +126,58 @@ fn prepacked_layer_matches_unpacked() {
         }
     }
 }
+
+/// `fuse_prepacked` (packed straight from the parts when their widths stack, through `fuse` +
+/// `prepack_if_no_larger` otherwise) multiplies exactly as the fused, prepacked layer, for f32
+/// and bf16 weights, with and without bf16 products, at many rows and at decode's one row; and
+/// it packs only when that takes no more memory (bf16 weights, f32 products: not packed,
+/// still equal).
+#[test]
+fn fuse_prepacked_equals_fuse_then_prepack() {
+    let dev = Device::Cpu;
+    let k = 70;
+    let x = Tensor::randn(0f32, 1.0, (1, SMALL_M + 9, k), &dev).unwrap();
+    let one = x.narrow(1, 0, 1).unwrap();
+    // Stackable widths (multiples of 32 but the last), and widths that are not.
+    for widths in [&[64usize, 32, 45][..], &[45, 32][..]] {
+        for wdt in [DType::F32, DType::BF16] {
+            let parts: Vec<Linear> = widths
+                .iter()
+                .map(|&n| {
+                    let w = Tensor::randn(0f32, 0.2, (n, k), &dev).unwrap();
+                    let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+                    Linear::new(w.to_dtype(wdt).unwrap(), Some(b))
+                })
+                .collect();
+            for bf16_products in [false, true] {
+                let (direct, reference) = match parts.as_slice() {
+                    [a, b, c] => (
+                        Linear::fuse_prepacked([a.clone(), b.clone(), c.clone()], bf16_products),
+                        Linear::fuse([a.clone(), b.clone(), c.clone()]),
+                    ),
+                    [a, b] => (
+                        Linear::fuse_prepacked([a.clone(), b.clone()], bf16_products),
+                        Linear::fuse([a.clone(), b.clone()]),
+                    ),
+                    _ => unreachable!(),
+                };
+                let direct = direct.unwrap();
+                let reference = reference
+                    .unwrap()
+                    .with_bf16_products(bf16_products)
+                    .prepack_if_no_larger()
+                    .unwrap();
+                let what = format!("{widths:?} {wdt:?} bf16 products {bf16_products}");
+                assert_eq!(direct.out_dim(), widths.iter().sum::<usize>(), "{what}");
+                assert_eq!(direct.in_dim(), k, "{what}");
+                for input in [&x, &one] {
+                    let d = max_diff(
+                        &direct.forward(input).unwrap(),
+                        &reference.forward(input).unwrap(),
+                    );
+                    assert_eq!(d, 0.0, "{what}, {:?}", input.dims());
+                }
+            }
+        }
+    }
+}
