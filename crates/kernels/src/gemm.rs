@@ -302,7 +302,7 @@ impl PackedB {
             n: usize,
             precision: Precision,
         ) -> Vec<u32> {
-            const { assert!(PackedB::STACK_COLS % K::NR == 0) };
+            const { assert!(PackedB::STACK_COLS.is_multiple_of(K::NR)) };
             let (nr, ksteps) = (K::NR, k.div_ceil(K::KP));
             let mut data = vec![0u32; n.div_ceil(nr) * ksteps * nr];
             if data.is_empty() {
