@@ -395,13 +395,20 @@ pub fn gemm_packed_b(
         (m, n, k): (usize, usize, usize),
         opts: &GemmOpts<'_>,
     ) {
-        // `data` was packed by `pack_b::<K>` for a k × n B.
-        let bp = as_packed::<K>(&b.data);
-        with_scratch::<K, _>(packed_a_len::<K>(m, k), |ap| {
-            pack_a::<K>(a, m, k, K::round_bf16(opts.precision), ap, !opts.serial);
-            // SAFETY: forwarded (shapes checked by the caller).
-            unsafe { run_packed::<K>(ap, BSrc::Packed(bp), c, ldc, m, n, k, opts) }
-        })
+        // SAFETY: forwarded (shapes checked by the caller); `data` was packed by
+        // `pack_b::<K>` for a k × n B.
+        unsafe {
+            drive::<K>(
+                a,
+                BSrc::Packed(as_packed::<K>(&b.data)),
+                c,
+                ldc,
+                m,
+                n,
+                k,
+                opts,
+            )
+        }
     }
     // SAFETY: the path was chosen by `path` on this CPU when B was packed (the portable
     // kernel needs no feature).
@@ -601,7 +608,7 @@ fn gemm_at(
     }
     // SAFETY: `p` came from `path`/`gemm_on`, which only name paths whose features this CPU
     // has (the portable kernel needs none); shapes were checked above.
-    unsafe { on_path!(p, drive(a, b, c, ldc, m, n, k, opts)) };
+    unsafe { on_path!(p, drive(a, BSrc::Pack(b), c, ldc, m, n, k, opts)) };
     Ok(())
 }
 
@@ -1270,14 +1277,15 @@ fn pack_b<K: Kernel, T: Src>(
     }
 }
 
-/// The whole product on kernel `K`.
+/// The whole product on kernel `K`, A packed here, B packed as it goes or beforehand.
 ///
 /// # Safety
-/// The CPU has `K`'s features; shapes as `check` accepted, m, n ≥ 1.
+/// The CPU has `K`'s features; shapes as `check` accepted, m, n ≥ 1; a prepacked B was
+/// packed by `pack_b::<K>` for a k × n B.
 #[allow(clippy::too_many_arguments)]
 unsafe fn drive<K: Kernel>(
     a: MatRef<'_, f32>,
-    b: BRef<'_>,
+    b: BSrc<'_, K::P>,
     c: &mut [f32],
     ldc: usize,
     m: usize,
@@ -1288,7 +1296,7 @@ unsafe fn drive<K: Kernel>(
     // A: panel q holds rows q·MR.. as [ksteps][MR] (zero rows past m, zero k past k).
     with_scratch::<K, _>(packed_a_len::<K>(m, k), |ap| {
         pack_a::<K>(a, m, k, K::round_bf16(opts.precision), ap, !opts.serial);
-        run_packed::<K>(ap, BSrc::Pack(b), c, ldc, m, n, k, opts)
+        run_packed::<K>(ap, b, c, ldc, m, n, k, opts)
     })
 }
 
@@ -2170,45 +2178,39 @@ mod tests {
         }
     }
 
-    /// A weight packed once as B (f32 or bf16 storage, `[n, k]` read transposed, as a linear
-    /// layer's) gives the product `gemm` gives packing it per call, bit for bit, with bias,
-    /// GELU or accumulation, across several k-blocks and stripes and ragged edges.
     /// Parts packed side by side hold the very bytes of the stacked matrix packed whole, on
     /// f32 and bf16 sources, at both precisions; parts that cannot stack are errors.
     #[test]
     fn stacked_parts_pack_like_the_stacked_matrix() {
+        /// The rows of W (`[Σ widths, k]`, read transposed) as one view per part.
+        fn split<'a, T>(w: &'a [T], k: usize, widths: &[usize]) -> Vec<MatRef<'a, T>> {
+            let mut at = 0;
+            widths
+                .iter()
+                .map(|&wd| {
+                    at += wd * k;
+                    MatRef::transposed(&w[at - wd * k..at], k, wd)
+                })
+                .collect()
+        }
         let mut s = 9u64;
         let (k, widths) = (70, [32usize, 64, 13]);
         let n: usize = widths.iter().sum();
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
         let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
-        // Rows of W ([n, k], read transposed) split into the parts.
-        let mut cuts = vec![0];
-        for wd in widths {
-            cuts.push(cuts.last().unwrap() + wd * k);
-        }
         for precision in [Precision::F32, Precision::Bf16] {
-            let whole = PackedB::new(BRef::F32(MatRef::transposed(&w, k, n)), precision).unwrap();
-            let parts: Vec<BRef<'_>> = widths
-                .iter()
-                .zip(cuts.windows(2))
-                .map(|(&wd, c)| BRef::F32(MatRef::transposed(&w[c[0]..c[1]], k, wd)))
-                .collect();
-            let stacked = PackedB::stacked(&parts, precision).unwrap();
-            assert_eq!((stacked.rows(), stacked.cols()), (k, n));
-            assert_eq!(stacked.data, whole.data, "{precision:?}");
-            let whole_b = PackedB::new(BRef::Bf16(MatRef::transposed(&wb, k, n)), precision);
-            let parts_b: Vec<BRef<'_>> = widths
-                .iter()
-                .zip(cuts.windows(2))
-                .map(|(&wd, c)| BRef::Bf16(MatRef::transposed(&wb[c[0]..c[1]], k, wd)))
-                .collect();
-            let stacked_b = PackedB::stacked(&parts_b, precision).unwrap();
-            assert_eq!(
-                stacked_b.data,
-                whole_b.unwrap().data,
-                "bf16 source {precision:?}"
-            );
+            let parts: Vec<BRef<'_>> = split(&w, k, &widths).into_iter().map(BRef::F32).collect();
+            let parts_b: Vec<BRef<'_>> =
+                split(&wb, k, &widths).into_iter().map(BRef::Bf16).collect();
+            for (whole, parts, what) in [
+                (BRef::F32(MatRef::transposed(&w, k, n)), &parts, "f32"),
+                (BRef::Bf16(MatRef::transposed(&wb, k, n)), &parts_b, "bf16"),
+            ] {
+                let whole = PackedB::new(whole, precision).unwrap();
+                let stacked = PackedB::stacked(parts, precision).unwrap();
+                assert_eq!((stacked.rows(), stacked.cols()), (k, n));
+                assert_eq!(stacked.data, whole.data, "{what} source, {precision:?}");
+            }
             // A part that is not the last must be a whole number of tiles wide, all parts
             // must share k, and there must be parts.
             let ragged = [parts[2], parts[0]];
@@ -2219,6 +2221,9 @@ mod tests {
         }
     }
 
+    /// A weight packed once as B (f32 or bf16 storage, `[n, k]` read transposed, as a linear
+    /// layer's) gives the product `gemm` gives packing it per call, bit for bit, with bias,
+    /// GELU or accumulation, across several k-blocks and stripes and ragged edges.
     #[test]
     fn prepacked_b_gives_the_same_product() {
         let mut s = 5u64;

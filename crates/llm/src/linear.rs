@@ -64,28 +64,29 @@ impl Linear {
         // A 2-D weight (`dims` and `with_weight` read its shape), contiguous for packing.
         self.weight.dims2()?;
         self.weight = self.weight.contiguous()?;
-        let precision = Precision::bf16_if(self.bf16_products);
-        let packed = self.with_weight(|w| {
-            PackedB::new(self.weight_operand(w), precision).map_err(candle_core::Error::wrap)
-        })?;
-        let Some(packed) = packed.transpose()? else {
-            return Ok(self);
-        };
-        self.packed = Some(Arc::new(packed));
-        // The placeholder keeps the dtype and device; its shape is never read (see `dims`).
-        self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
-        Ok(self)
+        match pack_side_by_side(&[&self], self.bf16_products)? {
+            Some(packed) => self.holding(packed),
+            None => Ok(self),
+        }
     }
 
     /// [`Linear::prepack`] when the packed copy takes no more memory than the weight it
     /// replaces: f32 weights, or products in bf16 (packed as bf16 pairs). bf16 weights
     /// multiplied in f32 stay as they are (packing would widen them to f32).
     pub fn prepack_if_no_larger(self) -> Result<Self> {
-        if self.weight.dtype() == DType::F32 || self.bf16_products {
+        if packs_no_larger(self.weight.dtype(), self.bf16_products) {
             self.prepack()
         } else {
             Ok(self)
         }
+    }
+
+    /// This layer with `packed` in place of its weight tensor; the placeholder keeps the
+    /// dtype and device, its shape is never read (see `dims`).
+    fn holding(mut self, packed: PackedB) -> Result<Self> {
+        self.packed = Some(Arc::new(packed));
+        self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        Ok(self)
     }
 
     /// `(out, in)`.
@@ -132,49 +133,26 @@ impl Linear {
     /// one packed operand ([`PackedB::stacked`]), without the stacked copy `fuse` builds, so a
     /// load holds the parts and the packed copy and nothing else.
     pub fn fuse_prepacked<const N: usize>(parts: [Linear; N], bf16_products: bool) -> Result<Self> {
-        let dtype = parts.first().map(|p| p.weight.dtype());
-        let in_dim = parts.first().map(|p| p.in_dim());
-        let direct = parts.iter().all(|p| {
+        // Packed side by side when every part is a contiguous CPU weight of the same input
+        // width and dtype, packing it costs no memory, and no micro-panel would straddle two
+        // parts; otherwise through `fuse`.
+        let stack = |i: usize, p: &Linear| {
             p.packed.is_none()
                 && p.weight.device().is_cpu()
                 && p.weight.is_contiguous()
                 && p.weight.rank() == 2
-                && Some(p.weight.dtype()) == dtype
-                && Some(p.in_dim()) == in_dim
-                && (p.weight.dtype() == DType::F32
-                    || (bf16_products && p.weight.dtype() == DType::BF16))
-        });
-        if direct && N > 0 {
-            let packed = {
-                let guards: Vec<_> = parts
-                    .iter()
-                    .map(|p| p.weight.storage_and_layout())
-                    .collect();
-                let mut operands = Vec::with_capacity(N);
-                for (p, (storage, layout)) in parts.iter().zip(&guards) {
-                    let w = layout.start_offset()..layout.start_offset() + p.out_dim() * p.in_dim();
-                    operands.push(match &**storage {
-                        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                            p.weight_operand(Weights::F32(&v[w]))
-                        }
-                        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
-                            p.weight_operand(Weights::Bf16(&v[w]))
-                        }
-                        _ => unreachable!("f32 or bf16 CPU weights (checked above)"),
-                    });
-                }
-                PackedB::stacked(&operands, Precision::bf16_if(bf16_products))
-            };
-            // Parts whose widths do not stack (not a multiple of the kernels' tile) take the
-            // path below.
-            if let Ok(packed) = packed {
-                let bias = stacked_bias(&parts)?;
-                let placeholder =
-                    Tensor::zeros(0, parts[0].weight.dtype(), parts[0].weight.device())?;
+                && p.weight.dtype() == parts[0].weight.dtype()
+                && p.in_dim() == parts[0].in_dim()
+                && packs_no_larger(p.weight.dtype(), bf16_products)
+                && (i + 1 == N || p.out_dim().is_multiple_of(PackedB::STACK_COLS))
+        };
+        if N > 0 && parts.iter().enumerate().all(|(i, p)| stack(i, p)) {
+            let refs: Vec<&Linear> = parts.iter().collect();
+            if let Some(packed) = pack_side_by_side(&refs, bf16_products)? {
+                let fused = Self::new(parts[0].weight.clone(), stacked_bias(&parts)?)
+                    .with_bf16_products(bf16_products);
                 drop(parts);
-                let mut fused = Self::new(placeholder, bias).with_bf16_products(bf16_products);
-                fused.packed = Some(Arc::new(packed));
-                return Ok(fused);
+                return fused.holding(packed);
             }
         }
         Linear::fuse(parts)?
@@ -194,6 +172,31 @@ impl Linear {
 }
 
 /// Biases stay f32 when weights are stored in bf16 on the CPU: they are tiny and added in f32.
+/// Whether packing a `dtype` weight for products in bf16 (`bf16_products`) or f32 takes no
+/// more memory than the weight: f32 weights, or bf16 products (bf16 pairs).
+fn packs_no_larger(dtype: DType, bf16_products: bool) -> bool {
+    dtype == DType::F32 || bf16_products
+}
+
+/// The parts' weights packed side by side (`[W₀ᵀ | W₁ᵀ | …]`, [`PackedB::stacked`]) for the
+/// products `bf16_products` asks for; `None` when one is not an f32 or bf16 CPU weight.
+fn pack_side_by_side(parts: &[&Linear], bf16_products: bool) -> Result<Option<PackedB>> {
+    let guards: Vec<_> = parts
+        .iter()
+        .map(|p| p.weight.storage_and_layout())
+        .collect();
+    let mut operands = Vec::with_capacity(parts.len());
+    for (p, (ws, wl)) in parts.iter().zip(&guards) {
+        let Some(w) = p.weights_in(ws, wl) else {
+            return Ok(None);
+        };
+        operands.push(p.weight_operand(w));
+    }
+    PackedB::stacked(&operands, Precision::bf16_if(bf16_products))
+        .map(Some)
+        .map_err(candle_core::Error::wrap)
+}
+
 /// The parts' biases stacked, when every part has one.
 fn stacked_bias(parts: &[Linear]) -> Result<Option<Tensor>> {
     if !parts.iter().all(|p| p.bias.is_some()) {
@@ -427,18 +430,24 @@ impl Linear {
     /// Runs `f` on the weight's CPU slice (f32 or bf16, `out × in` from its layout's start);
     /// `None` when it is not in CPU memory in such a dtype.
     fn with_weight<R>(&self, f: impl FnOnce(Weights<'_>) -> R) -> Result<Option<R>> {
-        let (in_dim, out_dim) = (self.in_dim(), self.out_dim());
         let (ws, wl) = self.weight.storage_and_layout();
-        let w = wl.start_offset()..wl.start_offset() + out_dim * in_dim;
-        Ok(match &*ws {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                Some(f(Weights::F32(&v[w])))
-            }
+        Ok(self.weights_in(&ws, wl).map(f))
+    }
+
+    /// The weight's slice in its storage `ws` laid out as `wl` (see [`Linear::with_weight`]).
+    fn weights_in<'a>(
+        &self,
+        ws: &'a candle_core::Storage,
+        wl: &candle_core::Layout,
+    ) -> Option<Weights<'a>> {
+        let w = wl.start_offset()..wl.start_offset() + self.out_dim() * self.in_dim();
+        match ws {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Some(Weights::F32(&v[w])),
             candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
-                Some(f(Weights::Bf16(&v[w])))
+                Some(Weights::Bf16(&v[w]))
             }
             _ => None,
-        })
+        }
     }
 
     /// The weight `[out, in]` as the GEMM's right operand (`in × out`, read transposed).
