@@ -6,7 +6,7 @@ use janus_proto::v1 as pb;
 use janus_proto::v1::generation_client::GenerationClient;
 use janus_proto::v1::understanding_client::UnderstandingClient;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -473,8 +473,36 @@ pub async fn understand(args: UnderstandArgs) -> Result<()> {
     }
 }
 
+/// Creates the output directory `dir` (and its parents) and checks that files can be written
+/// in it: a bad `--out` fails with exit code 2 before anything is asked of a server or a model.
+pub fn prepare_out_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        ExitCode(
+            2,
+            format!("--out {}: cannot create the directory: {e}", dir.display()),
+        )
+    })?;
+    let probe = dir.join(format!(".janus-write-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| {
+            ExitCode(
+                2,
+                format!(
+                    "--out {}: cannot write in the directory: {e}",
+                    dir.display()
+                ),
+            )
+        })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Progress bar, previews and images on disk.
 pub async fn generate(args: GenerateArgs) -> Result<()> {
+    prepare_out_dir(&args.out)?;
     let format = match args.format {
         Format::Png => pb::OutputFormat::Png,
         Format::Jpeg => pb::OutputFormat::Jpeg,
@@ -501,8 +529,6 @@ pub async fn generate(args: GenerateArgs) -> Result<()> {
         .await
         .map_err(|s| status_error("generate", s))?
         .into_inner();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
     let mut bar = StepProgress::new(576, args.quiet);
     loop {
         let msg = match stream.message().await {

@@ -75,6 +75,7 @@ pub fn understand(model: &str, args: &UnderstandArgs) -> Result<()> {
 
 /// Generates images locally and writes them to `--out`.
 pub fn generate(model: &str, args: &GenerateArgs) -> Result<()> {
+    crate::client::prepare_out_dir(&args.out)?;
     let l = &args.local;
     let opts = load_options(&l.device, &l.dtype, l.weight_dtype.as_deref())?;
     let m = GenerationModel::load(&resolve(model)?, &opts)?;
@@ -90,7 +91,6 @@ pub fn generate(model: &str, args: &GenerateArgs) -> Result<()> {
     let mut bar = crate::client::StepProgress::new(total, args.quiet);
     let images = m.generate(&args.prompt, &params, |done, _| bar.set(done as u64, total))?;
     bar.bar().finish_and_clear();
-    std::fs::create_dir_all(&args.out)?;
     for (i, img) in images.iter().enumerate() {
         let path = match args.format {
             Format::Tokens => {

@@ -206,9 +206,14 @@ fn exit_code(e: &anyhow::Error) -> i32 {
 
 /// A multi-threaded runtime for the async commands.
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
-        .build()?)
+        .on_thread_park(memtrim::on_worker_park)
+        .build()?;
+    memtrim::register_runtime(rt.handle().clone(), workers);
+    Ok(rt)
 }
 
 fn run(cmd: Command) -> Result<()> {

@@ -16,9 +16,55 @@
 //! the OS with `MADV_DONTNEED`. Memory still in use (weights, KV caches of running requests) is
 //! untouched; a busy process is never trimmed.
 //!
+//! `mi_collect` only reaches the calling thread's own pages: memory that the async runtime's
+//! worker threads freed (connection and stream state of a burst of requests, say) sits in
+//! their heaps. So a trim also bumps [`TRIM_EPOCH`] and wakes the runtime's workers
+//! ([`register_runtime`]); each worker collects its own heap the next time it parks
+//! ([`on_worker_park`], installed with `on_thread_park`) after an epoch change.
+//!
 //! `JANUS_MEM_TRIM=0` (or `off`) leaves mimalloc's purging as it was before this module: never.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// Incremented by every trim; a runtime worker that sees a new value collects its heap.
+pub static TRIM_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static SEEN_EPOCH: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The runtime whose workers a trim wakes, and how many it has.
+static RUNTIME: OnceLock<(tokio::runtime::Handle, usize)> = OnceLock::new();
+
+/// Registers the process's async runtime (its `workers` threads run [`on_worker_park`]).
+pub fn register_runtime(handle: tokio::runtime::Handle, workers: usize) {
+    let _ = RUNTIME.set((handle, workers));
+}
+
+/// For the runtime's `on_thread_park`: after a trim, returns this worker's freed memory to the
+/// OS (once per trim; otherwise an atomic load).
+pub fn on_worker_park() {
+    let epoch = TRIM_EPOCH.load(Ordering::Relaxed);
+    SEEN_EPOCH.with(|seen| {
+        if seen.get() != epoch {
+            seen.set(epoch);
+            trim();
+        }
+    });
+}
+
+/// Asks every runtime worker to collect its heap: bumps the epoch and spawns a few empty
+/// tasks, which wake parked workers (they collect when they park again).
+fn trim_workers() {
+    TRIM_EPOCH.fetch_add(1, Ordering::Relaxed);
+    if let Some((handle, workers)) = RUNTIME.get() {
+        for _ in 0..workers * 2 {
+            handle.spawn(async {});
+        }
+    }
+}
 
 /// mimalloc's `purge_delay` option id (`mi_option_purge_delay` in mimalloc.h).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -173,6 +219,9 @@ pub fn spawn_trimmer_from(policy: Policy, baseline: u64) -> Option<std::thread::
             };
             if t.sample(rss, cpu) {
                 trim();
+                trim_workers();
+                // The workers collect as they park again, within moments.
+                std::thread::sleep(Duration::from_millis(100));
                 let after = rss_bytes().unwrap_or(rss);
                 tracing::debug!(
                     before_mb = rss >> 20,

@@ -137,8 +137,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "internal services listening"
     );
     // The public port's health, for probes that speak neither TLS nor keys.
-    args.server.serve_health(&gateway).await?;
+    let health = args.server.serve_health(&gateway).await?;
     // Stable lines for scripts and tests (the HTTP one first: "serving on" means all is up).
+    if let Some(addr) = health {
+        eprintln!("janus: health on {addr}");
+    }
     if let Some(h) = &http {
         eprintln!("janus: http api on {} (playground: {}/)", h.url(), h.url());
     }

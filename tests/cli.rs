@@ -251,6 +251,46 @@ fn exit_codes_without_a_server() {
     let out = janus(&["understand", "--server", "http://127.0.0.1:1", "hi"], &[]);
     assert_eq!(out.code, Some(4), "{}", out.stderr);
 
+    // An --out that cannot be a directory: exit 2 naming it, before the (unreachable, exit 4)
+    // server is dialed or a model loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let bad_out = file.join("images");
+    let bad = bad_out.to_str().unwrap();
+    let out = janus(
+        &[
+            "generate",
+            "--server",
+            "http://127.0.0.1:1",
+            "-o",
+            bad,
+            "a cat",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--out") && out.stderr.contains(bad),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("connect"), "{}", out.stderr);
+    let model = fixture().join("model");
+    let out = janus(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "-o",
+            bad,
+            "a cat",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot create"), "{}", out.stderr);
+
     // A hub id that is not cached while offline: exit 3 and how to point at a directory.
     let home = tempfile::tempdir().unwrap();
     let out = janus(

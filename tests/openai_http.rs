@@ -126,7 +126,11 @@ impl Reply {
         let e = v["error"].clone();
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
         assert!(e["type"].is_string(), "{v}");
-        assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+        assert!(e.get("param").is_some(), "{v}");
+        assert!(
+            e["code"].as_str().is_some_and(|c| !c.is_empty()),
+            "every error has a code: {v}"
+        );
         e
     }
 }
@@ -234,6 +238,12 @@ async fn endpoints_answer_in_openai_shapes() {
     assert_eq!(
         (r.status, r.json()["id"].as_str()),
         (200, Some(id.as_str()))
+    );
+    let r = send(c.get(s.url(&format!("/v1/models/{}", id.replace('/', "%2F"))))).await;
+    assert_eq!(
+        (r.status, r.json()["id"].as_str()),
+        (200, Some(id.as_str())),
+        "a percent-encoded id is the same id"
     );
     let e = send(c.get(s.url("/v1/models/deepseek-ai/Janus-Pro-7B")))
         .await
@@ -486,10 +496,109 @@ async fn errors_are_openai_errors_and_the_server_keeps_serving() {
     .await
     .error(400);
     assert!(e["message"].as_str().unwrap().contains("data: URI"), "{e}");
-    let e = send(c.post(s.url("/v1/chat/completions")).body("{not json"))
+    let e = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body("{not json"),
+    )
+    .await
+    .error(400);
+    assert!(e["message"].as_str().unwrap().contains("JSON"), "{e}");
+    assert_eq!(e["code"], "invalid_json");
+    let e = post(&s, "/v1/chat/completions", &json!([1]))
         .await
         .error(400);
-    assert!(e["message"].as_str().unwrap().contains("JSON"), "{e}");
+    assert_eq!(e["code"], "invalid_json");
+
+    // Integers out of range say so, with the range (1e12 is an integer in JSON).
+    for (path, body, param, range) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e12}),
+            "max_tokens",
+            "from 1 to 4294967295",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}),
+            "max_tokens",
+            "from 1 to 2048 (the server's limit)",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "seed": 1e30}),
+            "seed",
+            "from 0 to 18446744073709551615",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}),
+            "top_k",
+            "from 0 to 4294967295",
+        ),
+        (
+            "/v1/images/generations",
+            json!({"prompt": "x", "n": 1e12}),
+            "n",
+            "from 1 to 16",
+        ),
+        (
+            "/v1/images/generations",
+            json!({"prompt": "x", "partial_images": 4, "stream": true}),
+            "partial_images",
+            "from 0 to 3",
+        ),
+    ] {
+        let e = post(&s, path, &body).await.error(400);
+        assert_eq!(e["param"], param, "{body}: {e}");
+        assert_eq!(e["code"], "integer_out_of_range", "{body}: {e}");
+        let m = e["message"].as_str().unwrap();
+        assert!(
+            m.contains("out of range") && m.contains(range),
+            "{body}: {m}"
+        );
+    }
+    let e = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}),
+    )
+    .await
+    .error(400);
+    assert_eq!(
+        e["code"], "invalid_value",
+        "a fraction is not an integer: {e}"
+    );
+    // What the service would refuse is refused by the gateway too, naming the parameter.
+    for (body, param) in [
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}),
+            "stop",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 5, "max_tokens": 2}),
+            "min_tokens",
+        ),
+        (
+            json!({"messages": [{"role": "system", "content": "a"}, {"role": "developer", "content": "b"},
+                                {"role": "user", "content": "hi"}]}),
+            "messages[1].role",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "see <image_placeholder>"}]}),
+            "messages[0].content",
+        ),
+    ] {
+        let e = post(&s, "/v1/chat/completions", &body).await.error(400);
+        assert_eq!(e["param"], param, "{body}: {e}");
+    }
+    // An empty (or blank) prompt is refused, as the OpenAPI document says (pattern).
+    for prompt in ["", " \n\t"] {
+        let e = post(&s, "/v1/images/generations", &json!({"prompt": prompt}))
+            .await
+            .error(400);
+        assert_eq!(e["param"], "prompt", "{e}");
+    }
 
     for (body, param) in [
         (json!({"prompt": "x", "size": "1024x1024"}), "size"),
@@ -540,15 +649,70 @@ async fn errors_are_openai_errors_and_the_server_keeps_serving() {
         .error(413);
     assert_eq!(e["code"], "request_too_large");
 
-    // 504: the deadline header passes while the images are drawn.
+    // 504: the deadline header passes while the images are drawn; the message names it.
     let e = send(
         c.post(s.url("/v1/images/generations"))
-            .header("x-janus-timeout", "0.001")
+            .header("x-janus-timeout", "0.01")
             .json_body(&json!({"prompt": "x", "n": 4})),
     )
     .await
     .error(504);
     assert_eq!(e["code"], "deadline_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the caller's deadline (x-janus-timeout: 0.01 s) passed"),
+        "{e}"
+    );
+    // A deadline shorter than the gateway could serve is over on arrival: 504 at once, naming
+    // it; but an invalid body gets its 400 first, whatever the deadline.
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 7}),
+        ),
+        ("/v1/images/generations", json!({"prompt": "x", "top_p": 7})),
+    ] {
+        let e = send(
+            c.post(s.url(path))
+                .header("x-janus-timeout", "1e-6")
+                .json_body(&body),
+        )
+        .await
+        .error(400);
+        assert_eq!(e["param"], "top_p", "{path}: {e}");
+    }
+    let e = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("x-janus-timeout", "1e-6")
+            .json_body(&user(json!("hi"))),
+    )
+    .await
+    .error(504);
+    assert_eq!(e["code"], "deadline_exceeded");
+    assert_eq!(
+        e["message"],
+        "the caller's deadline (x-janus-timeout: 0.000001 s) was over on arrival: nothing was started"
+    );
+    let e = send(
+        c.get(s.url("/v1/models"))
+            .header("x-janus-timeout", "0.0005"),
+    )
+    .await
+    .error(504);
+    assert!(e["message"].as_str().unwrap().contains("0.0005 s"), "{e}");
+    for bad in ["soon", "0", "-1", "1e9", "inf"] {
+        let e = send(
+            c.post(s.url("/v1/chat/completions"))
+                .header("x-janus-timeout", bad)
+                .json_body(&user(json!("hi"))),
+        )
+        .await
+        .error(400);
+        assert_eq!(e["param"], "x-janus-timeout", "{bad}: {e}");
+        assert_eq!(e["code"], "invalid_header", "{bad}: {e}");
+    }
 
     // Still serving, with the served model named.
     let mut b = user(json!("hi"));
@@ -767,4 +931,345 @@ async fn remote_images_are_fetched_only_from_allowed_hosts() {
     )
     .await;
     assert_eq!(r.status, 200, "still serving: {}", r.body);
+}
+
+/// The port of a server's HTTP URL.
+fn port_of(s: &Server) -> u16 {
+    s.http.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_use_is_refused_by_default() {
+    let s = Server::serve(&["--max-new-tokens-limit", "64"], &[]);
+    let c = client();
+    let port = port_of(&s);
+    let hi = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+
+    // POST bodies must be declared JSON: what a page's form or text/plain fetch sends is 415.
+    for (ct, shown) in [
+        (Some("text/plain"), "'text/plain'"),
+        (
+            Some("text/plain; charset=utf-8"),
+            "'text/plain; charset=utf-8'",
+        ),
+        (
+            Some("application/x-www-form-urlencoded"),
+            "'application/x-www-form-urlencoded'",
+        ),
+        (
+            Some("multipart/form-data; boundary=x"),
+            "'multipart/form-data; boundary=x'",
+        ),
+        (None, "no Content-Type"),
+    ] {
+        for path in ["/v1/chat/completions", "/v1/images/generations"] {
+            let mut req = c.post(s.url(path)).body(hi.to_string());
+            if let Some(ct) = ct {
+                req = req.header("content-type", ct);
+            }
+            let e = send(req).await.error(415);
+            assert_eq!(e["code"], "unsupported_media_type", "{ct:?}: {e}");
+            let m = e["message"].as_str().unwrap();
+            assert!(m.contains(shown) && m.contains("application/json"), "{m}");
+        }
+    }
+    for ct in ["application/json; charset=utf-8", "Application/JSON"] {
+        let r = send(
+            c.post(s.url("/v1/chat/completions"))
+                .header("content-type", ct)
+                .body(hi.to_string()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{ct}: {}", r.body);
+    }
+
+    // Host: localhost and the listen IP are served; any other name is 403 on every route.
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "localhost".into(),
+    ] {
+        let r = send(c.get(s.url("/v1/models")).header("host", &host)).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+    }
+    for path in ["/v1/models", "/", "/openapi.json", "/v1/nowhere"] {
+        let e = send(
+            c.get(s.url(path))
+                .header("host", format!("rebound.example:{port}")),
+        )
+        .await
+        .error(403);
+        assert_eq!(e["code"], "host_not_allowed", "{path}: {e}");
+        let m = e["message"].as_str().unwrap();
+        assert!(
+            m.contains(&format!("'rebound.example:{port}'")) && m.contains("--allowed-hosts"),
+            "{m}"
+        );
+        assert!(!m.contains("API key"), "no keys configured: {m}");
+    }
+    let e = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("host", "127.0.0.2")
+            .json_body(&hi),
+    )
+    .await
+    .error(403);
+    assert_eq!(e["code"], "host_not_allowed");
+
+    // No CORS configured: every preflight is refused, naming the origin and the flag.
+    let e = send(
+        c.request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type"),
+    )
+    .await
+    .error(403);
+    assert_eq!(e["code"], "origin_not_allowed");
+    let m = e["message"].as_str().unwrap();
+    assert!(
+        m.contains("'https://app.example.com'") && m.contains("--cors-origins"),
+        "{m}"
+    );
+
+    // A cross-site POST is refused before it runs, whatever its content type; the page's
+    // own origin (the playground) is served.
+    for ct in ["text/plain", "application/json"] {
+        let e = send(
+            c.post(s.url("/v1/images/generations"))
+                .header("origin", "https://evil.example")
+                .header("content-type", ct)
+                .body(json!({"prompt": "x"}).to_string()),
+        )
+        .await
+        .error(403);
+        assert_eq!(e["code"], "origin_not_allowed", "{ct}: {e}");
+        assert!(e["message"]
+            .as_str()
+            .unwrap()
+            .contains("'https://evil.example'"));
+    }
+    let r = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("origin", format!("http://127.0.0.1:{port}"))
+            .json_body(&hi),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+    // A cross-origin GET is answered (nothing runs) but without CORS headers: unreadable.
+    let r = send(
+        c.get(s.url("/v1/models"))
+            .header("origin", "https://evil.example"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+
+    // The served OpenAPI document carries this server's limits.
+    let spec = send(c.get(s.url("/openapi.json"))).await.json();
+    let props = &spec["components"]["schemas"]["ChatCompletionRequest"]["properties"];
+    assert_eq!(props["max_tokens"]["maximum"], 64);
+    assert_eq!(props["min_tokens"]["maximum"], 64);
+    let img = &spec["components"]["schemas"]["ImageRequest"]["properties"];
+    assert_eq!(img["size"]["enum"], json!(["384x384", "auto", null]));
+    assert_eq!(img["n"]["maximum"], 16);
+    assert_eq!(img["prompt"]["type"], "string");
+    assert!(
+        img["prompt"]["pattern"].is_string(),
+        "an empty prompt is refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_hosts_origins_and_keys() {
+    let s = Server::serve(
+        &["--allowed-hosts", "janus.example.com,api.example.com:8443"],
+        &[
+            ("JANUS_API_KEYS", KEY),
+            (
+                "JANUS_CORS_ORIGINS",
+                "https://app.example.com, http://localhost:3000",
+            ),
+        ],
+    );
+    let c = client();
+    let hi = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+
+    // Listed hosts are served (any port for a bare name, the listed port otherwise).
+    for host in [
+        "janus.example.com",
+        "janus.example.com:1234",
+        "api.example.com:8443",
+    ] {
+        let r = send(
+            c.get(s.url("/v1/models"))
+                .header("host", host)
+                .bearer_auth(KEY),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+        let r = send(c.get(s.url("/")).header("host", host)).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+    }
+    // An unlisted host: 403 without a valid key (the message says a key would do), served
+    // with one, as OpenAI clients reaching the server by any name expect.
+    for (what, key) in [("no key", None), ("a wrong key", Some("sk-wrong"))] {
+        let mut req = c
+            .get(s.url("/v1/models"))
+            .header("host", "api.example.com:9999");
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let e = send(req).await.error(403);
+        assert_eq!(e["code"], "host_not_allowed", "{what}");
+        assert!(
+            e["message"].as_str().unwrap().contains("valid API key"),
+            "{e}"
+        );
+    }
+    let r = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("host", "gateway.elsewhere.example")
+            .bearer_auth(KEY)
+            .json_body(&hi),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Preflight from a listed origin: 204 with the CORS headers; from another: 403.
+    let r = send(
+        c.request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            ),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let h = |name: &str| {
+        r.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing: {:?}", r.headers))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(h("access-control-allow-origin"), "https://app.example.com");
+    assert_eq!(h("access-control-allow-methods"), "GET, POST, OPTIONS");
+    let allowed = h("access-control-allow-headers");
+    for name in [
+        "authorization",
+        "content-type",
+        "x-request-id",
+        "x-janus-timeout",
+        "traceparent",
+        "tracestate",
+        "baggage",
+    ] {
+        assert!(allowed.contains(name), "{name} in {allowed}");
+    }
+    assert!(h("access-control-max-age").parse::<u32>().unwrap() > 0);
+    assert_eq!(h("vary").to_ascii_lowercase(), "origin");
+    let e = send(
+        c.request(reqwest::Method::OPTIONS, s.url("/v1/models"))
+            .header("origin", "https://app.example.com.evil.example")
+            .header("access-control-request-method", "GET"),
+    )
+    .await
+    .error(403);
+    assert_eq!(e["code"], "origin_not_allowed");
+    let r = send(
+        c.request(reqwest::Method::OPTIONS, s.url("/v1/models"))
+            .header("origin", "http://localhost:3000")
+            .header("access-control-request-method", "GET"),
+    )
+    .await;
+    assert_eq!(
+        r.status, 204,
+        "the second listed origin (from the variable)"
+    );
+
+    // The actual request from a listed origin: served, readable by the page.
+    let r = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("origin", "https://app.example.com")
+            .header("x-request-id", "cors-1")
+            .bearer_auth(KEY)
+            .json_body(&hi),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r.headers["vary"], "origin");
+    assert!(r.headers["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .contains("x-request-id"));
+    assert_eq!(r.headers["x-request-id"], "cors-1");
+    // Errors to a listed origin are readable too.
+    let r = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("origin", "https://app.example.com")
+            .json_body(&hi),
+    )
+    .await;
+    r.error(401);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    // Another origin's POST is refused even with a key; its GET is answered without CORS.
+    let e = send(
+        c.post(s.url("/v1/chat/completions"))
+            .header("origin", "https://other.example")
+            .bearer_auth(KEY)
+            .json_body(&hi),
+    )
+    .await
+    .error(403);
+    assert_eq!(e["code"], "origin_not_allowed");
+    let r = send(
+        c.get(s.url("/v1/models"))
+            .header("origin", "https://other.example")
+            .bearer_auth(KEY),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+    assert_eq!(r.headers["vary"], "origin");
+}
+
+#[test]
+fn malformed_site_flags_fail_at_start() {
+    for (flag, value, words) in [
+        ("--cors-origins", "app.example.com", "is not an origin"),
+        (
+            "--cors-origins",
+            "https://app.example.com/",
+            "is not an origin",
+        ),
+        ("--allowed-hosts", "janus.example.com/v1", "is not a host"),
+    ] {
+        let model = fixture().join("model");
+        let out = Command::new(JANUS)
+            .args(["serve", "--model", model.to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args([flag, value])
+            .env_remove("JANUS_API_KEYS")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(words),
+            "{flag} {value}: {err}"
+        );
+    }
 }

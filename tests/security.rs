@@ -192,7 +192,6 @@ async fn api_keys_at_the_gateway() {
                 reflection_requires_key,
             },
             tls: None,
-            tls_files: None,
         },
         metrics: metrics.clone(),
         ..cfg.server.clone()
@@ -297,7 +296,6 @@ async fn mtls_backends() -> MtlsBackends {
             reflection_requires_key: false,
         },
         tls: Some(janus_service::tls::server_config(&cert, &key, Some(&client_ca)).unwrap()),
-        tls_files: None,
     };
     let und = start_understanding(&cfg).await;
     let gen = start_generation(&cfg).await;
@@ -334,7 +332,6 @@ async fn tls_to_the_gateway_and_mtls_to_the_services() {
                 reflection_requires_key: false,
             },
             tls: Some(janus_service::tls::server_config(&pub_cert, &pub_key, None).unwrap()),
-            tls_files: None,
         },
         grace_period: Duration::from_secs(2),
         ..Default::default()
@@ -416,9 +413,14 @@ async fn tls_to_the_gateway_and_mtls_to_the_services() {
 
     // Probes that speak neither TLS nor keys use the plaintext health port (--health-listen).
     let stop = tokio_util::sync::CancellationToken::new();
-    let probe = janus_service::server::serve_health("127.0.0.1:0", gw.health(), stop.clone())
-        .await
-        .unwrap();
+    let probe = janus_service::server::serve_health(
+        "127.0.0.1:0",
+        gw.health(),
+        &Default::default(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     let probe_ch = channel(&format!("http://{probe}")).await;
     assert_eq!(health_status(probe_ch.clone(), "").await, Some(1));
     assert_eq!(

@@ -54,7 +54,9 @@ EVERYTHING_ON = {
              "sampler": "parentbased_traceidratio", "samplerArg": "0.25",
              "resourceAttributes": "deployment.environment=ci"},
     "gateway": {"autoscaling": {"enabled": True, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}},
-                "pdb": {"minAvailable": 1}},
+                "pdb": {"minAvailable": 1},
+                "http": {"allowedHosts": ["janus.example.com", "api.example.com:8443"],
+                         "corsOrigins": ["https://app.example.com"]}},
     "understanding": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3,
                                       "targetCPUUtilizationPercentage": None,
                                       "metrics": [{"type": "Pods", "pods": {
@@ -101,6 +103,9 @@ MUST_FAIL: dict[str, dict] = {
     "mTLS without Secrets": {"tls": {"internal": {"enabled": True}}},
     "misspelt tls key": {"tls": {"gatewaySecret": "x"}},
     "api key Secret key empty": {"apiKeys": {"secretName": "k", "key": ""}},
+    "CORS origin with a path": {"gateway": {"http": {"corsOrigins": ["https://app.example.com/"]}}},
+    "CORS origin without a scheme": {"gateway": {"http": {"corsOrigins": ["app.example.com"]}}},
+    "allowed host with a path": {"gateway": {"http": {"allowedHosts": ["janus.example.com/v1"]}}},
 }
 
 
@@ -331,6 +336,16 @@ def check_manifests(name: str, values: dict, docs: list[dict], f: Failures) -> N
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             f.check(env.get("JANUS_HTTP_LISTEN") == f"0.0.0.0:{merged['gateway']['http']['port']}",
                     f"{name}: gateway JANUS_HTTP_LISTEN")
+            # The HTTP port answers to the gateway Service's in-cluster names (and the values'
+            # hosts); CORS only for the values' origins.
+            svc_name = svc["metadata"]["name"]
+            want_hosts = [svc_name, f"{svc_name}.{NAMESPACE}", f"{svc_name}.{NAMESPACE}.svc",
+                          f"{svc_name}.{NAMESPACE}.svc.cluster.local", *merged["gateway"]["http"]["allowedHosts"]]
+            f.check(env.get("JANUS_ALLOWED_HOSTS") == ",".join(want_hosts),
+                    f"{name}: gateway JANUS_ALLOWED_HOSTS {env.get('JANUS_ALLOWED_HOSTS')!r}")
+            origins = merged["gateway"]["http"]["corsOrigins"]
+            f.check(env.get("JANUS_CORS_ORIGINS") == (",".join(origins) if origins else None),
+                    f"{name}: gateway JANUS_CORS_ORIGINS {env.get('JANUS_CORS_ORIGINS')!r}")
         f.check({p["name"] for p in svc["spec"]["ports"]} == want_ports, f"{name}: Service ports")
     # Each enabled model component has a headless Service (the gateway's discovery).
     for comp in MODEL_COMPONENTS:

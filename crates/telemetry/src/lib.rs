@@ -47,7 +47,7 @@ pub use opentelemetry_sdk;
 pub use propagation::{
     client_span, copy_request_id, extract_context, extract_context_from_headers, inject_context,
     inject_context_into, propagate_context, record_client_status, server_span, InjectContextExt,
-    REQUEST_ID_HEADER,
+    ServerSpan, ServerSpanLayer, REQUEST_ID_HEADER,
 };
 pub use server::{serve_metrics, serve_metrics_with_shutdown};
 /// The filter type [`build_subscriber`] takes.

@@ -128,6 +128,51 @@ pub(crate) fn split_path(path: &str) -> (&str, &str) {
     trimmed.rsplit_once('/').unwrap_or((trimmed, ""))
 }
 
+/// A tower layer giving every request its [`server_span`], entered while the response future
+/// is polled (what tonic's `trace_fn` does, for servers that serve their own connections).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerSpanLayer;
+
+impl<S> tower_layer::Layer<S> for ServerSpanLayer {
+    type Service = ServerSpan<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerSpan { inner }
+    }
+}
+
+/// See [`ServerSpanLayer`].
+#[derive(Debug, Clone)]
+pub struct ServerSpan<S> {
+    inner: S,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for ServerSpan<S>
+where
+    S: tower_service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let mut bare = http::Request::new(());
+        *bare.method_mut() = req.method().clone();
+        *bare.uri_mut() = req.uri().clone();
+        *bare.version_mut() = req.version();
+        *bare.headers_mut() = req.headers().clone();
+        let span = server_span(&bare);
+        tracing::Instrument::instrument(self.inner.call(req), span)
+    }
+}
+
 /// The span for one incoming RPC, for `Server::builder().trace_fn(janus_telemetry::server_span)`.
 ///
 /// Named (`otel.name`) after the full method, `pkg.Service/Method`, of kind server, with

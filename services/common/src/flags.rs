@@ -128,6 +128,71 @@ pub struct ServerFlags {
     pub health_listen: Option<String>,
     #[command(flatten)]
     pub security: SecurityFlags,
+    #[command(flatten)]
+    pub conn: ConnFlags,
+}
+
+/// What one connection may hold and how long it may take, on every port of the server
+/// ([`crate::conn`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnFlags {
+    /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS;
+    /// streams beyond it are refused).
+    #[arg(long, env = "JANUS_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+    /// Largest request header list in bytes (SETTINGS_MAX_HEADER_LIST_SIZE): a larger one fails
+    /// its own request (HTTP 431), up to four times this (then the connection is closed).
+    #[arg(long, env = "JANUS_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_list_bytes: u32,
+    /// Bytes of request bodies one connection may have received for requests still being
+    /// received, all its streams together (default: 4 × --max-message-bytes).
+    #[arg(long, env = "JANUS_MAX_BUFFERED_REQUEST_BYTES")]
+    pub max_buffered_request_bytes: Option<usize>,
+    /// The same for all connections of a port together (default: 16 × --max-message-bytes).
+    #[arg(long, env = "JANUS_MAX_BUFFERED_REQUEST_BYTES_TOTAL")]
+    pub max_buffered_request_bytes_total: Option<usize>,
+    /// Seconds from accepting a connection (after TLS) to its HTTP/2 preface or the first byte
+    /// of an HTTP/1 request.
+    #[arg(long, env = "JANUS_PREFACE_TIMEOUT", default_value_t = 10.0)]
+    pub preface_timeout: f64,
+    /// Seconds of silence allowed while a request's headers (HTTP/1) or body is being received;
+    /// also how long an HTTP/1 keep-alive connection waits for its next request.
+    #[arg(long, env = "JANUS_REQUEST_READ_TIMEOUT", default_value_t = 10.0)]
+    pub request_read_timeout: f64,
+    /// Seconds a connection with no request in flight stays open (HTTP/2: GOAWAY, then close).
+    #[arg(long, env = "JANUS_IDLE_TIMEOUT", default_value_t = 120.0)]
+    pub idle_timeout: f64,
+    /// Seconds between HTTP/2 keepalive pings to clients.
+    #[arg(long, env = "JANUS_KEEPALIVE_INTERVAL", default_value_t = 30.0)]
+    pub keepalive_interval: f64,
+    /// Seconds a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "JANUS_KEEPALIVE_TIMEOUT", default_value_t = 20.0)]
+    pub keepalive_timeout: f64,
+}
+
+impl ConnFlags {
+    /// As limits, for a server whose largest message is `max_message_bytes`.
+    pub fn limits(&self, max_message_bytes: usize) -> crate::conn::ConnLimits {
+        let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.001, 86_400.0));
+        let per_conn = self
+            .max_buffered_request_bytes
+            .unwrap_or_else(|| max_message_bytes.saturating_mul(4))
+            .max(max_message_bytes);
+        crate::conn::ConnLimits {
+            max_concurrent_streams: self.max_concurrent_streams.max(1),
+            max_header_list_bytes: self.max_header_list_bytes.max(1024),
+            max_buffered_request_bytes: per_conn,
+            max_buffered_request_bytes_total: self
+                .max_buffered_request_bytes_total
+                .unwrap_or_else(|| max_message_bytes.saturating_mul(16))
+                .max(per_conn),
+            preface_timeout: secs(self.preface_timeout),
+            request_read_timeout: secs(self.request_read_timeout),
+            idle_timeout: secs(self.idle_timeout),
+            keepalive_interval: secs(self.keepalive_interval),
+            keepalive_timeout: secs(self.keepalive_timeout),
+        }
+    }
 }
 
 /// A secret given on the command line or in the environment; `Debug` does not show it.
@@ -193,21 +258,12 @@ impl SecurityFlags {
             self.tls_key.as_deref(),
             self.tls_client_ca.as_deref(),
         )?;
-        let tls_files = match (&tls, &self.tls_cert, &self.tls_key) {
-            (Some(_), Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: self.tls_client_ca.clone(),
-            }),
-            _ => None,
-        };
         Ok(Security {
             auth: crate::auth::AuthPolicy {
                 keys: keys.map(std::sync::Arc::new),
                 reflection_requires_key: self.reflection_requires_key,
             },
             tls,
-            tls_files,
         })
     }
 }
@@ -223,6 +279,7 @@ impl ServerFlags {
             security: Security::default(),
             max_connection_age: None,
             max_connection_age_grace: None,
+            conn: self.conn.limits(self.max_message_bytes),
         }
     }
 
@@ -243,9 +300,14 @@ impl ServerFlags {
         let Some(addr) = &self.health_listen else {
             return Ok(None);
         };
-        crate::server::serve_health(addr, running.health(), running.lifecycle().closed.clone())
-            .await
-            .map(Some)
+        crate::server::serve_health(
+            addr,
+            running.health(),
+            &self.conn.limits(self.max_message_bytes),
+            running.lifecycle().closed.clone(),
+        )
+        .await
+        .map(Some)
     }
 
     /// Starts the `/metrics` endpoint serving `metrics` when `--metrics-listen` is given;

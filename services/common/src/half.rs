@@ -109,5 +109,5 @@ pub async fn serve_service(
         l.abort.cancelled().await;
         abort();
     });
-    server::spawn_with(router, listener, health, names, options, life)
+    server::spawn(router, listener, health, names, options, life)
 }

@@ -6,6 +6,8 @@
 //! the binaries share ([`flags`]).
 
 pub mod auth;
+pub mod conn;
+pub mod deadline;
 pub mod drain;
 pub mod flags;
 pub mod half;

@@ -16,11 +16,9 @@ pub const PROPAGATED: &[&str] = &[
     "authorization",
 ];
 
-/// How much earlier than the client's deadline a handler gives up. tonic's transport arms its
-/// own timer from `grpc-timeout` when the request arrives and, if that fires before the
-/// handler has answered, replies CANCELLED ("Timeout expired"); stopping this much earlier
-/// lets the handler answer DEADLINE_EXCEEDED itself (the gateway waits for a backend's first
-/// message before answering, so there the race is real).
+/// How much earlier than the client's deadline a handler gives up, so that its own, more
+/// specific DEADLINE_EXCEEDED (e.g. "while waiting for a backend") comes before the server's
+/// generic one ([`crate::deadline`]). A deadline no longer than this is over on arrival.
 pub const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
 
 /// The time this hop has for a request whose client set `grpc-timeout`

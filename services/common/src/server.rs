@@ -1,23 +1,26 @@
-//! Assembling and running a tonic server: health, reflection (v1 and v1alpha), message limits,
-//! TLS and API keys ([`Security`]), ephemeral-port friendly binding, and graceful shutdown with
-//! a bounded grace period.
+//! Assembling and running a gRPC server: health, reflection (v1 and v1alpha), message limits,
+//! TLS and API keys ([`Security`]), the caller's deadline ([`crate::deadline`]), connections
+//! served and bounded by [`crate::conn`], ephemeral-port friendly binding, and graceful shutdown
+//! with a bounded grace period.
 
 use crate::auth::{AuthLayer, AuthPolicy};
+use crate::conn::{ConnLimits, ConnOptions, Protocols};
 use crate::drain::{Drain, DrainLayer};
 use anyhow::Context;
 use janus_telemetry::MetricsLayer;
-use std::future::Future as _;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
-use tower_layer::{Identity, Stack};
+use tower::ServiceExt as _;
+use tower_layer::{Identity, Layer as _, Stack};
+use tower_service::Service;
 
 /// Transport settings of a server.
 #[derive(Debug, Clone)]
@@ -38,6 +41,8 @@ pub struct ServerOptions {
     /// After `max_connection_age`, streams still open on the connection may run this much
     /// longer before it is closed (default: `grace_period`).
     pub max_connection_age_grace: Option<Duration>,
+    /// What one connection may hold and how long it may take ([`crate::conn`]).
+    pub conn: ConnLimits,
 }
 
 impl Default for ServerOptions {
@@ -49,6 +54,7 @@ impl Default for ServerOptions {
             security: Security::default(),
             max_connection_age: None,
             max_connection_age_grace: None,
+            conn: ConnLimits::default(),
         }
     }
 }
@@ -58,25 +64,72 @@ impl Default for ServerOptions {
 pub struct Security {
     /// API keys (`authorization: Bearer <key>`); no keys: every request passes.
     pub auth: AuthPolicy,
-    /// TLS of the port (with a client CA: mTLS); `None`: plaintext.
-    pub tls: Option<ServerTlsConfig>,
-    /// The PEM files `tls` was built from, for listeners that are not tonic servers (the
-    /// gateway's HTTP port uses the same certificate).
-    pub tls_files: Option<crate::tls::TlsFiles>,
+    /// TLS of the port (with a client CA: mTLS); `None`: plaintext. The gateway's HTTP port
+    /// uses the same certificate.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
-/// The layers of every server: per-RPC metrics outside, the API-key check inside (a refused
-/// request is counted as UNAUTHENTICATED), then the drain ([`crate::drain`]: refuses new RPCs
-/// during shutdown, counts those in flight), innermost the statuses of undecodable or oversized
-/// requests ([`crate::wire`]).
+/// The layers of every server, outermost first: per-RPC metrics (a refused request is counted
+/// too), the API-key check, the drain ([`crate::drain`]: refuses new RPCs during shutdown,
+/// counts those in flight), the statuses of undecodable or oversized requests
+/// ([`crate::wire`]), innermost the caller's deadline ([`crate::deadline`]).
 pub type Layers = Stack<
-    crate::wire::RequestStatusLayer,
-    Stack<DrainLayer, Stack<AuthLayer, Stack<MetricsLayer, Identity>>>,
+    crate::deadline::DeadlineLayer,
+    Stack<
+        crate::wire::RequestStatusLayer,
+        Stack<DrainLayer, Stack<AuthLayer, Stack<MetricsLayer, Identity>>>,
+    >,
 >;
-/// A server built by [`builder`].
-pub type JanusServer = Server<Layers>;
-/// The router of a [`JanusServer`] (what `add_service` returns).
-pub type Router = tonic::transport::server::Router<Layers>;
+
+/// The services of a server being assembled, and the layers every RPC goes through; served by
+/// [`spawn`] / [`spawn_with`].
+#[derive(Debug, Clone)]
+pub struct Router {
+    routes: RoutesBuilder,
+    layers: Layers,
+}
+
+impl Router {
+    /// Adds a gRPC service.
+    pub fn add_service<S>(mut self, svc: S) -> Self
+    where
+        S: Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(svc);
+        self
+    }
+
+    /// The service one connection's requests go to: a span per RPC, then the layers, then the
+    /// routes; any error becomes a gRPC status.
+    fn into_service(self) -> GrpcService {
+        let svc = janus_telemetry::ServerSpanLayer.layer(self.layers.layer(self.routes.routes()));
+        tower::util::BoxCloneSyncService::new(
+            svc.map_request(|r: http::Request<crate::conn::RequestBody>| {
+                r.map(tonic::body::Body::new)
+            })
+            .map_result(|r| {
+                Ok::<_, Infallible>(match r {
+                    Ok(resp) => resp.map(tonic::body::Body::new),
+                    Err(e) => tonic::Status::from_error(e.into()).into_http(),
+                })
+            }),
+        )
+    }
+}
+
+/// A server's service as [`crate::conn::serve`] takes it.
+type GrpcService = tower::util::BoxCloneSyncService<
+    http::Request<crate::conn::RequestBody>,
+    http::Response<tonic::body::Body>,
+    Infallible,
+>;
 
 /// Shutdown signalling of a server: `shutdown` starts draining (health NOT_SERVING, new RPCs
 /// UNAVAILABLE, [`crate::drain`]), `abort` fires when the grace period is over (in-flight
@@ -172,34 +225,44 @@ impl Running {
     }
 }
 
-/// A server builder with the settings every Janus server uses, instrumented: a span per RPC
+/// A server with the settings every Janus server uses, instrumented: a span per RPC
 /// (`janus_telemetry::server_span`, parented by the caller's `traceparent`) and per-RPC
-/// metrics (method, status code, duration, in flight) in `options.metrics`; TLS and the API-key
-/// check of `options.security` (the one place where every server gets them); the drain of
-/// `life` (serve it with [`spawn`] or [`spawn_with`] and the same `life`).
-pub fn builder(options: &ServerOptions, life: &Lifecycle) -> anyhow::Result<JanusServer> {
-    let mut server = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-    // Only the graceful part comes from tonic: with its `max_connection_age_grace` set, tonic
-    // 0.14 sends no GOAWAY at the age and just drops the connection at age + grace. The forced
-    // close at age + grace is [`AgedIo`]'s (see [`spawn`]).
-    if let Some(age) = options.max_connection_age {
-        server = server.max_connection_age(age);
+/// metrics (method, status code, duration, in flight) in `options.metrics`; the API-key check
+/// of `options.security` (the one place where every server gets it); the drain of `life`
+/// (serve it with [`spawn`] or [`spawn_with`] and the same `life`). TLS is the connections'
+/// ([`crate::conn`]).
+pub fn builder(options: &ServerOptions, life: &Lifecycle) -> anyhow::Result<Router> {
+    let layers = Stack::new(
+        crate::deadline::DeadlineLayer,
+        Stack::new(
+            crate::wire::RequestStatusLayer,
+            Stack::new(
+                life.drain.layer(),
+                Stack::new(
+                    AuthLayer::new(options.security.auth.clone(), options.metrics.clone()),
+                    Stack::new(options.metrics.layer(), Identity::new()),
+                ),
+            ),
+        ),
+    );
+    Ok(Router {
+        routes: RoutesBuilder::default(),
+        layers,
+    })
+}
+
+/// The connection options of a gRPC port of a server with `options`.
+pub fn conn_options(options: &ServerOptions, max_age: Option<(Duration, Duration)>) -> ConnOptions {
+    ConnOptions {
+        limits: options.conn.clone(),
+        protocols: Protocols::Grpc,
+        tls: options
+            .security
+            .tls
+            .as_ref()
+            .map(|t| t.config(Protocols::Grpc)),
+        max_age,
     }
-    if let Some(tls) = &options.security.tls {
-        server = server
-            .tls_config(tls.clone())
-            .context("TLS configuration (certificate or key not usable)")?;
-    }
-    Ok(janus_telemetry::instrument(server, &options.metrics)
-        .layer(AuthLayer::new(
-            options.security.auth.clone(),
-            options.metrics.clone(),
-        ))
-        .layer(life.drain.layer())
-        .layer(crate::wire::RequestStatusLayer))
 }
 
 /// Reflection v1 and v1alpha (grpcurl 1.8 speaks v1alpha) over `janus.v1` and the health service.
@@ -214,33 +277,23 @@ pub fn add_reflection(router: Router) -> anyhow::Result<Router> {
     Ok(router.add_service(v1).add_service(v1alpha))
 }
 
-/// Binds a listener; `127.0.0.1:0` picks a free port.
+/// Binds a listener; `127.0.0.1:0` picks a free port. The first bind of a process raises its
+/// soft descriptor limit to the hard one ([`crate::conn::raise_fd_limit`]).
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+    crate::conn::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Runs `router` on `listener` until `life.shutdown` fires, then drains: marks `services` (and
-/// the whole server) NOT_SERVING and refuses new RPCs with UNAVAILABLE while still accepting
-/// connections, lets in-flight streams run until none is left or the grace period is over, then
-/// stops accepting; if streams are still running, fires `life.abort` and gives them a few more
-/// seconds to end before dropping them.
+/// Runs `router` on `listener` with the connection limits, TLS, grace period and connection
+/// age of `options` until `life.shutdown` fires, then drains: marks `services` (and the whole
+/// server) NOT_SERVING and refuses new RPCs with UNAVAILABLE while still accepting connections,
+/// lets in-flight streams run until none is left or the grace period is over, then stops
+/// accepting (GOAWAY on open connections); if streams are still running, fires `life.abort`
+/// and gives them a few more seconds to end before dropping them. A connection older than
+/// `max_connection_age` gets a GOAWAY and is closed `max_connection_age_grace` (default: the
+/// grace period) later if streams still hold it.
 pub fn spawn(
-    router: Router,
-    listener: TcpListener,
-    health: HealthReporter,
-    services: Vec<&'static str>,
-    grace: Duration,
-    life: Lifecycle,
-) -> anyhow::Result<Running> {
-    spawn_inner(router, listener, health, services, grace, None, life)
-}
-
-/// [`spawn`] with the grace period and connection age of `options`: a connection older than
-/// `max_connection_age` gets a GOAWAY (from [`builder`]) and is closed
-/// `max_connection_age_grace` (default: the grace period) later if streams still hold it.
-pub fn spawn_with(
     router: Router,
     listener: TcpListener,
     health: HealthReporter,
@@ -248,44 +301,31 @@ pub fn spawn_with(
     options: &ServerOptions,
     life: Lifecycle,
 ) -> anyhow::Result<Running> {
-    let close_after = options.max_connection_age.map(|age| {
-        age + options
-            .max_connection_age_grace
-            .unwrap_or(options.grace_period)
-    });
-    spawn_inner(
-        router,
-        listener,
-        health,
-        services,
-        options.grace_period,
-        close_after,
-        life,
-    )
-}
-
-fn spawn_inner(
-    router: Router,
-    listener: TcpListener,
-    health: HealthReporter,
-    services: Vec<&'static str>,
-    grace: Duration,
-    close_after: Option<Duration>,
-    life: Lifecycle,
-) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("local address")?;
+    let grace = options.grace_period;
+    let max_age = options.max_connection_age.map(|age| {
+        (
+            age,
+            options
+                .max_connection_age_grace
+                .unwrap_or(options.grace_period),
+        )
+    });
+    let conn = conn_options(options, max_age);
+    let service = router.into_service();
     let reporter = health.clone();
     let life2 = life.clone();
     let task = tokio::spawn(async move {
-        // tonic's graceful shutdown (stop accepting, GOAWAY) starts only when the drain is
-        // over: until then new connections are accepted and answered (see [`crate::drain`]).
+        // The graceful end of connections (stop accepting, GOAWAY) starts only when the drain
+        // is over: until then new connections are accepted and answered (see [`crate::drain`]).
         let close = CancellationToken::new();
-        let incoming = TcpListenerStream::new(listener)
-            .map(move |r| r.map(|tcp| AgedIo::new(tcp, close_after)));
-        let serve = router.serve_with_incoming_shutdown(incoming, close.clone().cancelled_owned());
+        // Connections are dropped only after the cancelled streams had a few seconds to send
+        // their last messages (`kill`), not when `abort` cancels them.
+        let kill = CancellationToken::new();
+        let serve = crate::conn::serve(listener, service, conn, close.clone(), kill.clone());
         tokio::pin!(serve);
         tokio::select! {
-            r = &mut serve => return r.context("server"),
+            () = &mut serve => return Ok(()),
             _ = life2.shutdown.cancelled() => {}
         }
         let started = tokio::time::Instant::now();
@@ -306,7 +346,7 @@ fn spawn_inner(
              (health NOT_SERVING, new requests UNAVAILABLE)"
         );
         let idle = tokio::select! {
-            r = &mut serve => return r.context("server"),
+            () = &mut serve => return Ok(()),
             _ = life2.drain.idle() => true,
             _ = tokio::time::sleep(grace) => false,
         };
@@ -315,19 +355,21 @@ fn spawn_inner(
         if idle {
             tracing::info!(%addr, "drained: closing the listener");
             let left = grace.saturating_sub(started.elapsed());
-            if let Ok(r) = tokio::time::timeout(left, &mut serve).await {
-                return r.context("server");
+            if tokio::time::timeout(left, &mut serve).await.is_ok() {
+                return Ok(());
             }
         }
         tracing::warn!(%addr, "grace period of {grace:?} over: cancelling in-flight streams");
         life2.abort.cancel();
-        match tokio::time::timeout(Duration::from_secs(5), &mut serve).await {
-            Ok(r) => r.context("server"),
-            Err(_) => {
-                tracing::warn!(%addr, "connections still open after cancelling; closing them");
-                Ok(())
-            }
+        if tokio::time::timeout(Duration::from_secs(5), &mut serve)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%addr, "connections still open after cancelling; closing them");
+            kill.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve).await;
         }
+        Ok(())
     });
     Ok(Running {
         addr,
@@ -337,97 +379,14 @@ fn spawn_inner(
     })
 }
 
-pin_project_lite::pin_project! {
-    /// An accepted connection that fails every read and write once `close_after` has passed
-    /// since it was accepted: the forced end of a connection that outlived its maximum age
-    /// plus grace (the GOAWAY at the age itself is tonic's).
-    struct AgedIo {
-        #[pin]
-        tcp: tokio::net::TcpStream,
-        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    }
-}
-
-impl AgedIo {
-    fn new(tcp: tokio::net::TcpStream, close_after: Option<Duration>) -> Self {
-        Self {
-            tcp,
-            deadline: close_after.map(|d| Box::pin(tokio::time::sleep(d))),
-        }
-    }
-}
-
-fn aged_out(
-    deadline: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    cx: &mut std::task::Context<'_>,
-) -> Option<std::io::Error> {
-    let d = deadline.as_mut()?;
-    d.as_mut().poll(cx).is_ready().then(|| {
-        tracing::debug!("connection past its maximum age and grace: closing it");
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connection past --max-connection-age + --max-connection-age-grace",
-        )
-    })
-}
-
-impl tokio::io::AsyncRead for AgedIo {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.project();
-        if let Some(e) = aged_out(this.deadline, cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        this.tcp.poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for AgedIo {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.project();
-        if let Some(e) = aged_out(this.deadline, cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        this.tcp.poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().tcp.poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().tcp.poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for AgedIo {
-    type ConnectInfo = <tokio::net::TcpStream as tonic::transport::server::Connected>::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp.connect_info()
-    }
-}
-
 /// Serves `grpc.health.v1` alone, in plaintext and without keys, on `addr` with the statuses of
-/// `health`, until `stop` fires: kubelet's native gRPC probes speak neither TLS nor API keys,
-/// so a server whose port needs them is probed here (`--health-listen`). Returns the bound
-/// address.
+/// `health` and the connection limits of `limits`, until `stop` fires: kubelet's native gRPC
+/// probes speak neither TLS nor API keys, so a server whose port needs them is probed here
+/// (`--health-listen`). Returns the bound address.
 pub async fn serve_health(
     addr: &str,
     health: &HealthReporter,
+    limits: &ConnLimits,
     stop: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let listener = bind(addr).await?;
@@ -435,14 +394,22 @@ pub async fn serve_health(
     let svc = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
     );
+    let mut routes = RoutesBuilder::default();
+    routes.add_service(svc);
+    let service = tower::util::BoxCloneSyncService::new(
+        routes
+            .routes()
+            .map_request(|r: http::Request<crate::conn::RequestBody>| r),
+    );
+    let conn = ConnOptions {
+        limits: limits.clone(),
+        protocols: Protocols::Grpc,
+        tls: None,
+        max_age: None,
+    };
     tokio::spawn(async move {
-        let r = Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(%bound, "health port stopped: {e}");
-        }
+        crate::conn::serve(listener, service, conn, stop.clone(), stop).await;
+        tracing::debug!(%bound, "health port closed");
     });
     tracing::info!(%bound, "grpc.health.v1 (plaintext, no key) listening");
     Ok(bound)

@@ -1,14 +1,18 @@
-//! TLS (rustls with the `ring` provider, through tonic's `tls-ring` feature): server
-//! configurations for the public port and for model services requiring client certificates
-//! (mTLS), client configurations for the gateway's backend channels and for the CLI, and the
+//! TLS (rustls with the `ring` provider, as tonic's `tls-ring` feature): server
+//! configurations for every port of a server, with client certificates required when a client
+//! CA is given (mTLS), client configurations for the gateway's backend channels and for the CLI, and the
 //! URL scheme rule for backend addresses.
 //!
 //! All files are PEM (cert-manager's `tls.crt`, `tls.key`, `ca.crt` work as they are).
 
 use anyhow::Context as _;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Longest a TLS handshake may take, on either side (a stalled client cannot hold a slot).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,20 +36,93 @@ fn identity(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
     ))
 }
 
+/// A server's TLS: the PEM files and the rustls configuration built from them, which every
+/// port of the server shares ([`crate::conn`] serves it; ALPN per port, [`ServerTls::config`]).
+#[derive(Clone)]
+pub struct ServerTls {
+    /// The files it was read from.
+    pub files: TlsFiles,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Reads and checks the files (certificate chain and key match, client CA usable).
+    pub fn from_files(files: TlsFiles) -> anyhow::Result<Self> {
+        let config = Arc::new(rustls_config(&files)?);
+        Ok(Self { files, config })
+    }
+
+    /// The configuration for a port speaking `protocols` (ALPN `h2`, plus `http/1.1` on the
+    /// HTTP port).
+    pub fn config(&self, protocols: crate::conn::Protocols) -> Arc<rustls::ServerConfig> {
+        let mut cfg = (*self.config).clone();
+        cfg.alpn_protocols = match protocols {
+            crate::conn::Protocols::Grpc => vec![b"h2".to_vec()],
+            crate::conn::Protocols::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        Arc::new(cfg)
+    }
+}
+
+fn rustls_config(files: &TlsFiles) -> anyhow::Result<rustls::ServerConfig> {
+    let (cert, key, client_ca) = files.read()?;
+    let chain = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("certificate {}", files.cert.display()))?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "certificate {} holds no certificate",
+        files.cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_slice(&key)
+        .with_context(|| format!("private key {}", files.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&ca) {
+                roots
+                    .add(c.context("client CA")?)
+                    .context("client CA certificate")?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .context("client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    builder
+        .with_single_cert(chain, key)
+        .context("TLS certificate and key do not match or are not usable")
+}
+
 /// A server's TLS: its certificate chain and key; with `client_ca`, clients must present a
 /// certificate signed by that CA (mTLS).
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
-) -> anyhow::Result<ServerTlsConfig> {
-    let mut cfg = ServerTlsConfig::new()
-        .identity(identity(cert, key)?)
-        .timeout(HANDSHAKE_TIMEOUT);
-    if let Some(ca) = client_ca {
-        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
-    }
-    Ok(cfg)
+) -> anyhow::Result<ServerTls> {
+    ServerTls::from_files(TlsFiles {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        client_ca: client_ca.map(Path::to_path_buf),
+    })
 }
 
 /// The PEM files of a server's TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
@@ -79,7 +156,7 @@ pub fn server_config_from(
     cert: Option<&Path>,
     key: Option<&Path>,
     client_ca: Option<&Path>,
-) -> anyhow::Result<Option<ServerTlsConfig>> {
+) -> anyhow::Result<Option<ServerTls>> {
     match (cert, key) {
         (Some(c), Some(k)) => server_config(c, k, client_ca).map(Some),
         (None, None) => {

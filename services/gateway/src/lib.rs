@@ -800,7 +800,7 @@ pub async fn serve_with_http(
             janus_proto::UNDERSTANDING_SERVICE,
             janus_proto::GENERATION_SERVICE,
         ],
-        opts.server.grace_period,
+        &opts.server,
         life,
     )?;
     Ok((running, http_running))

@@ -6,9 +6,10 @@
 //! "janus.v1.Understanding/Understand"}`, a `grpc.server` span). Handlers never touch a model.
 
 use super::fetch::Fetcher;
+use super::guard::{self, SitePolicy};
 use crate::openai::chat::{self, ChatRequest, Completion, ImageSource};
 use crate::openai::images::{self, ImagesRequest, ImagesResponse};
-use crate::openai::{models, unix_now, ApiError};
+use crate::openai::{models, spec, unix_now, ApiError};
 use crate::Gateway;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -24,7 +25,7 @@ use janus_service::auth::AuthPolicy;
 use janus_service::meta;
 use janus_telemetry::{Metrics, RequestGuard};
 use serde_json::Value;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -44,8 +45,17 @@ pub const TIMEOUT_HEADER: &str = "x-janus-timeout";
 /// How long an `Info` answer is reused for model ids and limits.
 const INFO_TTL: Duration = Duration::from_secs(5);
 
+/// A caller's deadline no longer than this was over before the gateway could do anything: the
+/// servers' margin, the same rule as `grpc-timeout` at every gRPC server (`janus_service::deadline`).
+const DEADLINE_FLOOR: Duration = meta::DEADLINE_MARGIN;
+
+/// How long `GET /openapi.json` waits for the limits it fills in (`Info`).
+const SPEC_INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
 static PLAYGROUND: &str = include_str!("../../assets/playground.html");
 static OPENAPI: &str = include_str!("../../assets/openapi.json");
+static OPENAPI_DOC: LazyLock<Value> =
+    LazyLock::new(|| serde_json::from_str(OPENAPI).unwrap_or(Value::Null));
 
 /// The model half an `Info` comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,12 +79,18 @@ pub(crate) struct AppState {
     /// The gateway server's drain: API calls are refused (503) while it drains and counted
     /// in flight otherwise, as gRPC calls are.
     pub drain: janus_service::drain::Drain,
+    /// Which hosts and origins may use the port (`--allowed-hosts`, `--cors-origins`).
+    pub site: SitePolicy,
 }
 
 type St = State<Arc<AppState>>;
 
-/// The router of the HTTP port.
+/// The router of the HTTP port. Every route is behind the cross-site checks of `guard`.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let gate = Arc::new(guard::Gate {
+        policy: state.site.clone(),
+        auth: state.auth.clone(),
+    });
     Router::new()
         .route("/", get(playground))
         .route("/openapi.json", get(openapi))
@@ -88,6 +104,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             drain_gate,
         ))
+        .layer(axum::middleware::from_fn_with_state(gate, guard::gate))
         .with_state(state)
 }
 
@@ -115,8 +132,23 @@ async fn playground() -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// The OpenAPI document with this server's limits (`Info` of both halves, when they answer
+/// within [`SPEC_INFO_TIMEOUT`]) and image-fetch setting filled in.
+async fn openapi(State(st): St, headers: HeaderMap) -> Response {
+    let mut ctx = Ctx::new(&headers);
+    ctx.timeout = Some(SPEC_INFO_TIMEOUT);
+    let (u, g) = tokio::join!(
+        st.info(Half::Understanding, &ctx),
+        st.info(Half::Generation, &ctx)
+    );
+    let limits = |r: Result<pb::InfoResponse, Status>| r.ok().and_then(|i| i.limits);
+    let doc = spec::document(
+        &OPENAPI_DOC,
+        limits(u).as_ref(),
+        limits(g).as_ref(),
+        st.fetcher.enabled(),
+    );
+    json_response(&doc)
 }
 
 async fn unknown_route(method: Method, uri: Uri) -> Response {
@@ -133,6 +165,8 @@ struct Ctx {
     /// `x-request-id`, trace context and `authorization`.
     metadata: MetadataMap,
     timeout: Option<Duration>,
+    /// The caller's deadline in seconds ([`TIMEOUT_HEADER`]), for messages.
+    deadline_s: Option<f64>,
 }
 
 impl Ctx {
@@ -150,10 +184,11 @@ impl Ctx {
             request_id,
             metadata,
             timeout: None,
+            deadline_s: None,
         }
     }
 
-    /// Reads the deadline header.
+    /// Reads the deadline header: a number of seconds, more than 0 and less than 10^9.
     fn deadline(&mut self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(v) = headers.get(TIMEOUT_HEADER) else {
             return Ok(());
@@ -166,11 +201,27 @@ impl Ctx {
         match secs {
             Some(s) => {
                 self.timeout = Some(Duration::from_secs_f64(s));
+                self.deadline_s = Some(s);
                 Ok(())
             }
-            None => Err(ApiError::bad_body(format!(
-                "header {TIMEOUT_HEADER} must be a positive number of seconds"
-            ))),
+            None => Err(ApiError::invalid_header(
+                TIMEOUT_HEADER,
+                format!(
+                    "header {TIMEOUT_HEADER} must be a number of seconds more than 0 and less than 1000000000, got '{}'",
+                    String::from_utf8_lossy(v.as_bytes())
+                ),
+            )),
+        }
+    }
+
+    /// 504 when the caller's deadline is shorter than anything the gateway could serve
+    /// ([`DEADLINE_FLOOR`]): called once the request is known to be valid, before any work.
+    fn arrived(&self) -> Result<(), ApiError> {
+        match self.deadline_s {
+            Some(s) if s <= DEADLINE_FLOOR.as_secs_f64() => {
+                Err(ApiError::deadline_over_on_arrival(TIMEOUT_HEADER, s))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -262,7 +313,12 @@ where
     let mut ctx = Ctx::new(headers);
     let id = ctx.request_id.clone();
     let mut resp = match ctx.deadline(headers) {
-        Ok(()) => f(ctx).await.unwrap_or_else(IntoResponse::into_response),
+        Ok(()) => {
+            let secs = ctx.deadline_s;
+            f(ctx)
+                .await
+                .unwrap_or_else(|e| e.with_caller_deadline(TIMEOUT_HEADER, secs).into_response())
+        }
         Err(e) => e.into_response(),
     };
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -292,9 +348,25 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
         {
             Err(ApiError::too_large(limit))
         }
-        Err(e) => Err(ApiError::bad_body(format!(
+        Err(e) => Err(ApiError::unreadable_body(format!(
             "could not read the request body: {e}"
         ))),
+    }
+}
+
+/// A `/v1` POST body must be declared JSON: `Content-Type: application/json`, parameters such
+/// as `; charset=utf-8` allowed (415 otherwise: forms and `text/plain` are what other sites'
+/// pages can send without asking).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::unsupported_media_type(None));
+    };
+    let text = String::from_utf8_lossy(v.as_bytes());
+    let essence = text.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(Some(text.trim())))
     }
 }
 
@@ -339,6 +411,7 @@ async fn list_models(State(st): St, req: Request) -> Response {
     let headers = req.headers().clone();
     respond(&headers, |ctx| async move {
         st.authorize(req.uri().path(), req.headers())?;
+        ctx.arrived()?;
         let ids = served_models(&st, &ctx).await?;
         Ok(json_response(&models::list(&ids, st.started)))
     })
@@ -349,11 +422,9 @@ async fn get_model(State(st): St, req: Request) -> Response {
     let headers = req.headers().clone();
     respond(&headers, |ctx| async move {
         st.authorize(req.uri().path(), req.headers())?;
-        let id = req
-            .uri()
-            .path()
-            .trim_start_matches("/v1/models/")
-            .to_string();
+        ctx.arrived()?;
+        // Hub ids hold slashes, sent as they are or percent-encoded (`%2F`).
+        let id = percent_decode(req.uri().path().trim_start_matches("/v1/models/"));
         let ids = served_models(&st, &ctx).await?;
         if ids.contains(&id) {
             Ok(json_response(&models::model(&id, st.started)))
@@ -362,6 +433,31 @@ async fn get_model(State(st): St, req: Request) -> Response {
         }
     })
     .await
+}
+
+/// A URL path segment with its `%XX` escapes decoded (invalid UTF-8 replaced).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The distinct model ids of the halves that answer `Info`; the first error when none does.
@@ -394,12 +490,15 @@ async fn chat_completions(State(st): St, req: Request) -> Response {
 
 async fn chat(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response, ApiError> {
     st.authorize(req.uri().path(), req.headers())?;
+    require_json(req.headers())?;
     let body = read_body(req, st.body_limit).await?;
     let mut chat_req = ChatRequest::try_from(&body[..])?;
     drop(body);
+    ctx.arrived()?;
     let info = st
         .model(Half::Understanding, &ctx, chat_req.model.as_deref())
         .await?;
+    chat_req.check_limits(&info.limits.unwrap_or_default())?;
     for part in chat_req.images.iter_mut() {
         if let ImageSource::Remote(url) = &part.source {
             let data = st
@@ -420,7 +519,11 @@ async fn chat(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response, Api
     let res = Understanding::understand(&st.gateway, ctx.request(proto))
         .instrument(span.clone())
         .await;
-    let to_api = move |s: &Status| ApiError::from_status(s, |f| params.param(f));
+    let deadline_s = ctx.deadline_s;
+    let to_api = move |s: &Status| {
+        ApiError::from_status(s, |f| params.param(f))
+            .with_caller_deadline(TIMEOUT_HEADER, deadline_s)
+    };
     let mut answer = match res {
         Ok(r) => r.into_inner(),
         Err(s) => {
@@ -541,12 +644,15 @@ async fn image_generations(State(st): St, req: Request) -> Response {
 
 async fn generate(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response, ApiError> {
     st.authorize(req.uri().path(), req.headers())?;
+    require_json(req.headers())?;
     let body = read_body(req, st.body_limit).await?;
     let img_req = ImagesRequest::try_from(&body[..])?;
+    ctx.arrived()?;
     let info = st
         .model(Half::Generation, &ctx, img_req.model.as_deref())
         .await?;
     let limits = info.limits.unwrap_or_default();
+    img_req.check_limits(&limits)?;
     let out = ImagesResponse {
         created: unix_now(),
         size: img_req.size(limits.image_size)?,
@@ -557,7 +663,10 @@ async fn generate(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response,
     let res = Generation::generate(&st.gateway, ctx.request(proto))
         .instrument(span.clone())
         .await;
-    let to_api = |s: &Status| ApiError::from_status(s, images::param);
+    let deadline_s = ctx.deadline_s;
+    let to_api = move |s: &Status| {
+        ApiError::from_status(s, images::param).with_caller_deadline(TIMEOUT_HEADER, deadline_s)
+    };
     let mut events = match res {
         Ok(r) => r.into_inner(),
         Err(s) => {
@@ -698,6 +807,18 @@ mod tests {
             !PLAYGROUND.contains("http://") && !PLAYGROUND.contains("https://"),
             "the playground fetches nothing from outside"
         );
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("deepseek-ai%2FJanus-Pro-7B"),
+            "deepseek-ai/Janus-Pro-7B"
+        );
+        assert_eq!(percent_decode("a/b%2fc%20d"), "a/b/c d");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%C3%A9"), "é");
     }
 
     #[test]

@@ -79,6 +79,11 @@ impl Fetcher {
         Ok(Self { policy, client })
     }
 
+    /// Whether any host is allowed (remote image URLs can be fetched at all).
+    pub fn enabled(&self) -> bool {
+        self.client.is_some()
+    }
+
     /// Whether `url`'s host (and port) is allowed.
     fn allowed(&self, url: &reqwest::Url) -> Result<(), FetchError> {
         let host = url

@@ -1,6 +1,7 @@
 //! The gateway's HTTP port (`--http-listen`): OpenAI-compatible `/v1` routes, an OpenAPI
 //! document and a playground page, served by axum on hyper (the versions tonic pulls in),
-//! HTTP/1.1 and HTTP/2, with the gRPC port's certificate when it has TLS. Every `/v1` call
+//! HTTP/1.1 and HTTP/2, with the gRPC port's certificate when it has TLS, connections served and
+//! bounded as the gRPC port's (`janus_service::conn`). Every `/v1` call
 //! goes through the same in-process [`Gateway`] as gRPC (see `api`).
 //!
 //! Body limit: the gateway's `--max-message-bytes` plus a third for the base64 of inline
@@ -8,23 +9,19 @@
 
 mod api;
 pub mod fetch;
-mod tls;
+mod guard;
 
 pub use fetch::{FetchError, FetchPolicy, Fetcher};
 
 use crate::Gateway;
 use anyhow::Context as _;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use janus_service::conn::{ConnOptions, Protocols};
 use janus_service::{Lifecycle, ServerOptions};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 pub use api::TIMEOUT_HEADER;
 
@@ -33,6 +30,11 @@ pub use api::TIMEOUT_HEADER;
 pub struct HttpOptions {
     /// Which remote `image_url`s may be fetched.
     pub fetch: FetchPolicy,
+    /// `Host` values answered beyond `localhost` and the listen IP: `host`, `host:port`, `*`
+    /// (see `guard`).
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose pages may call the API (CORS): `scheme://host[:port]`, `*`.
+    pub cors_origins: Vec<String>,
 }
 
 /// Flags of the HTTP port shared by `janus gateway` and `janus serve` (the listen address is
@@ -49,6 +51,15 @@ pub struct HttpFlags {
     /// Seconds a fetch of an image URL may take.
     #[arg(long, env = "JANUS_IMAGE_FETCH_TIMEOUT", default_value_t = 10.0)]
     pub image_fetch_timeout: f64,
+    /// Host names the HTTP port answers to besides localhost and its listen IP (any IP when it
+    /// listens on 0.0.0.0 or ::), comma-separated `host` (any port) or `host:port`; `*` = any.
+    /// Other Host headers get 403 (DNS rebinding) unless the request carries a valid API key.
+    #[arg(long, env = "JANUS_ALLOWED_HOSTS", value_delimiter = ',', value_parser = guard::host_entry)]
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose web pages may call the HTTP API (CORS), comma-separated
+    /// `scheme://host[:port]`; `*` = any (default: none; the playground needs none).
+    #[arg(long, env = "JANUS_CORS_ORIGINS", value_delimiter = ',', value_parser = guard::origin_entry)]
+    pub cors_origins: Vec<String>,
 }
 
 impl HttpFlags {
@@ -65,6 +76,8 @@ impl HttpFlags {
                 max_bytes: self.image_fetch_max_bytes,
                 timeout: Duration::from_secs_f64(self.image_fetch_timeout.clamp(0.01, 3600.0)),
             },
+            allowed_hosts: self.allowed_hosts.clone(),
+            cors_origins: self.cors_origins.clone(),
         }
     }
 }
@@ -122,103 +135,53 @@ pub(crate) fn spawn(
     life: Lifecycle,
 ) -> anyhow::Result<HttpRunning> {
     let addr = listener.local_addr().context("local address")?;
-    let tls = match &server.security.tls_files {
-        Some(files) => Some(tokio_rustls::TlsAcceptor::from(
-            tls::server_config(files).context("TLS of the HTTP port")?,
-        )),
-        None => {
-            anyhow::ensure!(
-                server.security.tls.is_none(),
-                "the gRPC port has TLS but its PEM files are unknown: the HTTP port cannot use it"
-            );
-            None
-        }
-    };
+    let tls = server
+        .security
+        .tls
+        .as_ref()
+        .map(|t| t.config(Protocols::Http));
     let state = Arc::new(api::AppState {
         gateway,
         auth: server.security.auth.clone(),
         metrics: server.metrics.clone(),
         body_limit: body_limit(server.max_message_bytes),
         fetcher: Fetcher::new(opts.fetch).context("image fetch client")?,
+        site: guard::SitePolicy::new(
+            addr.ip(),
+            tls.is_some(),
+            &opts.allowed_hosts,
+            &opts.cors_origins,
+        )?,
         started: crate::openai::unix_now(),
         infos: Mutex::new([None, None]),
         drain: life.drain.clone(),
     });
     let router = api::router(state);
     let is_tls = tls.is_some();
+    let conn = ConnOptions {
+        limits: server.conn.clone(),
+        protocols: Protocols::Http,
+        tls,
+        max_age: None,
+    };
+    // Accepting until the gateway's listener closes (its drain is over), as gRPC; open
+    // connections then finish their requests gracefully until the gateway's abort.
     let task = tokio::spawn(async move {
-        loop {
-            let (tcp, _peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(%addr, "HTTP accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                // Accepting until the gateway's listener closes (its drain is over), as gRPC.
-                _ = life.closed.cancelled() => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            let router = router.clone();
-            let tls = tls.clone();
-            let (stop, abort) = (life.closed.clone(), life.abort.clone());
-            tokio::spawn(async move {
-                match tls {
-                    None => connection(TokioIo::new(tcp), router, stop, abort).await,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(
-                            janus_service::tls::HANDSHAKE_TIMEOUT,
-                            acceptor.accept(tcp),
-                        )
-                        .await
-                        {
-                            Ok(Ok(s)) => connection(TokioIo::new(s), router, stop, abort).await,
-                            Ok(Err(e)) => tracing::debug!("HTTP TLS handshake failed: {e}"),
-                            Err(_) => tracing::debug!("HTTP TLS handshake timed out"),
-                        }
-                    }
-                }
-            });
-        }
-        tracing::info!(%addr, "HTTP port closed to new connections");
+        janus_service::conn::serve(
+            listener,
+            router,
+            conn,
+            life.closed.clone(),
+            life.abort.clone(),
+        )
+        .await;
+        tracing::info!(%addr, "HTTP port closed");
     });
     Ok(HttpRunning {
         addr,
         tls: is_tls,
         task,
     })
-}
-
-/// Serves one connection (HTTP/1.1 or HTTP/2); on shutdown, finishes its requests gracefully
-/// until `abort`.
-async fn connection<I>(
-    io: TokioIo<I>,
-    router: axum::Router,
-    stop: CancellationToken,
-    abort: CancellationToken,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder
-        .serve_connection(io, TowerToHyperService::new(router))
-        .into_owned();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = abort.cancelled() => Ok(()),
-            }
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!("HTTP connection ended: {e}");
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! `developer` messages are the proto's system prompt. `temperature` absent means the server's
 //! default (greedy), not OpenAI's 1.
 
-use super::{seed, typed, ApiError, Fields};
+use super::{seed, typed, ApiError, Fields, FloatRange};
 use base64::Engine as _;
 use janus_proto::v1 as pb;
 use serde_json::{json, Value};
@@ -201,6 +201,7 @@ fn parse_parts(
             "text" => {
                 let text = p.remove("text").unwrap_or(Value::Null);
                 let text: String = typed(text, &format!("{param}.text"), "a string")?;
+                no_image_tag(&text, &format!("{param}.text"))?;
                 out.push(Part::Text(text));
             }
             "image_url" => {
@@ -208,12 +209,15 @@ fn parse_parts(
                 let url = match v {
                     Value::String(s) => s,
                     Value::Object(mut o) => {
-                        if let Some(d) = o.get("detail").and_then(Value::as_str) {
-                            if !matches!(d, "auto" | "low" | "high") {
+                        match o.get("detail") {
+                            None | Some(Value::Null) => {}
+                            Some(Value::String(d))
+                                if matches!(d.as_str(), "auto" | "low" | "high") => {}
+                            Some(_) => {
                                 return Err(ApiError::invalid(
                                     format!("{param}.image_url.detail"),
                                     "detail must be auto, low or high",
-                                ));
+                                ))
                             }
                         }
                         typed(
@@ -268,6 +272,7 @@ fn parse_messages(v: Value, images: &mut Vec<ImagePart>) -> Result<Vec<Message>,
         ));
     }
     let mut out = Vec::with_capacity(list.len());
+    let mut system: Option<usize> = None;
     for (i, m) in list.into_iter().enumerate() {
         let Value::Object(mut m) = m else {
             return Err(ApiError::invalid(
@@ -281,14 +286,31 @@ fn parse_messages(v: Value, images: &mut Vec<ImagePart>) -> Result<Vec<Message>,
             "a string",
         )?;
         let role = match role.as_str() {
-            "developer" | "system" => "system".to_string(),
+            "developer" | "system" => {
+                if let Some(first) = system {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].role"),
+                        format!(
+                            "a second system or developer message (messages[{first}] is one; at most one)"
+                        ),
+                    ));
+                }
+                system = Some(i);
+                "system".to_string()
+            }
+            "user" | "assistant" => role,
             "tool" | "function" => {
                 return Err(ApiError::unsupported(
                     &format!("messages[{i}].role"),
                     "tool and function messages need tools, which this model does not have",
                 ))
             }
-            _ => role,
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("unknown role '{other}' (system, developer, user or assistant)"),
+                ))
+            }
         };
         for key in ["tool_calls", "function_call", "audio"] {
             if m.get(key).is_some_and(|v| !v.is_null()) {
@@ -300,7 +322,10 @@ fn parse_messages(v: Value, images: &mut Vec<ImagePart>) -> Result<Vec<Message>,
         }
         let parts = match m.remove("content").unwrap_or(Value::Null) {
             Value::Null => Vec::new(),
-            Value::String(s) => vec![Part::Text(s)],
+            Value::String(s) => {
+                no_image_tag(&s, &format!("messages[{i}].content"))?;
+                vec![Part::Text(s)]
+            }
             Value::Array(parts) => parse_parts(i, parts, images)?,
             other => {
                 return Err(ApiError::invalid(
@@ -314,7 +339,24 @@ fn parse_messages(v: Value, images: &mut Vec<ImagePart>) -> Result<Vec<Message>,
         };
         out.push(Message { role, parts });
     }
+    if !out.iter().any(|m| m.role == "user") {
+        return Err(ApiError::invalid(
+            "messages",
+            "the conversation has no user message",
+        ));
+    }
     Ok(out)
+}
+
+/// Text may not hold the tag that marks an image's place: images are `image_url` parts.
+fn no_image_tag(text: &str, param: &str) -> Result<(), ApiError> {
+    if text.contains(IMAGE_TAG) {
+        return Err(ApiError::invalid(
+            param,
+            format!("text must not contain {IMAGE_TAG}: send images as image_url parts"),
+        ));
+    }
+    Ok(())
 }
 
 impl TryFrom<&[u8]> for ChatRequest {
@@ -329,11 +371,12 @@ impl TryFrom<&[u8]> for ChatRequest {
             Some(v) => parse_messages(v, &mut images)?,
             None => return Err(ApiError::invalid("messages", "'messages' is required")),
         };
-        let max_completion = f.take::<u32>("max_completion_tokens", "a non-negative integer")?;
-        let max_tokens = f.take::<u32>("max_tokens", "a non-negative integer")?;
+        let u32_max = u64::from(u32::MAX);
+        let max_completion = f.int("max_completion_tokens", 1, u32_max)?;
+        let max_tokens = f.int("max_tokens", 1, u32_max)?;
         let (max_new_tokens, max_param) = match (max_completion, max_tokens) {
-            (Some(n), _) => (Some(n), "max_completion_tokens"),
-            (None, Some(n)) => (Some(n), "max_tokens"),
+            (Some(n), _) => (Some(n as u32), "max_completion_tokens"),
+            (None, Some(n)) => (Some(n as u32), "max_tokens"),
             (None, None) => (None, "max_tokens"),
         };
         let stop = match f.raw("stop") {
@@ -341,13 +384,25 @@ impl TryFrom<&[u8]> for ChatRequest {
             Some(Value::String(s)) => vec![s],
             Some(v) => typed::<Vec<String>>(v, "stop", "a string or an array of strings")?,
         };
+        if stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+        }
+        let min_new_tokens = f.int("min_tokens", 0, u32_max)?.map(|n| n as u32);
+        if let (Some(min), Some(max)) = (min_new_tokens, max_new_tokens) {
+            if min > max {
+                return Err(ApiError::invalid(
+                    "min_tokens",
+                    format!("'min_tokens' ({min}) is larger than '{max_param}' ({max})"),
+                ));
+            }
+        }
         let sampling = pb::SamplingParams {
             max_new_tokens,
-            min_new_tokens: f.take("min_tokens", "a non-negative integer")?,
-            temperature: f.take("temperature", "a number")?,
-            top_p: f.take("top_p", "a number")?,
-            top_k: f.take("top_k", "a non-negative integer")?,
-            repetition_penalty: f.take("repetition_penalty", "a number")?,
+            min_new_tokens,
+            temperature: f.float("temperature", FloatRange::NON_NEGATIVE)?,
+            top_p: f.float("top_p", FloatRange::MASS)?,
+            top_k: f.int("top_k", 0, u32_max)?.map(|k| k as u32),
+            repetition_penalty: f.float("repetition_penalty", FloatRange::POSITIVE)?,
             seed: seed(&mut f)?,
             stop,
         };
@@ -435,6 +490,88 @@ impl TryFrom<&[u8]> for ChatRequest {
             include_usage,
             params,
         })
+    }
+}
+
+impl ChatRequest {
+    /// Checks the request against the served model's limits (`Info`), the checks the
+    /// understanding service makes before it tokenizes, so that they come before any deadline.
+    pub fn check_limits(&self, l: &pb::Limits) -> Result<(), ApiError> {
+        let s = &self.sampling;
+        let max_param = self.params.max_tokens;
+        if l.max_new_tokens > 0 {
+            if let Some(n) = s.max_new_tokens.filter(|&n| n > l.max_new_tokens) {
+                return Err(ApiError::out_of_range(
+                    max_param,
+                    format!(
+                        "'{max_param}' is out of range: it must be an integer from 1 to {} (the server's limit), got {n}",
+                        l.max_new_tokens
+                    ),
+                ));
+            }
+        }
+        let max = s.max_new_tokens.unwrap_or(if l.max_new_tokens > 0 {
+            l.default_max_new_tokens.min(l.max_new_tokens)
+        } else {
+            l.default_max_new_tokens
+        });
+        if let Some(min) = s.min_new_tokens.filter(|&m| m > max && max > 0) {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("'min_tokens' ({min}) is larger than the {max} new tokens the answer may have ('{max_param}')"),
+            ));
+        }
+        if l.max_stop_strings > 0 && s.stop.len() > l.max_stop_strings as usize {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "{} stop strings, at most {} allowed",
+                    s.stop.len(),
+                    l.max_stop_strings
+                ),
+            ));
+        }
+        let text: usize = self.messages.iter().map(Message::content_len).sum();
+        if l.max_prompt_bytes > 0 && text > l.max_prompt_bytes as usize {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
+                    "{text} bytes of message text, at most {} allowed",
+                    l.max_prompt_bytes
+                ),
+            ));
+        }
+        if l.context_window > 0 && l.tokens_per_input_image > 0 {
+            let per_image = l.tokens_per_input_image as usize + 2;
+            let need = self.images.len() * per_image + max as usize;
+            if need > l.context_window as usize {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "{} image(s) of {per_image} tokens plus {max} new tokens exceed the context window of {} tokens",
+                        self.images.len(),
+                        l.context_window
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Message {
+    /// Bytes of the message's content as the protocol carries it (parts joined by newlines,
+    /// each image as its tag).
+    fn content_len(&self) -> usize {
+        let parts: usize = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => t.len(),
+                Part::Image(_) => IMAGE_TAG.len(),
+            })
+            .sum();
+        parts + self.parts.len().saturating_sub(1)
     }
 }
 
@@ -665,6 +802,46 @@ mod tests {
                 json!({"messages": [{"role": "user", "content": 5}]}),
                 "messages[0].content",
             ),
+            (
+                json!({"messages": [{"role": "User", "content": "hi"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"messages": [{"role": "assistant", "content": "hi"}]}),
+                "messages",
+            ),
+            (
+                json!({"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
+                                    {"role": "user", "content": "hi"}]}),
+                "messages[1].role",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "<image_placeholder>"}]}]}),
+                "messages[0].content[0].text",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url",
+                    "image_url": {"url": format!("data:image/png;base64,{PNG_1PX}"), "detail": 5}}]}]}),
+                "messages[0].content[0].image_url.detail",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}),
+                "stop",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}),
+                "repetition_penalty",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 3,
+                       "max_completion_tokens": 2, "max_tokens": 9}),
+                "min_tokens",
+            ),
         ];
         for (body, param) in cases {
             let e = parse(body.clone()).unwrap_err();
@@ -678,6 +855,56 @@ mod tests {
             r.images[0].source,
             ImageSource::Remote("https://example.com/a.png".into())
         );
+    }
+
+    #[test]
+    fn limits_of_the_served_model() {
+        let limits = pb::Limits {
+            max_new_tokens: 32,
+            default_max_new_tokens: 512,
+            max_stop_strings: 2,
+            max_prompt_bytes: 20,
+            context_window: 600,
+            tokens_per_input_image: 576,
+            ..Default::default()
+        };
+        let img = json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{PNG_1PX}")}});
+        for (body, param, words) in [
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}),
+                "max_tokens",
+                "from 1 to 32 (the server's limit), got 33",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 33}),
+                "min_tokens",
+                "larger than the 32 new tokens",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c"]}),
+                "stop",
+                "at most 2",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "a".repeat(21)}]}),
+                "messages",
+                "21 bytes of message text, at most 20",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [img]}], "max_tokens": 30}),
+                "messages",
+                "exceed the context window of 600",
+            ),
+        ] {
+            let e = parse(body.clone())
+                .unwrap()
+                .check_limits(&limits)
+                .unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+            assert!(e.message.contains(words), "{body}: {}", e.message);
+        }
+        let ok = json!({"messages": [{"role": "user", "content": [img]}], "max_tokens": 20});
+        parse(ok).unwrap().check_limits(&limits).unwrap();
     }
 
     #[test]

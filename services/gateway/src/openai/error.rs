@@ -48,9 +48,99 @@ impl ApiError {
         e.code("invalid_value")
     }
 
-    /// 400 about the body as a whole (not JSON, not an object).
-    pub fn bad_body(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    /// 400 about the body as a whole: not JSON, or not a JSON object (`invalid_json`).
+    pub fn invalid_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message).code("invalid_json")
+    }
+
+    /// 400 for a body that could not be read (the connection failed mid-body).
+    pub fn unreadable_body(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message).code("invalid_body")
+    }
+
+    /// 400 for a request header with a bad value (`param`: the header's name).
+    pub fn invalid_header(header: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            .code("invalid_header");
+        e.param = Some(header.to_string());
+        e
+    }
+
+    /// 400 for an integer parameter outside the range this server accepts.
+    pub fn out_of_range(param: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::invalid(param, message);
+        e.code = Some("integer_out_of_range");
+        e
+    }
+
+    /// 415 for a body that is not declared `application/json`.
+    pub fn unsupported_media_type(received: Option<&str>) -> Self {
+        let got = match received {
+            Some(t) => format!("Content-Type '{t}'"),
+            None => "no Content-Type".to_string(),
+        };
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!(
+                "the request body must be JSON sent with Content-Type: application/json, got {got}"
+            ),
+        )
+        .code("unsupported_media_type")
+    }
+
+    /// 403 for a `Host` this server does not answer to (DNS rebinding).
+    pub fn host_not_allowed(host: &str, keys: bool) -> Self {
+        let key = if keys {
+            ", or send a valid API key"
+        } else {
+            ""
+        };
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            format!(
+                "Host '{host}' is not allowed: this server answers to localhost and its own IP address; add the name with --allowed-hosts (JANUS_ALLOWED_HOSTS){key}"
+            ),
+        )
+        .code("host_not_allowed")
+    }
+
+    /// 403 for a cross-origin request (or preflight) from an origin not in `--cors-origins`.
+    pub fn origin_not_allowed(origin: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            format!(
+                "cross-origin requests from '{origin}' are not allowed: list the origin with --cors-origins (JANUS_CORS_ORIGINS)"
+            ),
+        )
+        .code("origin_not_allowed")
+    }
+
+    /// 504 for a caller's deadline (`x-janus-timeout`) that was over before any work began.
+    pub fn deadline_over_on_arrival(header: &str, secs: f64) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout_error",
+            format!(
+                "the caller's deadline ({header}: {secs} s) was over on arrival: nothing was started"
+            ),
+        )
+        .code("deadline_exceeded")
+    }
+
+    /// A 504 from a passed deadline names the caller's deadline (`header: secs`) it came from.
+    pub fn with_caller_deadline(mut self, header: &str, secs: Option<f64>) -> Self {
+        if let (StatusCode::GATEWAY_TIMEOUT, Some(s)) = (self.status, secs) {
+            if !self.message.starts_with("the caller's deadline") {
+                self.message = format!(
+                    "the caller's deadline ({header}: {s} s) passed: {}",
+                    self.message
+                );
+            }
+        }
+        self
     }
 
     /// 400 for a parameter this server does not support.

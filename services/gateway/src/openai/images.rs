@@ -7,13 +7,19 @@
 //! stream, and partial images carry `janus_image_index`, `janus_step` and `janus_total_steps`
 //! (extra fields OpenAI clients ignore).
 
-use super::{seed, ApiError, Fields};
+use super::{seed, ApiError, Fields, FloatRange};
 use base64::Engine as _;
 use janus_proto::v1 as pb;
 use serde_json::{json, Value};
 
 /// Most partial images per image a stream may ask for (as OpenAI).
 pub(crate) const MAX_PARTIAL_IMAGES: u32 = 3;
+
+/// Most images per request the protocol allows (`n`; a server's `Info` may say fewer).
+pub(crate) const MAX_IMAGES: u32 = 16;
+
+/// Largest classifier-free guidance weight the generation service accepts.
+pub(crate) const MAX_CFG_WEIGHT: f64 = 100.0;
 
 /// A checked image request.
 #[derive(Debug, Clone)]
@@ -37,7 +43,13 @@ impl TryFrom<&[u8]> for ImagesRequest {
         let prompt = f
             .take::<String>("prompt", "a string")?
             .ok_or_else(|| ApiError::invalid("prompt", "'prompt' is required"))?;
-        let n = f.take::<u32>("n", "an integer from 1 to 16")?;
+        if prompt.chars().all(char::is_whitespace) {
+            return Err(ApiError::invalid(
+                "prompt",
+                "'prompt' is empty: describe the image to draw",
+            ));
+        }
+        let n = f.int("n", 1, MAX_IMAGES.into())?.map(|n| n as u32);
         let size = f.take::<String>("size", "a string such as 384x384")?;
         match f.take::<String>("response_format", "a string")?.as_deref() {
             None | Some("b64_json") => {}
@@ -67,24 +79,25 @@ impl TryFrom<&[u8]> for ImagesRequest {
             };
         let stream = f.take::<bool>("stream", "a boolean")?.unwrap_or(false);
         let partial_images = f
-            .take::<u32>("partial_images", "an integer from 0 to 3")?
-            .unwrap_or(0);
-        if partial_images > MAX_PARTIAL_IMAGES {
-            return Err(ApiError::invalid(
-                "partial_images",
-                format!("'partial_images' must be 0 to {MAX_PARTIAL_IMAGES}, got {partial_images}"),
-            ));
-        }
+            .int("partial_images", 0, MAX_PARTIAL_IMAGES.into())?
+            .unwrap_or(0) as u32;
         let janus_progress = f
             .take::<bool>("janus_progress", "a boolean")?
             .unwrap_or(false);
         let proto = pb::GenerateRequest {
             prompt,
             n,
-            cfg_weight: f.take("cfg_weight", "a number")?,
-            temperature: f.take("temperature", "a number")?,
-            top_k: f.take("top_k", "a non-negative integer")?,
-            top_p: f.take("top_p", "a number")?,
+            cfg_weight: f.float(
+                "cfg_weight",
+                FloatRange {
+                    min: 0.0,
+                    min_exclusive: false,
+                    max: MAX_CFG_WEIGHT,
+                },
+            )?,
+            temperature: f.float("temperature", FloatRange::NON_NEGATIVE)?,
+            top_k: f.int("top_k", 0, u32::MAX.into())?.map(|k| k as u32),
+            top_p: f.float("top_p", FloatRange::MASS)?,
             seed: seed(&mut f)?,
             output_format: format as i32,
             preview_interval: 0,
@@ -136,6 +149,31 @@ impl ImagesRequest {
                 format!("size '{s}' is not supported: this model draws {want} images only"),
             )),
         }
+    }
+
+    /// Checks the request against the served model's limits (`Info`), before any deadline.
+    pub fn check_limits(&self, l: &pb::Limits) -> Result<(), ApiError> {
+        let n = self.proto.n.unwrap_or(1);
+        if l.max_images > 0 && n > l.max_images {
+            return Err(ApiError::out_of_range(
+                "n",
+                format!(
+                    "'n' is out of range: it must be an integer from 1 to {} (the server's limit), got {n}",
+                    l.max_images
+                ),
+            ));
+        }
+        let bytes = self.proto.prompt.len();
+        if l.max_prompt_bytes > 0 && bytes > l.max_prompt_bytes as usize {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "'prompt' is {bytes} bytes, at most {} allowed",
+                    l.max_prompt_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The protocol request; previews are asked for when the stream wants partial images:
@@ -281,7 +319,15 @@ mod tests {
             ),
             (json!({"prompt": "x", "style": "vivid"}), "style"),
             (json!({"prompt": "x", "n": "two"}), "n"),
+            (json!({"prompt": "x", "n": 17}), "n"),
             (json!({"prompt": "x", "what": 1}), "what"),
+            (json!({"prompt": ""}), "prompt"),
+            (json!({"prompt": " \u{3000}\n"}), "prompt"),
+            (json!({"prompt": "x", "cfg_weight": 101}), "cfg_weight"),
+            (
+                json!({"prompt": "x", "output_compression": 90}),
+                "output_compression",
+            ),
         ] {
             let e = parse(body.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(p), "{body}");
@@ -292,5 +338,26 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("size"));
         assert!(e.message.contains("384x384"), "{}", e.message);
+        parse(json!({"prompt": "x", "output_compression": 100.0})).unwrap();
+        let limits = pb::Limits {
+            max_images: 4,
+            max_prompt_bytes: 8,
+            ..Default::default()
+        };
+        let e = parse(json!({"prompt": "x", "n": 5}))
+            .unwrap()
+            .check_limits(&limits)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"));
+        assert!(e.message.contains("from 1 to 4"), "{}", e.message);
+        let e = parse(json!({"prompt": "123456789"}))
+            .unwrap()
+            .check_limits(&limits)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        parse(json!({"prompt": "x", "n": 4}))
+            .unwrap()
+            .check_limits(&limits)
+            .unwrap();
     }
 }
