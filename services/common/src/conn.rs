@@ -375,7 +375,7 @@ impl Activity {
 
 /// One request in flight on a connection, until its response body is done.
 #[derive(Debug)]
-struct ActiveGuard(Arc<Activity>);
+pub struct ActiveGuard(Arc<Activity>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -405,7 +405,7 @@ where
     S: Service<http::Request<RequestBody>, Response = http::Response<B>>,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<GuardedBody<B>>;
+    type Response = http::Response<GuardedBody<B, ActiveGuard>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -431,24 +431,36 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(resp.map(|body| GuardedBody {
-                inner: body,
-                _guard: guard,
-            }))
+            Ok(resp.map(|body| GuardedBody::new(body, Some(guard))))
         })
     }
 }
 
 pin_project! {
-    /// A response body that keeps its request counted as in flight until it is dropped.
-    struct GuardedBody<B> {
+    /// A response body holding a guard until it is dropped: its request counts as in flight
+    /// (on its connection here, in the server's drain in [`crate::drain`]) until the response
+    /// is over.
+    pub struct GuardedBody<B, G> {
         #[pin]
         inner: B,
-        _guard: ActiveGuard,
+        guard: Option<G>,
     }
 }
 
-impl<B: Body> Body for GuardedBody<B> {
+impl<B, G> GuardedBody<B, G> {
+    /// `inner`, holding `guard` (none: nothing is counted).
+    pub fn new(inner: B, guard: Option<G>) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<B: Default, G> Default for GuardedBody<B, G> {
+    fn default() -> Self {
+        Self::new(B::default(), None)
+    }
+}
+
+impl<B: Body, G> Body for GuardedBody<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -9,7 +9,6 @@
 //! to go elsewhere.
 
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
@@ -105,10 +104,7 @@ pub struct InFlight {
 impl InFlight {
     /// `inner` as a body that keeps this work counted until it is dropped.
     pub fn body<B>(self, inner: B) -> DrainBody<B> {
-        DrainBody {
-            inner,
-            guard: Some(self),
-        }
+        DrainBody::new(inner, Some(self))
     }
 }
 
@@ -200,55 +196,20 @@ where
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(r)) => {
                     let guard = guard.take();
-                    Poll::Ready(Ok(r.map(|inner| DrainBody { inner, guard })))
+                    Poll::Ready(Ok(r.map(|inner| DrainBody::new(inner, guard))))
                 }
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             },
             DrainFutureProj::Refused { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("DrainFuture polled after completion")
-                .map(|inner| DrainBody { inner, guard: None }))),
+                .map(|inner| DrainBody::new(inner, None)))),
         }
     }
 }
 
-pin_project! {
-    /// Response body of [`DrainService`]: the RPC counts as in flight until it is dropped.
-    pub struct DrainBody<B> {
-        #[pin]
-        inner: B,
-        guard: Option<InFlight>,
-    }
-}
-
-impl<B: Default> Default for DrainBody<B> {
-    fn default() -> Self {
-        Self {
-            inner: B::default(),
-            guard: None,
-        }
-    }
-}
-
-impl<B: Body> Body for DrainBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// Response body of [`DrainService`]: the RPC counts as in flight until it is dropped.
+pub type DrainBody<B> = crate::conn::GuardedBody<B, InFlight>;
 
 #[cfg(test)]
 mod tests {
