@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # build-cuda.sh [COMPUTE_CAP] [OUT_DIR] — build the `--features cuda` janus binary and the parity
 # test binary on a dev machine without a GPU, and pack them for a GPU host that has no Rust
-# toolchain (see docs: shared gpu-build.md recipe; README "GPU build and check").
+# toolchain (see docs: shared gpu-build.md recipe; docs/devices.md "GPU build and check").
 #
 #   scripts/build-cuda.sh            # compute capability 90 (H100/H200), into target/cuda-dist
 #   scripts/build-cuda.sh 89 /tmp/d  # L4/L40S, elsewhere

@@ -1,8 +1,9 @@
 //! Many generation requests stepped together: the CFG row pairs of every active request share
 //! one LLM forward per step, whatever their prompts, prompt lengths or image counts.
 //!
-//! A request joins between steps (its prefilled cache is merged, the shorter side left-padded
-//! and masked) and leaves when its images have all their tokens or when it is cancelled.
+//! A request joins between steps (its prefilled cache rows join the batch's ragged cache, each
+//! row keeping its own length; nothing is padded) and leaves when its images have all their
+//! tokens or when it is cancelled.
 
 use crate::error::{Error, Result};
 use crate::generate::{GenJob, GenerateParams, GenerationModel};
