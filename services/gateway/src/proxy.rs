@@ -110,24 +110,20 @@ fn from_backend(kind: &str, b: &Backend, s: Status) -> Status {
             s.message()
         ));
     }
-    match s.code() {
-        _ => {
-            // Keep the code, message, details (`google.rpc.BadRequest`) and our own metadata
-            // (e.g. `janus-field`); drop the backend's transport headers.
-            let mut md = MetadataMap::new();
-            for key in [status::FIELD_METADATA, meta::REQUEST_ID] {
-                if let Some(v) = s.metadata().get(key) {
-                    md.insert(key, v.clone());
-                }
-            }
-            Status::with_details_and_metadata(
-                s.code(),
-                s.message().to_string(),
-                bytes::Bytes::copy_from_slice(s.details()),
-                md,
-            )
+    // Keep the code, message, details (`google.rpc.BadRequest`) and our own metadata (e.g.
+    // `janus-field`); drop the backend's transport headers.
+    let mut md = MetadataMap::new();
+    for key in [status::FIELD_METADATA, meta::REQUEST_ID] {
+        if let Some(v) = s.metadata().get(key) {
+            md.insert(key, v.clone());
         }
     }
+    Status::with_details_and_metadata(
+        s.code(),
+        s.message().to_string(),
+        bytes::Bytes::copy_from_slice(s.details()),
+        md,
+    )
 }
 
 fn is_transport(s: &Status) -> bool {
