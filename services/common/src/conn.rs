@@ -251,9 +251,12 @@ async fn drive<I, S, B>(
         activity: activity.clone(),
         info,
         read_timeout: limits.request_read_timeout,
-        max_buffered: limits.max_buffered_request_bytes,
-        port_buffered,
-        max_port_buffered: limits.max_buffered_request_bytes_total,
+        budget: Budget {
+            activity: activity.clone(),
+            max: limits.max_buffered_request_bytes,
+            port: port_buffered,
+            max_port: limits.max_buffered_request_bytes_total,
+        },
         grpc: opts.protocols == Protocols::Grpc,
     };
     let builder = builder(opts);
@@ -394,9 +397,8 @@ struct Tracked<S> {
     activity: Arc<Activity>,
     info: ConnInfo,
     read_timeout: Duration,
-    max_buffered: usize,
-    port_buffered: Arc<AtomicUsize>,
-    max_port_buffered: usize,
+    /// The connection's and the port's budgets, shared by its request bodies.
+    budget: Budget,
     grpc: bool,
 }
 
@@ -415,12 +417,7 @@ where
 
     fn call(&mut self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
         let guard = self.activity.enter();
-        let budget = Budget {
-            activity: self.activity.clone(),
-            max: self.max_buffered,
-            port: self.port_buffered.clone(),
-            max_port: self.max_port_buffered,
-        };
+        let budget = self.budget.clone();
         let framing = self.grpc.then(GrpcFraming::default);
         let mut req = req.map(|b| ReadBody::new(b, self.read_timeout, budget, framing));
         req.extensions_mut()

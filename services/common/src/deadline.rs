@@ -111,14 +111,15 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let value = req.headers().get(FIELD);
-        let raw = value
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
         match judge(value) {
             Verdict::Refuse(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
             Verdict::None => Box::pin(self.inner.call(req)),
             Verdict::Within(d) => {
+                // Only a valid value gets here: it is ASCII.
+                let raw = value
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
                 let fut = self.inner.call(req);
                 Box::pin(async move {
                     // `timeout` polls the handler first: its own answer wins a tie.

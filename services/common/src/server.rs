@@ -251,16 +251,17 @@ pub fn builder(options: &ServerOptions, life: &Lifecycle) -> anyhow::Result<Rout
     })
 }
 
-/// The connection options of a gRPC port of a server with `options`.
-pub fn conn_options(options: &ServerOptions, max_age: Option<(Duration, Duration)>) -> ConnOptions {
+/// The connection options of a port speaking `protocols` on a server with `options`: its
+/// limits and its TLS (ALPN for those protocols).
+pub fn conn_options(
+    options: &ServerOptions,
+    protocols: Protocols,
+    max_age: Option<(Duration, Duration)>,
+) -> ConnOptions {
     ConnOptions {
         limits: options.conn.clone(),
-        protocols: Protocols::Grpc,
-        tls: options
-            .security
-            .tls
-            .as_ref()
-            .map(|t| t.config(Protocols::Grpc)),
+        protocols,
+        tls: options.security.tls.as_ref().map(|t| t.config(protocols)),
         max_age,
     }
 }
@@ -311,7 +312,7 @@ pub fn spawn(
                 .unwrap_or(options.grace_period),
         )
     });
-    let conn = conn_options(options, max_age);
+    let conn = conn_options(options, Protocols::Grpc, max_age);
     let service = router.into_service();
     let reporter = health.clone();
     let life2 = life.clone();
@@ -396,11 +397,7 @@ pub async fn serve_health(
     );
     let mut routes = RoutesBuilder::default();
     routes.add_service(svc);
-    let service = tower::util::BoxCloneSyncService::new(
-        routes
-            .routes()
-            .map_request(|r: http::Request<crate::conn::RequestBody>| r),
-    );
+    let service = routes.routes();
     let conn = ConnOptions {
         limits: limits.clone(),
         protocols: Protocols::Grpc,

@@ -52,8 +52,8 @@ pub(crate) async fn check_round(
     let pool = which(shared);
     let backends = pool.backends();
     let mut checks = tokio::task::JoinSet::new();
-    for b in backends.iter().cloned() {
-        let service = pool.service;
+    for b in &backends {
+        let (b, service) = (Arc::clone(b), pool.service);
         checks.spawn(async move {
             match check(&b, service, timeout).await {
                 Ok(()) => b.mark_healthy(),

@@ -15,7 +15,7 @@ pub use fetch::{FetchError, FetchPolicy, Fetcher};
 
 use crate::Gateway;
 use anyhow::Context as _;
-use janus_service::conn::{ConnOptions, Protocols};
+use janus_service::conn::Protocols;
 use janus_service::{Lifecycle, ServerOptions};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -135,11 +135,7 @@ pub(crate) fn spawn(
     life: Lifecycle,
 ) -> anyhow::Result<HttpRunning> {
     let addr = listener.local_addr().context("local address")?;
-    let tls = server
-        .security
-        .tls
-        .as_ref()
-        .map(|t| t.config(Protocols::Http));
+    let conn = janus_service::server::conn_options(server, Protocols::Http, None);
     let state = Arc::new(api::AppState {
         gateway,
         auth: server.security.auth.clone(),
@@ -148,7 +144,7 @@ pub(crate) fn spawn(
         fetcher: Fetcher::new(opts.fetch).context("image fetch client")?,
         site: guard::SitePolicy::new(
             addr.ip(),
-            tls.is_some(),
+            conn.tls.is_some(),
             &opts.allowed_hosts,
             &opts.cors_origins,
         )?,
@@ -157,13 +153,7 @@ pub(crate) fn spawn(
         drain: life.drain.clone(),
     });
     let router = api::router(state);
-    let is_tls = tls.is_some();
-    let conn = ConnOptions {
-        limits: server.conn.clone(),
-        protocols: Protocols::Http,
-        tls,
-        max_age: None,
-    };
+    let is_tls = conn.tls.is_some();
     // Accepting until the gateway's listener closes (its drain is over), as gRPC; open
     // connections then finish their requests gracefully until the gateway's abort.
     let task = tokio::spawn(async move {
