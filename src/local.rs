@@ -20,7 +20,7 @@ pub fn load_options(device: &str, dtype: &str, weight_dtype: Option<&str>) -> Re
 }
 
 fn resolve(model: &str) -> Result<std::path::PathBuf> {
-    Ok(janus_service::model_source::resolve(model)?.path)
+    Ok(janus_model_service::model_source::resolve(model)?.path)
 }
 
 /// Runs one conversation locally, streaming the answer to stdout.

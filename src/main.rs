@@ -188,7 +188,7 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             return 4;
         }
         if cause
-            .downcast_ref::<janus_service::model_source::ModelSourceError>()
+            .downcast_ref::<janus_model_service::model_source::ModelSourceError>()
             .is_some()
         {
             return 3;

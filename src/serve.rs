@@ -4,7 +4,8 @@
 
 use anyhow::Result;
 use janus_gateway::{GatewayOptions, GatewayTuning};
-use janus_service::flags::{ModelFlags, ServerFlags, UnderstandingFlags};
+use janus_model_service::flags::{ModelFlags, UnderstandingFlags};
+use janus_service::flags::ServerFlags;
 use janus_service::{server, Lifecycle};
 
 /// Options of `janus serve`.
@@ -77,7 +78,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let und_cfg = janus_understanding::with_metrics(args.understanding.config(), &opts.metrics);
     let gen_cfg = janus_generation::with_metrics(
-        janus_service::flags::generation_config(
+        janus_model_service::flags::generation_config(
             args.gen_max_queue,
             args.gen_max_batch,
             args.preview_size,

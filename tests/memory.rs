@@ -155,7 +155,7 @@ fn info_reports_resolved_dtypes() {
     #[derive(Parser)]
     struct Flags {
         #[command(flatten)]
-        model: janus_service::flags::ModelFlags,
+        model: janus_model_service::flags::ModelFlags,
     }
     let dir = fixture("model-pth");
     let d = dir.to_str().unwrap();

@@ -242,7 +242,7 @@ fn check_refusal(e: &EngineError, fields: &[&str]) {
         }
         other => panic!("client input gave a non-client error: {other}"),
     }
-    let status = janus_service::status::to_status(e);
+    let status = janus_model_service::status::to_status(e);
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
 

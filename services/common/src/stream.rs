@@ -69,21 +69,6 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
-/// An engine event receiver as a stream of converted messages.
-pub fn from_engine<E, T>(
-    rx: mpsc::Receiver<janus_engine::Result<E>>,
-    mut convert: impl FnMut(E) -> T + Send + 'static,
-) -> impl Stream<Item = Result<T, Status>> + Send + 'static
-where
-    E: Send + 'static,
-    T: Send + 'static,
-{
-    ReceiverStream::new(rx).map(move |r| match r {
-        Ok(e) => Ok(convert(e)),
-        Err(e) => Err(crate::status::to_status(&e)),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,12 +7,14 @@
 pub mod adapter;
 
 use janus_engine::{GenerateEvent, GenerationConfig, GenerationEngine, RequestMeta, StepObserver};
+use janus_model_service::status::{from_engine, to_status};
+use janus_model_service::QueueGauge;
 use janus_pipeline::generate::MAX_IMAGES;
 use janus_pipeline::{GenerationModel, LoadOptions};
 use janus_proto::v1 as pb;
 use janus_proto::v1::generation_server::{Generation, GenerationServer};
-use janus_service::stream::{forward, from_engine, BoxStream};
-use janus_service::{meta, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions};
+use janus_service::stream::{forward, BoxStream};
+use janus_service::{meta, status, Lifecycle, ModelInfo, Running, ServerOptions};
 use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
 use tokio::net::TcpListener;
@@ -74,7 +76,7 @@ impl Generation for GenerationService {
         let rmeta = RequestMeta::new(request_id.clone(), timeout);
         let deadline = rmeta.deadline.map(tokio::time::Instant::from_std);
         if !adapter::known_format(req.get_ref().output_format) {
-            return Err(status::to_status(&janus_engine::EngineError::invalid(
+            return Err(to_status(&janus_engine::EngineError::invalid(
                 "output_format",
                 format!("unknown value {}", req.get_ref().output_format),
             )));
@@ -93,12 +95,12 @@ impl Generation for GenerationService {
             .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
             .map_err(|e| {
                 tracing::info!(%request_id, "generate refused: {e}");
-                status::to_status(&e)
+                to_status(&e)
             })?;
         let rx = self
             .engine
             .submit(ticket, rmeta)
-            .map_err(|e| status::to_status(&e))?;
+            .map_err(|e| to_status(&e))?;
         self.queue.update();
         let id = request_id.clone();
         let mut observe = observer(self.options.metrics.clone());
@@ -144,7 +146,7 @@ impl Generation for GenerationService {
                 step_tokens: c.step_tokens as u32,
                 max_batch_tokens: 0,
             }),
-            stats: Some(janus_service::stats_to_proto(self.engine.stats())),
+            stats: Some(janus_model_service::stats_to_proto(self.engine.stats())),
             server_version: janus_service::VERSION.to_string(),
         }))
     }
@@ -205,7 +207,7 @@ pub async fn serve(
         .max_decoding_message_size(n)
         .max_encoding_message_size(n);
     let closing = engine.clone();
-    janus_service::half::serve_service(
+    janus_model_service::half::serve_service(
         janus_proto::GENERATION_SERVICE,
         |router| router.add_service(svc),
         move || closing.close(),
@@ -224,19 +226,19 @@ pub struct Args {
     #[arg(long, env = "JANUS_LISTEN", default_value = "127.0.0.1:50053")]
     pub listen: String,
     #[command(flatten)]
-    pub model: janus_service::flags::ModelFlags,
+    pub model: janus_model_service::flags::ModelFlags,
     #[command(flatten)]
     pub server: janus_service::flags::ServerFlags,
     #[command(flatten)]
     pub connection_age: janus_service::flags::ConnectionAgeFlags,
     #[command(flatten)]
-    pub engine: janus_service::flags::GenerationFlags,
+    pub engine: janus_model_service::flags::GenerationFlags,
 }
 
-/// This service as a [`janus_service::half::ModelHalf`].
+/// This service as a [`janus_model_service::half::ModelHalf`].
 pub struct Half;
 
-impl janus_service::half::ModelHalf for Half {
+impl janus_model_service::half::ModelHalf for Half {
     type Engine = GenerationEngine;
     type Config = GenerationConfig;
     const NAME: &'static str = "generation";
@@ -266,7 +268,7 @@ impl janus_service::half::ModelHalf for Half {
 
 /// Resolves and loads the model, serves until SIGTERM/ctrl-c, then shuts down gracefully.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    janus_service::half::run::<Half>(
+    janus_model_service::half::run::<Half>(
         &args.listen,
         &args.model,
         &args.server,

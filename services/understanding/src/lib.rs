@@ -10,11 +10,13 @@ pub mod adapter;
 use janus_engine::{
     RequestMeta, StepObserver, UnderstandEvent, UnderstandingConfig, UnderstandingEngine,
 };
+use janus_model_service::status::{from_engine, to_status};
+use janus_model_service::QueueGauge;
 use janus_pipeline::{LoadOptions, UnderstandingModel};
 use janus_proto::v1 as pb;
 use janus_proto::v1::understanding_server::{Understanding, UnderstandingServer};
-use janus_service::stream::{forward, from_engine, BoxStream};
-use janus_service::{meta, status, Lifecycle, ModelInfo, QueueGauge, Running, ServerOptions};
+use janus_service::stream::{forward, BoxStream};
+use janus_service::{meta, status, Lifecycle, ModelInfo, Running, ServerOptions};
 use janus_telemetry::{Metrics, TokenKind};
 use std::path::Path;
 use std::time::Instant;
@@ -90,13 +92,13 @@ impl Understanding for UnderstandingService {
             .map_err(|e| Status::internal(format!("request preparation failed: {e}")))?
             .map_err(|e| {
                 tracing::info!(%request_id, "understand refused: {e}");
-                status::to_status(&e)
+                to_status(&e)
             })?;
         let received = rmeta.received;
         let rx = self
             .engine
             .submit(ticket, rmeta)
-            .map_err(|e| status::to_status(&e))?;
+            .map_err(|e| to_status(&e))?;
         self.queue.update();
         let id = request_id.clone();
         let mut observe = observer(self.options.metrics.clone(), received);
@@ -142,7 +144,7 @@ impl Understanding for UnderstandingService {
                 step_tokens: c.step_tokens as u32,
                 max_batch_tokens: c.max_batch_tokens as u32,
             }),
-            stats: Some(janus_service::stats_to_proto(self.engine.stats())),
+            stats: Some(janus_model_service::stats_to_proto(self.engine.stats())),
             server_version: janus_service::VERSION.to_string(),
         }))
     }
@@ -202,7 +204,7 @@ pub async fn serve(
         .max_decoding_message_size(n)
         .max_encoding_message_size(n);
     let closing = engine.clone();
-    janus_service::half::serve_service(
+    janus_model_service::half::serve_service(
         janus_proto::UNDERSTANDING_SERVICE,
         |router| router.add_service(svc),
         move || closing.close(),
@@ -221,19 +223,19 @@ pub struct Args {
     #[arg(long, env = "JANUS_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: String,
     #[command(flatten)]
-    pub model: janus_service::flags::ModelFlags,
+    pub model: janus_model_service::flags::ModelFlags,
     #[command(flatten)]
     pub server: janus_service::flags::ServerFlags,
     #[command(flatten)]
     pub connection_age: janus_service::flags::ConnectionAgeFlags,
     #[command(flatten)]
-    pub engine: janus_service::flags::UnderstandingFlags,
+    pub engine: janus_model_service::flags::UnderstandingFlags,
 }
 
-/// This service as a [`janus_service::half::ModelHalf`].
+/// This service as a [`janus_model_service::half::ModelHalf`].
 pub struct Half;
 
-impl janus_service::half::ModelHalf for Half {
+impl janus_model_service::half::ModelHalf for Half {
     type Engine = UnderstandingEngine;
     type Config = UnderstandingConfig;
     const NAME: &'static str = "understanding";
@@ -263,7 +265,7 @@ impl janus_service::half::ModelHalf for Half {
 
 /// Resolves and loads the model, serves until SIGTERM/ctrl-c, then shuts down gracefully.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    janus_service::half::run::<Half>(
+    janus_model_service::half::run::<Half>(
         &args.listen,
         &args.model,
         &args.server,

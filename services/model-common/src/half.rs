@@ -1,7 +1,8 @@
 //! One start-up path for both model services: bind, resolve and load the model, serve, drain.
 
-use crate::flags::{ConnectionAgeFlags, ModelFlags, ServerFlags};
-use crate::{server, Lifecycle, ModelInfo, Running, ServerOptions};
+use crate::flags::ModelFlags;
+use janus_service::flags::{ConnectionAgeFlags, ServerFlags};
+use janus_service::{server, Lifecycle, ModelInfo, Running, ServerOptions};
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};

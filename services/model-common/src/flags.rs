@@ -1,0 +1,211 @@
+//! The flags only the model services (and `janus serve` / local mode) take: which checkpoint,
+//! where it runs, and each engine's settings. Transport and security flags are
+//! `janus_service::flags`.
+
+use anyhow::Context;
+use janus_pipeline::LoadOptions;
+use janus_service::ModelInfo;
+
+/// Default `--model`.
+pub const DEFAULT_MODEL: &str = "deepseek-ai/Janus-Pro-1B";
+
+/// Which checkpoint to load and where it runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelFlags {
+    /// Checkpoint directory or Hugging Face hub id (hub cache: HF_HOME / HF_HUB_CACHE; token: HF_TOKEN; HF_HUB_OFFLINE=1 never downloads).
+    #[arg(long, env = "JANUS_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Device: cpu or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, env = "JANUS_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
+    #[arg(long, env = "JANUS_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// Weight storage dtype (default: the checkpoint's, bf16 for the hub checkpoints; the
+    /// compute dtype when the checkpoint is stored wider or in another 16-bit format).
+    #[arg(long, env = "JANUS_WEIGHT_DTYPE")]
+    pub weight_dtype: Option<String>,
+    /// Context window in tokens (default: the checkpoint's).
+    #[arg(long, env = "JANUS_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// Tokenize message text as DeepSeek's reference does: special-token strings typed in a
+    /// message or prompt (`<|User|>`, `<|Assistant|>`, `<｜end▁of▁sentence｜>`,
+    /// `<begin_of_image>`) become special tokens, so a user can forge turns. Default: plain text
+    /// (only `<image_placeholder>` marks images).
+    #[arg(long, env = "JANUS_SPECIAL_TOKENS_IN_TEXT")]
+    pub special_tokens_in_text: bool,
+}
+
+impl ModelFlags {
+    /// Load options for `device` (defaults to `--device`).
+    pub fn load_options(&self, device: Option<&str>) -> anyhow::Result<LoadOptions> {
+        let device = janus_pipeline::parse_device(device.unwrap_or(&self.device))?;
+        Ok(LoadOptions {
+            dtype: janus_pipeline::parse_dtype_for(&self.dtype, &device)?,
+            device,
+            weight_dtype: self
+                .weight_dtype
+                .as_deref()
+                .map(janus_pipeline::parse_dtype)
+                .transpose()?,
+            max_context: self.max_context,
+            special_tokens_in_text: self.special_tokens_in_text,
+        })
+    }
+
+    /// Info about the model as it will be reported, for `device` (defaults to `--device`):
+    /// the resolved compute and weight dtypes (`auto` and the checkpoint's dtype resolved
+    /// against the checkpoint in `path`), as the model was loaded.
+    pub fn info(&self, path: &std::path::Path, device: Option<&str>) -> ModelInfo {
+        let device_name = device.unwrap_or(&self.device).to_string();
+        // Resolved by name: building a device here would open another GPU context.
+        let compute = if self.dtype == "auto" {
+            Ok(if device_name.starts_with("cuda") {
+                janus_pipeline::DType::BF16
+            } else {
+                janus_pipeline::DType::F32
+            })
+        } else {
+            janus_pipeline::parse_dtype(&self.dtype)
+        };
+        let weight = self
+            .weight_dtype
+            .as_deref()
+            .map(janus_pipeline::parse_dtype)
+            .transpose();
+        let (dtype, weight_dtype) = match (compute, weight) {
+            (Ok(dtype), Ok(weight_dtype)) => {
+                let opts = LoadOptions {
+                    dtype,
+                    weight_dtype,
+                    ..LoadOptions::default()
+                };
+                let weight = janus_pipeline::checkpoint_dtype(path)
+                    .map(|c| opts.resolve_weight_dtype(c))
+                    .ok()
+                    .or(weight_dtype)
+                    .unwrap_or(dtype);
+                (
+                    janus_pipeline::dtype_name(dtype).to_string(),
+                    janus_pipeline::dtype_name(weight).to_string(),
+                )
+            }
+            _ => (
+                self.dtype.clone(),
+                self.weight_dtype.clone().unwrap_or_default(),
+            ),
+        };
+        ModelInfo {
+            model_id: self.model.clone(),
+            model_path: path.display().to_string(),
+            device: device_name,
+            dtype,
+            weight_dtype,
+        }
+    }
+
+    /// Resolves `--model` to a directory (may download).
+    pub fn resolve(&self) -> anyhow::Result<crate::model_source::ResolvedModel> {
+        crate::model_source::resolve(&self.model).context("resolving --model")
+    }
+}
+
+/// Understanding engine settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UnderstandingFlags {
+    /// Understanding requests that may wait before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "JANUS_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Understanding requests decoded together at most.
+    #[arg(long, env = "JANUS_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// Largest accepted encoded image, in bytes.
+    #[arg(long, env = "JANUS_MAX_IMAGE_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+    /// Largest accepted width × height (read from the header before decoding).
+    #[arg(long, env = "JANUS_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// Largest accepted sampling.max_new_tokens.
+    #[arg(long, env = "JANUS_MAX_NEW_TOKENS_LIMIT", default_value_t = 2048)]
+    pub max_new_tokens_limit: usize,
+    /// KV-cache budget in tokens: requests join the running batch while the rows' prompt plus
+    /// max_new_tokens fit (a larger request runs alone).
+    #[arg(long, env = "JANUS_MAX_BATCH_TOKENS", default_value_t = 32_768)]
+    pub max_batch_tokens: usize,
+    /// Work per engine step in prompt-token units: each running row takes one, the rest goes
+    /// to prompts being prefilled (in chunks) and images being encoded (a few vision blocks at a
+    /// time). Bounds the time between two tokens and a prefill's extra memory (`janus serve`:
+    /// both engines).
+    #[arg(
+        long,
+        env = "JANUS_STEP_TOKENS",
+        default_value_t = 128,
+        alias = "prefill-chunk"
+    )]
+    pub step_tokens: usize,
+}
+
+impl UnderstandingFlags {
+    /// As engine configuration.
+    pub fn config(&self) -> janus_engine::UnderstandingConfig {
+        janus_engine::UnderstandingConfig {
+            max_queue: self.max_queue,
+            max_batch: self.max_batch,
+            max_new_tokens_limit: self.max_new_tokens_limit,
+            default_max_new_tokens: 512,
+            image_limits: janus_pipeline::ImageLimits {
+                max_bytes: self.max_image_bytes,
+                max_pixels: self.max_image_pixels,
+            },
+            max_batch_tokens: self.max_batch_tokens,
+            step_tokens: self.step_tokens,
+            ..Default::default()
+        }
+    }
+}
+
+/// Generation engine settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerationFlags {
+    /// Generation requests that may wait before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "JANUS_MAX_QUEUE", default_value_t = 16)]
+    pub max_queue: usize,
+    /// Generation requests batched into one forward at most.
+    #[arg(long, env = "JANUS_MAX_BATCH", default_value_t = 8)]
+    pub max_batch: usize,
+    /// Side of preview thumbnails in pixels.
+    #[arg(long, env = "JANUS_PREVIEW_SIZE", default_value_t = 96)]
+    pub preview_size: u32,
+    /// Work per engine step in prompt-token units: each running CFG row takes one, the rest
+    /// prefills waiting prompts in chunks.
+    #[arg(long, env = "JANUS_STEP_TOKENS", default_value_t = 128)]
+    pub step_tokens: usize,
+}
+
+impl GenerationFlags {
+    /// As engine configuration.
+    pub fn config(&self) -> janus_engine::GenerationConfig {
+        generation_config(
+            self.max_queue,
+            self.max_batch,
+            self.preview_size,
+            self.step_tokens,
+        )
+    }
+}
+
+/// Generation engine configuration from its knobs.
+pub fn generation_config(
+    max_queue: usize,
+    max_batch: usize,
+    preview_size: u32,
+    step_tokens: usize,
+) -> janus_engine::GenerationConfig {
+    janus_engine::GenerationConfig {
+        max_queue,
+        max_batch,
+        preview_size: preview_size.clamp(8, 384),
+        step_tokens,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,12 @@
+//! What the two model services (and `janus serve`, local mode) share, and the gateway does not:
+//! the one start-up path of a model half ([`half`]), model and engine flags ([`flags`]), model
+//! source resolution (local directory or Hugging Face hub id, [`model_source`]), the one
+//! engine-error → `tonic::Status` mapping ([`status`]) and the engine queue gauge ([`gauge`]).
+
+pub mod flags;
+pub mod gauge;
+pub mod half;
+pub mod model_source;
+pub mod status;
+
+pub use gauge::{stats_to_proto, QueueGauge};
