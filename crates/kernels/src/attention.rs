@@ -5,9 +5,13 @@
 //! the packed GEMM ([`crate::gemm`]; decode-shaped queries use plain dot products), and the
 //! softmax uses a vectorisable `exp`.
 
-use crate::gemm::{gemm, with_f32_scratch, BRef, GemmOpts, MatRef, Precision};
+use crate::cpu::multiversion;
+use crate::gemm::{gemm, BRef, GemmOpts, MatRef, Precision};
+use crate::sync::{with_f32_scratch, SendPtr};
 use half::bf16;
 use rayon::prelude::*;
+
+pub use crate::math::exp_approx;
 
 /// Where one operand's rows lie in its slice: row `i` of head `h` starts at `h · head + i · row`
 /// and holds `dim` consecutive values.
@@ -197,7 +201,7 @@ pub fn attention(
             "mask shape"
         );
     }
-    let optr = crate::gemm::SendPtrF32::new(out);
+    let optr = SendPtr::new(out);
     // Heads run in parallel; each head's products run serially inside its task once there
     // are enough heads to occupy the pool.
     let serial = heads >= rayon::current_num_threads();
@@ -357,59 +361,16 @@ fn softmax_row_body(row: &mut [f32], scale: f32, mask: Option<&[f32]>) {
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
-crate::elementwise::multiversion!(
+multiversion!(
     /// [`softmax_row_body`] compiled for the best SIMD level of this CPU.
     fn softmax_row(row: &mut [f32], scale: f32, mask: Option<&[f32]>) => softmax_row_body
 );
 
-/// `e^x` for x ≤ 0 with relative error below 2e-7, written without calls or branches so loops
-/// over it vectorise. Inputs below −87 give 0 (as `expf` underflows there).
-#[inline(always)]
-pub fn exp_approx(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    // e^x = 2^n · e^r, n = round(x / ln 2), r = x − n·ln 2 ∈ [−ln2/2, ln2/2]; ln 2 split in a
-    // short high part and a correction (Cody–Waite) so r keeps full precision for large |x|.
-    // Round to nearest by the 1.5·2²³ trick: `f32::round` is a libm call that blocks vectorising.
-    const MAGIC: f32 = 12_582_912.0;
-    let t = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2^n from t's bits: t = 1.5·2²³ + n holds n in its low mantissa bits (|n| ≤ 126 here), so
-    // the exponent field is plain integer arithmetic. (`n as i32` is a saturating cast that the
-    // compiler lowers to one scalar conversion per lane, which kept this loop from vectorising.)
-    let bits = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
-    p * f32::from_bits(bits)
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1) for the kernels' tests.
-    pub(crate) fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    #[test]
-    fn exp_is_accurate() {
-        let mut worst = 0f32;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let rel = ((exp_approx(x) - x.exp()) / x.exp()).abs();
-            worst = worst.max(rel);
-            x += 0.001;
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-        let floor = (-87f32).exp();
-        assert!(((exp_approx(-1000.0) - floor) / floor).abs() < 5e-7);
-    }
+    use crate::test_util::lcg;
 
     #[test]
     fn matches_naive_attention_with_mask_and_strides() {

@@ -3,83 +3,14 @@
 //!
 //! Each operation is written once as plain Rust that LLVM vectorises, and compiled three times:
 //! for AVX-512, for AVX2+FMA and for the baseline target; the best the CPU has is picked at run
-//! time (the same detection as the matmul kernels). Large inputs are split across the rayon pool.
+//! time (the same detection as the matmul kernels: `crate::cpu`). Large inputs are split across
+//! the rayon pool. The GELU lives with the shared math (the GEMM applies it too).
 
-use crate::attention::exp_approx;
+use crate::cpu::multiversion;
+use crate::math::{exp_approx, CHUNK};
 use rayon::prelude::*;
 
-/// Elements per parallel task of the elementwise passes.
-const CHUNK: usize = 16 * 1024;
-
-/// Instantiates `$body` (a `fn(&mut [f32])`-like inline function) once per SIMD level and
-/// dispatches on the detected level.
-macro_rules! multiversion {
-    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
-        $(#[$doc])*
-        $vis fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn v512($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn v256($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                match crate::level() {
-                    // SAFETY: the level was detected on this CPU (avx512f).
-                    $crate::Level::Avx512 => return unsafe { v512($($arg),*) },
-                    // SAFETY: the level was detected on this CPU (avx2 and fma).
-                    $crate::Level::Avx2 => return unsafe { v256($($arg),*) },
-                    $crate::Level::Scalar => {}
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
-pub(crate) use multiversion;
-
-/// `0.5 · x · (1 + erf(x / √2))`, erf by Abramowitz–Stegun 7.1.26 (absolute error ≤ 1.5e-7,
-/// the formula PyTorch's vectorised CPU `erf` uses) with a branch-free `exp`.
-#[inline(always)]
-fn gelu_one(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A1: f32 = 0.254_829_6;
-    const A2: f32 = -0.284_496_74;
-    const A3: f32 = 1.421_413_8;
-    const A4: f32 = -1.453_152;
-    const A5: f32 = 1.061_405_4;
-    let z = x * std::f32::consts::FRAC_1_SQRT_2;
-    let az = z.abs();
-    let t = 1.0 / (1.0 + P * az);
-    let poly = t * (A1 + t * (A2 + t * (A3 + t * (A4 + t * A5))));
-    let e = 1.0 - poly * exp_approx(-az * az);
-    let erf = if z < 0.0 { -e } else { e };
-    0.5 * x * (1.0 + erf)
-}
-
-#[inline(always)]
-fn gelu_body(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = gelu_one(*v);
-    }
-}
-
-multiversion!(
-    /// Exact-erf GELU in place, on the calling thread.
-    fn gelu_serial(x: &mut [f32]) => gelu_body
-);
-
-/// Exact-erf GELU (`x · Φ(x)`) in place, split across the rayon pool for large slices.
-pub fn gelu_erf_inplace(x: &mut [f32]) {
-    if x.len() <= CHUNK {
-        gelu_serial(x);
-    } else {
-        x.par_chunks_mut(CHUNK).for_each(gelu_serial);
-    }
-}
+pub use crate::math::gelu_erf_inplace;
 
 #[inline(always)]
 fn add_body(dst: &mut [f32], src: &[f32]) {
@@ -287,7 +218,7 @@ pub fn group_norm_act(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     /// The gated activation against `g / (1 + e^-g) · u` in f64, at large |g| of both signs
@@ -316,51 +247,6 @@ pub(crate) mod tests {
                 }
             }
         }
-    }
-
-    /// erf in f64 to ~1e-15 (test reference).
-    pub(crate) fn erf64(x: f64) -> f64 {
-        // High-precision reference: series for small |x|, continued fraction beyond.
-        if x.abs() < 3.0 {
-            let mut sum = x;
-            let mut term = x;
-            let mut n = 0.0;
-            loop {
-                n += 1.0;
-                term *= -x * x / n;
-                let add = term / (2.0 * n + 1.0);
-                sum += add;
-                if add.abs() < 1e-17 {
-                    break;
-                }
-            }
-            sum * 2.0 / std::f64::consts::PI.sqrt()
-        } else {
-            let s = x.signum();
-            let a = x.abs();
-            // erfc continued fraction (Lentz), adequate for a ≥ 3.
-            let mut f = a;
-            for k in (1..60).rev() {
-                f = a + (k as f64 / 2.0) / f;
-            }
-            s * (1.0 - (-a * a).exp() / (f * std::f64::consts::PI.sqrt()))
-        }
-    }
-
-    #[test]
-    fn gelu_matches_exact_erf() {
-        let mut xs: Vec<f32> = (-12000..12000).map(|i| i as f32 * 1e-3).collect();
-        xs.extend([0.0, -0.0, 1e-30, -1e-30, 50.0, -50.0, 1e4, -1e4]);
-        let mut got = xs.clone();
-        gelu_erf_inplace(&mut got);
-        let mut worst = 0f64;
-        for (&x, &g) in xs.iter().zip(&got) {
-            let want = 0.5 * x as f64 * (1.0 + erf64(x as f64 / 2f64.sqrt()));
-            let err = (g as f64 - want).abs() / want.abs().max(1.0);
-            worst = worst.max(err);
-        }
-        // Absolute error ≤ 1.5e-7·|x|/2 from the erf formula plus f32 rounding.
-        assert!(worst < 4e-7, "worst error {worst}");
     }
 
     #[test]

@@ -14,10 +14,9 @@
 //! and the output transform. Bands run in parallel, each on one thread. The weights are
 //! transformed and packed for the GEMM once ([`Winograd3x3::new`]).
 
-use crate::elementwise::multiversion;
-use crate::gemm::{
-    gemm_packed, with_f32_scratch, BRef, GemmError, GemmOpts, MatRef, PackedA, Precision,
-};
+use crate::cpu::multiversion;
+use crate::gemm::{gemm_packed, BRef, GemmError, GemmOpts, MatRef, PackedA, Precision};
+use crate::sync::{with_f32_scratch, SendPtr};
 use rayon::prelude::*;
 
 /// Tiles per band, roughly (at least one tile row): a band's V and M stay in L2. Measured on
@@ -136,7 +135,7 @@ impl Winograd3x3 {
         let bands = th.div_ceil(rb);
         // Few bands (small images): bands one after another, each product across the pool.
         let parallel_bands = bands >= 2 * threads;
-        let op = crate::gemm::SendPtrF32::new(out);
+        let op = SendPtr::new(out);
         let opts = GemmOpts {
             precision: self.precision,
             serial: parallel_bands,
@@ -245,7 +244,7 @@ fn four_mut(v: &mut [f32], at: [usize; 4], len: usize) -> [&mut [f32]; 4] {
 /// its end).
 fn split_row(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::level() == crate::Level::Avx512 {
+    if crate::cpu::level() == crate::cpu::Level::Avx512 {
         // SAFETY: the level was detected on this CPU (avx512f).
         let done = unsafe { split_interior_512(row, even, odd) };
         split_row_rest(row, even, odd, done);
@@ -425,9 +424,7 @@ mod tests {
 
     fn lcg(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
-        (0..n)
-            .map(|_| crate::attention::tests::lcg(&mut s))
-            .collect()
+        (0..n).map(|_| crate::test_util::lcg(&mut s)).collect()
     }
 
     /// Direct convolution in f64.
