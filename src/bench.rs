@@ -2,7 +2,7 @@
 
 use crate::ModelArgs;
 use anyhow::Result;
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::generation::{GenBatch, GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, UnderstandingModel};
 use janus_pipeline::{Message, Role, SamplingParams};
 use serde_json::json;
@@ -34,6 +34,13 @@ pub struct BenchArgs {
     /// Skip the generation half.
     #[arg(long)]
     skip_generation: bool,
+}
+
+/// What the generation timing keeps of its request: the tokens when every step ran.
+struct GenRun {
+    prompt_tokens: usize,
+    total_steps: usize,
+    tokens: Option<Vec<Vec<u32>>>,
 }
 
 fn secs(t: Instant) -> f64 {
@@ -176,15 +183,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ..Default::default()
             };
             let t = Instant::now();
-            let mut job = m.start(prompt, &params)?;
+            let ready = m.start(prompt, &params)?;
             let prefill_s = secs(t);
-            let steps = args.gen_steps.min(job.total_steps());
+            let (prompt_tokens, total_steps) = (ready.prompt_tokens(), ready.total_steps());
+            // A batch of one: the engine's step.
+            let mut batch = GenBatch::new();
+            m.join(&mut batch, 0, ready)?;
+            let steps = args.gen_steps.min(total_steps);
             let mut times = Vec::with_capacity(steps);
             for _ in 0..steps {
                 let t = Instant::now();
-                m.step(&mut job)?;
+                m.step_batch(&mut batch)?;
                 times.push(secs(t));
             }
+            let done = steps == total_steps;
+            let job = GenRun {
+                prompt_tokens,
+                total_steps,
+                tokens: if done {
+                    batch.take_finished().pop().map(|f| f.tokens)
+                } else {
+                    None
+                },
+            };
             let total: f64 = times.iter().sum();
             let med = median(&mut times);
             let mut row = json!({
@@ -209,15 +230,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         let (job, row, prefill_s, total_steps_s, median_step) = timed(ns[0])?;
         by_n[0] = row;
-        let steps = args.gen_steps.min(job.total_steps());
+        let steps = args.gen_steps.min(job.total_steps);
         // One image's grid through the VQ decoder (a fixed pseudo-random grid if not all
         // steps ran); the request's steps are shared by its n images.
-        let grid: Vec<u32> = if job.is_done() {
-            job.tokens[0].clone()
-        } else {
-            (0..job.total_steps() as u32)
+        let grid: Vec<u32> = match &job.tokens {
+            Some(tokens) => tokens[0].clone(),
+            None => (0..job.total_steps as u32)
                 .map(|i| (i * 7919) % 16384)
-                .collect()
+                .collect(),
         };
         // Cold, then warm (`--repeats`), as vision and prefill: the first decode also faults
         // in the allocator's pages for the decoder's activations (hundreds of MB), which a
@@ -229,11 +249,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         let vq_cold_s = vq_once()?;
         let (vq_s, vq_runs) = timed_runs(args.repeats, vq_once)?;
-        let measured = steps == job.total_steps();
+        let measured = steps == job.total_steps;
         let steps_s = if measured {
             total_steps_s
         } else {
-            median_step * job.total_steps() as f64
+            median_step * job.total_steps as f64
         };
         let per_image = (prefill_s + steps_s) / ns[0] as f64 + vq_s;
         out["generation"] = json!({
@@ -255,7 +275,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             out["device_memory_total_gb"] = json!(round(total as f64 / 1e9, 2));
         }
         let vq = &m.config().vq;
-        let side = (job.total_steps() as f64).sqrt() as usize;
+        let side = (job.total_steps as f64).sqrt() as usize;
         let vq_gf = 2.0 * vq.decoder_macs(side, side) as f64 / 1e9;
         out["vq_decode_gflop"] = json!(round(vq_gf, 1));
         out["vq_decode_gflop_per_s"] = json!(round(vq_gf / vq_s, 1));

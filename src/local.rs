@@ -2,7 +2,7 @@
 
 use crate::client::{Format, GenerateArgs, UnderstandArgs};
 use anyhow::{Context, Result};
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::generation::{GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
 use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
 use std::io::Write;

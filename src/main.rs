@@ -255,16 +255,15 @@ fn run(cmd: Command) -> Result<()> {
             format,
             shard_size,
         } => {
-            let preset: janus_pipeline::synth::Preset = preset.parse()?;
-            let opts = janus_pipeline::synth::SynthOptions {
+            let preset: janus_synth::Preset = preset.parse()?;
+            let opts = janus_synth::SynthOptions {
                 llm_layers,
                 seed,
                 format: format.parse()?,
                 shard_bytes: shard_size,
             };
             let t = std::time::Instant::now();
-            let params =
-                janus_pipeline::synth::write_checkpoint_with(preset, &tokenizer, &out, &opts)?;
+            let params = janus_synth::write_checkpoint_with(preset, &tokenizer, &out, &opts)?;
             eprintln!(
                 "wrote {} ({params} parameters) in {:.1}s",
                 out.display(),

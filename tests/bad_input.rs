@@ -1,7 +1,7 @@
 //! Bad checkpoints and bad requests give typed errors that name the problem, never a panic.
 
 use candle_core::Device;
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::generation::{GenBatch, GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, UnderstandingModel};
 use janus_pipeline::{Error, ImageLimits, LoadOptions, Message, Role, SamplingParams};
 use std::path::{Path, PathBuf};
@@ -395,12 +395,14 @@ fn bad_generation_requests() {
             "{field}: {err}"
         );
     }
-    let mut job = m.start("a cat", &ok).unwrap();
+    let mut batch = GenBatch::new();
+    m.join(&mut batch, 0, m.start("a cat", &ok).unwrap())
+        .unwrap();
     assert!(
-        m.advance(&mut job, &[99_999]).is_err(),
+        m.advance(&mut batch, &[99_999]).is_err(),
         "code outside the codebook"
     );
-    assert!(m.advance(&mut job, &[1, 2]).is_err(), "wrong token count");
+    assert!(m.advance(&mut batch, &[1, 2]).is_err(), "wrong token count");
     let long = "word ".repeat(20_000);
     assert!(matches!(
         m.start(&long, &ok),

@@ -1,7 +1,7 @@
 //! Batching across requests gives the same outputs as running each request alone.
 
-use janus_pipeline::gen_batch::GenBatch;
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::generation::{GenerateParams, GenerationModel};
+use janus_pipeline::GenBatch;
 use janus_pipeline::LoadOptions;
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,12 +11,16 @@ fn model() -> GenerationModel {
     GenerationModel::load(&dir, &LoadOptions::default()).unwrap()
 }
 
+/// A request alone: a batch of one.
 fn alone(m: &GenerationModel, prompt: &str, p: &GenerateParams) -> Vec<Vec<u32>> {
-    let mut job = m.start(prompt, p).unwrap();
-    while !job.is_done() {
-        m.step(&mut job).unwrap();
+    let mut batch = GenBatch::new();
+    m.join(&mut batch, 0, m.start(prompt, p).unwrap()).unwrap();
+    while batch.rows() > 0 {
+        m.step_batch(&mut batch).unwrap();
     }
-    job.tokens
+    let mut finished = batch.take_finished();
+    assert_eq!(finished.len(), 1);
+    finished.pop().unwrap().tokens
 }
 
 /// Three greedy requests with different prompts, prompt lengths, image counts and guidance

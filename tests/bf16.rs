@@ -2,7 +2,7 @@
 //! (its weights are bf16 values), bf16 *compute* is close within the looser tolerances below.
 
 use candle_core::{DType, Device, Tensor};
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::generation::{GenBatch, GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, UnderstandingModel};
 use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
 use std::path::Path;
@@ -72,13 +72,16 @@ fn gen_logits(opts: &LoadOptions, steps: usize) -> Vec<Tensor> {
         temperature: 0.0,
         ..Default::default()
     };
-    let mut job = m
+    // A batch of one, driven with the reference's tokens.
+    let mut batch = GenBatch::new();
+    let ready = m
         .start("A red apple on a wooden table, studio light.", &params)
         .unwrap();
+    m.join(&mut batch, 0, ready).unwrap();
     let mut out = Vec::new();
     for &t in tokens.iter().take(steps) {
-        out.push(m.guided_logits(&job).unwrap());
-        m.advance(&mut job, &[t]).unwrap();
+        out.push(m.guided_logits(&mut batch).unwrap());
+        m.advance(&mut batch, &[t]).unwrap();
     }
     out
 }

@@ -10,7 +10,7 @@ use janus_engine::{
     OutputFormat, RequestMeta, SamplingInput, UnderstandEvent, UnderstandInput,
     UnderstandingConfig, UnderstandingEngine,
 };
-use janus_pipeline::generate::GenerationModel;
+use janus_pipeline::generation::GenerationModel;
 use janus_pipeline::{LoadOptions, UnderstandingModel};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

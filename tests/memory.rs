@@ -1,7 +1,7 @@
 //! Memory: the two halves share one LLM (`load_both`), weights are stored in the checkpoint's
 //! dtype by default, and loading reads tensors without mapping or holding the files.
 
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::generation::{GenBatch, GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
 use janus_pipeline::{load_both, DType, LoadOptions, Message, Role, SamplingParams};
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ fn und_tokens(m: &UnderstandingModel) -> Vec<u32> {
 }
 
 fn gen_tokens(m: &GenerationModel) -> Vec<Vec<u32>> {
-    let mut job = m
+    let ready = m
         .start(
             "a red apple",
             &GenerateParams {
@@ -48,10 +48,12 @@ fn gen_tokens(m: &GenerationModel) -> Vec<Vec<u32>> {
             },
         )
         .unwrap();
+    let mut batch = GenBatch::new();
+    m.join(&mut batch, 0, ready).unwrap();
     for _ in 0..6 {
-        m.step(&mut job).unwrap();
+        m.step_batch(&mut batch).unwrap();
     }
-    job.tokens.clone()
+    batch.tokens(0).unwrap().to_vec()
 }
 
 /// The tensors' dtypes as `Debug` prints them (`; bf16]`), counted.

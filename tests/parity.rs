@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
+use janus_pipeline::generation::{GenBatch, GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, TokenEvent, UnderstandingModel};
 use janus_pipeline::{LoadOptions, Message, Role, SamplingParams};
 use serde_json::Value;
@@ -452,7 +452,11 @@ fn generation_matches_reference() {
                 temperature: 0.0,
                 ..Default::default()
             };
-            let mut job = model.start(prompt, &params).unwrap();
+            // A batch of one (the server's step), driven with the reference's tokens.
+            let mut batch = GenBatch::new();
+            model
+                .join(&mut batch, 0, model.start(prompt, &params).unwrap())
+                .unwrap();
             let tokens: Vec<u32> = i64s(g.t(&case, "greedy_image_tokens"))
                 .iter()
                 .map(|&x| x as u32)
@@ -467,7 +471,7 @@ fn generation_matches_reference() {
             let golden_logits = g.t(&case, "cfg_logits_steps");
             let mut disagreements = 0;
             for (step, &tok) in tokens.iter().enumerate() {
-                let logits = model.guided_logits(&job).unwrap();
+                let logits = model.guided_logits(&mut batch).unwrap();
                 if let Some(k) = steps.iter().position(|&s| s == step) {
                     let gl = golden_logits.get(k).unwrap().unsqueeze(0).unwrap();
                     assert_close(
@@ -487,7 +491,7 @@ fn generation_matches_reference() {
                         margins[step]
                     );
                 }
-                model.advance(&mut job, &[tok]).unwrap();
+                model.advance(&mut batch, &[tok]).unwrap();
             }
             eprintln!(
                 "{case}: {disagreements} argmax disagreements (all within the {} margin rule)",
@@ -548,14 +552,22 @@ fn greedy_generation_reproduces_golden_tokens() {
             temperature: 0.0,
             ..Default::default()
         };
-        let mut job = model.start(c["prompt"].as_str().unwrap(), &params).unwrap();
+        let mut batch = GenBatch::new();
+        model
+            .join(
+                &mut batch,
+                0,
+                model.start(c["prompt"].as_str().unwrap(), &params).unwrap(),
+            )
+            .unwrap();
         let first_small = margins
             .iter()
             .position(|&m| m <= tol.margin)
             .unwrap_or(margins.len());
-        while !job.is_done() {
-            model.step(&mut job).unwrap();
+        while batch.rows() > 0 {
+            model.step_batch(&mut batch).unwrap();
         }
+        let job = batch.take_finished().pop().unwrap();
         // Up to the first tiny margin the sequences must agree exactly; both images are identical.
         assert_eq!(job.tokens[0][..first_small], want[..first_small], "{case}");
         assert_eq!(

@@ -1,9 +1,9 @@
 //! `synth` writes checkpoints that both halves load and run.
 
-use janus_pipeline::generate::{GenerateParams, GenerationModel};
-use janus_pipeline::synth::{preset_config, write_checkpoint, Preset};
+use janus_pipeline::generation::{GenBatch, GenerateParams, GenerationModel};
 use janus_pipeline::understand::{Conversation, UnderstandingModel};
 use janus_pipeline::{JanusConfig, LoadOptions, Message, Role, SamplingParams};
+use janus_synth::{preset_config, write_checkpoint, Preset};
 use std::path::Path;
 
 fn tokenizer() -> std::path::PathBuf {
@@ -34,7 +34,7 @@ fn tiny_checkpoint_loads_and_runs_both_halves() {
     let (_, reason) = und.understand(&conv, p, |_| {}).unwrap();
     assert_eq!(reason, janus_pipeline::FinishReason::Length);
     let gen = GenerationModel::load(dir.path(), &LoadOptions::default()).unwrap();
-    let mut job = gen
+    let ready = gen
         .start(
             "a cat",
             &GenerateParams {
@@ -43,11 +43,13 @@ fn tiny_checkpoint_loads_and_runs_both_halves() {
             },
         )
         .unwrap();
+    let mut batch = GenBatch::new();
+    gen.join(&mut batch, 0, ready).unwrap();
     for _ in 0..3 {
-        gen.step(&mut job).unwrap();
+        gen.step_batch(&mut batch).unwrap();
     }
-    assert_eq!(job.tokens.len(), 2);
-    assert_eq!(job.step(), 3);
+    assert_eq!(batch.tokens(0).unwrap().len(), 2);
+    assert_eq!(batch.progress(0).unwrap().0, 3);
 }
 
 #[test]
@@ -64,8 +66,8 @@ fn real_presets_parse_with_their_known_names() {
     assert_eq!(cfg.llm.num_hidden_layers, 4);
 }
 
-use janus_pipeline::synth::{write_checkpoint_with, Format, SynthOptions};
 use janus_pipeline::weights::WeightFiles;
+use janus_synth::{write_checkpoint_with, Format, SynthOptions};
 
 /// Greedy understanding tokens and generation tokens of a checkpoint (both halves).
 fn outputs(dir: &Path) -> (Vec<u32>, Vec<Vec<u32>>) {
@@ -92,7 +94,7 @@ fn outputs(dir: &Path) -> (Vec<u32>, Vec<Vec<u32>>) {
     })
     .unwrap();
     let gen = GenerationModel::load(dir, &opts).unwrap();
-    let mut job = gen
+    let ready = gen
         .start(
             "a red apple",
             &GenerateParams {
@@ -102,10 +104,12 @@ fn outputs(dir: &Path) -> (Vec<u32>, Vec<Vec<u32>>) {
             },
         )
         .unwrap();
+    let mut batch = GenBatch::new();
+    gen.join(&mut batch, 0, ready).unwrap();
     for _ in 0..4 {
-        gen.step(&mut job).unwrap();
+        gen.step_batch(&mut batch).unwrap();
     }
-    (tokens, job.tokens.clone())
+    (tokens, batch.tokens(0).unwrap().to_vec())
 }
 
 fn synth(dir: &Path, format: Format, shard_bytes: u64) {
@@ -203,11 +207,7 @@ fn pth_and_safetensors_synths_hold_the_same_tensors_and_give_the_same_outputs() 
 fn pth_synth_is_a_torch_save_archive() {
     let dir = tempfile::tempdir().unwrap();
     // Everything fits one shard: a single pytorch_model.bin and no index, as Janus-Pro-1B.
-    synth(
-        dir.path(),
-        Format::Pth,
-        janus_pipeline::synth::DEFAULT_SHARD_BYTES,
-    );
+    synth(dir.path(), Format::Pth, janus_synth::DEFAULT_SHARD_BYTES);
     assert!(!dir.path().join("pytorch_model.bin.index.json").exists());
     let path = dir.path().join("pytorch_model.bin");
     let file = std::fs::File::open(&path).unwrap();

@@ -268,7 +268,7 @@ fn generate(req: pb::GenerateRequest) {
     match engine.prepare(input) {
         Ok(ticket) => {
             let p = ticket.params();
-            assert!((1..=janus_pipeline::generate::MAX_IMAGES).contains(&p.n));
+            assert!((1..=janus_pipeline::generation::MAX_IMAGES).contains(&p.n));
         }
         Err(e) => check_refusal(
             &e,

@@ -162,6 +162,39 @@ impl<W> Control<W> {
     pub fn aborted(&self) -> bool {
         self.abort.load(Ordering::Relaxed)
     }
+
+    /// Stops accepting requests; queued and running ones continue.
+    pub fn close(&self) {
+        self.queue.close();
+    }
+
+    /// Refuses new requests and ends queued and running ones at the thread's next step.
+    pub fn abort(&self) {
+        self.queue.close();
+        self.abort.store(true, Ordering::Relaxed);
+    }
+}
+
+impl<W: Send + 'static> Control<W> {
+    /// The state an engine's handle and its model thread share, and the thread `name` running
+    /// `run` on it. Without a thread nothing is served: the queue is closed, so every
+    /// submission is refused.
+    pub fn spawn(
+        name: &str,
+        max_queue: usize,
+        run: impl FnOnce(Arc<Self>) + Send + 'static,
+    ) -> Arc<Self> {
+        let control = Arc::new(Self::new(max_queue));
+        let thread = control.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(thread));
+        if let Err(e) = spawned {
+            tracing::error!("cannot spawn the {name} engine thread: {e}");
+            control.close();
+        }
+        control
+    }
 }
 
 /// Why running work should stop before its next step.

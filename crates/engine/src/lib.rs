@@ -11,6 +11,7 @@
 //! from *stepping* (advance every running batch by one token). Between steps it drops work
 //! whose receiver is gone (client cancelled or disconnected) or whose deadline passed.
 
+mod admission;
 mod control;
 mod encode;
 pub mod error;

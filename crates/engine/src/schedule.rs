@@ -1,5 +1,6 @@
 //! Who gets the model next: the per-step token budget shared by running rows and prompts that
-//! are being prefilled. Pure bookkeeping, apart from the loops that run the model.
+//! are being prefilled, and the prefill round both engines run on it ([`prefill_round`]). Pure
+//! bookkeeping: the runners pass in what runs the model.
 //!
 //! Every engine iteration has a budget in *prompt-token units* (one unit = the multiply-adds
 //! of one LLM token; a vision-tower block of one image costs several, see
@@ -84,6 +85,51 @@ pub(crate) fn take_done<W, R>(waiting: &mut Vec<W>, mut done: Vec<(usize, R)>) -
     out
 }
 
+/// The prefill bookkeeping both engines share, one engine iteration of it: waiting requests
+/// whose client left or whose deadline passed (`gone`) are dropped, the step's grants are
+/// planned over the work left of the others (`cost`, after `decode_rows` running rows), `run`
+/// spends each grant on its request (`Some(outcome)` when its prefill finished, or failed),
+/// and the finished requests leave `waiting` in arrival order.
+pub(crate) fn prefill_round<W, R>(
+    waiting: &mut Vec<W>,
+    budget: &StepBudget,
+    decode_rows: usize,
+    gone: impl Fn(&W) -> bool,
+    cost: impl Fn(&W) -> usize,
+    mut run: impl FnMut(&mut W, usize) -> Option<R>,
+) -> PrefillRound<W, R> {
+    let before = waiting.len();
+    waiting.retain(|w| !gone(w));
+    let dropped = before - waiting.len();
+    if waiting.is_empty() {
+        return PrefillRound {
+            dropped,
+            done: Vec::new(),
+        };
+    }
+    let costs: Vec<usize> = waiting.iter().map(cost).collect();
+    let mut done = Vec::new();
+    for grant in budget.plan(decode_rows, &costs) {
+        if let Some(outcome) = run(&mut waiting[grant.index], grant.units) {
+            done.push((grant.index, outcome));
+        }
+    }
+    PrefillRound {
+        dropped,
+        done: take_done(waiting, done),
+    }
+}
+
+/// What one [`prefill_round`] did.
+#[derive(Debug, PartialEq)]
+pub(crate) struct PrefillRound<W, R> {
+    /// Waiting requests dropped because their client left or their deadline passed.
+    pub dropped: usize,
+    /// Requests whose prefill finished (or failed) this round, with the outcome, in arrival
+    /// order.
+    pub done: Vec<(W, R)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +188,91 @@ mod tests {
             b.plan(10, &[30, 500, 40, 30]),
             vec![g(0, 30), g(2, 40), g(1, 20)]
         );
+    }
+
+    /// A waiting request of the table: its name, prompt units left, and whether its client left.
+    #[derive(Debug, Clone, PartialEq)]
+    struct W {
+        name: char,
+        left: usize,
+        gone: bool,
+    }
+
+    fn w(name: char, left: usize) -> W {
+        W {
+            name,
+            left,
+            gone: false,
+        }
+    }
+
+    /// One round over `waiting` with a budget of `units` after `decode_rows` running rows: the
+    /// grants run (as `name:units`), the names dropped, the names done, and what stays waiting.
+    fn round(
+        units: usize,
+        decode_rows: usize,
+        mut waiting: Vec<W>,
+    ) -> (Vec<String>, usize, Vec<char>, Vec<W>) {
+        let mut ran = Vec::new();
+        let r = prefill_round(
+            &mut waiting,
+            &StepBudget::new(units),
+            decode_rows,
+            |w| w.gone,
+            |w| w.left,
+            |w, units| {
+                ran.push(format!("{}:{units}", w.name));
+                w.left -= units.min(w.left);
+                (w.left == 0).then_some(())
+            },
+        );
+        let done = r.done.into_iter().map(|(w, ())| w.name).collect();
+        (ran, r.dropped, done, waiting)
+    }
+
+    #[test]
+    fn prefill_round_table() {
+        // (budget, decode rows, waiting) → (grants run, dropped, done in arrival order, left)
+        let gone = W {
+            gone: true,
+            ..w('x', 50)
+        };
+        let cases = [
+            (
+                "one long prompt takes what decode leaves",
+                (100, 10, vec![w('a', 500)]),
+                (vec!["a:90"], 0, vec![], vec![w('a', 410)]),
+            ),
+            (
+                "a short prompt finishes ahead of a long one and leaves first",
+                (100, 0, vec![w('a', 500), w('b', 30)]),
+                (vec!["b:30", "a:70"], 0, vec!['b'], vec![w('a', 430)]),
+            ),
+            (
+                "several requests finish in one round, in arrival order",
+                (100, 0, vec![w('a', 60), w('b', 10), w('c', 30)]),
+                (vec!["a:60", "b:10", "c:30"], 0, vec!['a', 'b', 'c'], vec![]),
+            ),
+            (
+                "a client that left is dropped before planning",
+                (100, 0, vec![gone.clone(), w('b', 20)]),
+                (vec!["b:20"], 1, vec!['b'], vec![]),
+            ),
+            (
+                "only gone requests: nothing runs",
+                (100, 0, vec![gone.clone(), gone]),
+                (vec![], 2, vec![], vec![]),
+            ),
+            (
+                "decode takes the budget: the oldest still gets a unit",
+                (8, 16, vec![w('a', 5), w('b', 5)]),
+                (vec!["a:1"], 0, vec![], vec![w('a', 4), w('b', 5)]),
+            ),
+        ];
+        for (name, (units, rows, waiting), (ran, dropped, done, left)) in cases {
+            let got = round(units, rows, waiting);
+            let ran: Vec<String> = ran.into_iter().map(String::from).collect();
+            assert_eq!(got, (ran, dropped, done, left), "{name}");
+        }
     }
 }

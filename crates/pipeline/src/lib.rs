@@ -2,25 +2,25 @@
 //! and the two halves of the model — understanding (image + text → text) and generation
 //! (text → image). Each half loads only its own weights because each service owns one half.
 //!
-//! Both pipelines are *step functions over a batch*: `start` prefills a batch and `step` advances
-//! every row by one token, so a scheduler can interleave many requests.
+//! Both pipelines are *step functions over a batch*: a request is prepared, prefilled in chunks
+//! within a scheduler's budget and joins the running batch, whose step advances every row by one
+//! token, so a scheduler can interleave many requests (`understand.rs`; the `generation`
+//! folder, where a lone request is a batch of one).
 
 pub mod config;
 pub mod error;
-pub mod gen_batch;
-pub mod generate;
-pub mod preview;
+pub mod generation;
 pub mod prompt;
 pub mod sampling;
-pub mod synth;
 pub mod understand;
 pub mod weights;
 
 pub use candle_core::{DType, Device};
 pub use config::JanusConfig;
 pub use error::{Error, Result};
-pub use generate::{
-    GenJob, GenPrefill, GenPrepared, GenerateParams, GeneratedImage, GenerationModel,
+pub use generation::{
+    FinishedJob, GenBatch, GenPrefill, GenPrepared, GenerateParams, GeneratedImage,
+    GenerationModel, Prefilled,
 };
 pub use janus_imageproc::{decode_rgb, ImageLimits};
 pub use prompt::{Message, Role};

@@ -9,7 +9,7 @@ pub mod adapter;
 use janus_engine::{GenerateEvent, GenerationConfig, GenerationEngine, RequestMeta, StepObserver};
 use janus_model_service::status::{from_engine, to_status};
 use janus_model_service::QueueGauge;
-use janus_pipeline::generate::MAX_IMAGES;
+use janus_pipeline::generation::MAX_IMAGES;
 use janus_pipeline::{GenerationModel, LoadOptions};
 use janus_proto::v1 as pb;
 use janus_proto::v1::generation_server::{Generation, GenerationServer};

@@ -1,8 +1,8 @@
 //! Random-weight checkpoints in the DeepSeek layout, at real shapes, for benchmarks, load tests
 //! and cluster smoke tests without a 15 GB download.
 
-use crate::config::JanusConfig;
-use crate::error::{Error, Result};
+use janus_pipeline::config::JanusConfig;
+use janus_pipeline::error::{Error, Result};
 use safetensors::{Dtype, View};
 use std::borrow::Cow;
 use std::path::Path;
@@ -603,7 +603,7 @@ pub fn write_checkpoint_with(
 /// PyTorch's zip checkpoint format, as `torch.save(state_dict, path)` writes it.
 mod pth {
     use super::LazyBf16;
-    use crate::error::{Error, Result};
+    use janus_pipeline::error::{Error, Result};
     use std::io::Write;
     use std::path::Path;
 
