@@ -111,6 +111,20 @@ impl Stats {
     }
 }
 
+/// A queued request: its ticket and where its events go.
+pub(crate) struct Work<T, E> {
+    pub ticket: T,
+    pub out: Output<E>,
+}
+
+impl<T, E> std::fmt::Debug for Work<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Work")
+            .field("request_id", &self.out.meta.request_id)
+            .finish()
+    }
+}
+
 /// State shared between an engine's handle and its thread.
 #[derive(Debug)]
 pub(crate) struct Control<W> {

@@ -148,19 +148,8 @@ mod pixels;
 mod prepare;
 mod runner;
 
-/// A queued request: its ticket and where its events go.
-struct Work {
-    ticket: GenerateTicket,
-    out: Output<GenerateEvent>,
-}
-
-impl std::fmt::Debug for Work {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Work")
-            .field("request_id", &self.out.meta.request_id)
-            .finish()
-    }
-}
+/// A queued generation request.
+type Work = crate::control::Work<GenerateTicket, GenerateEvent>;
 
 /// Handle to the thread that owns a [`GenerationModel`].
 #[derive(Debug, Clone)]

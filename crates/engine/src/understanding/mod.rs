@@ -6,7 +6,7 @@
 //! - `runner.rs`: the model thread: admission ([`crate::admission`]), chunked prefill within
 //!   the step budget ([`crate::schedule`]), the batch's steps, events.
 
-use crate::control::{Control, Output, StepObserver};
+use crate::control::{Control, StepObserver};
 use janus_pipeline::understand::Prepared;
 use janus_pipeline::{FinishReason, ImageLimits, UnderstandingModel};
 use std::sync::Arc;
@@ -163,19 +163,8 @@ mod handle;
 mod prepare;
 mod runner;
 
-/// A queued request: its ticket and where its events go.
-struct Work {
-    ticket: UnderstandTicket,
-    out: Output<UnderstandEvent>,
-}
-
-impl std::fmt::Debug for Work {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Work")
-            .field("request_id", &self.out.meta.request_id)
-            .finish()
-    }
-}
+/// A queued understanding request.
+type Work = crate::control::Work<UnderstandTicket, UnderstandEvent>;
 
 /// Handle to the thread that owns an [`UnderstandingModel`].
 #[derive(Debug, Clone)]
