@@ -68,7 +68,9 @@ if ! "${podman[@]}" image exists "$base_image"; then
   # Versioned sonames only (build-cuda.sh adds unversioned link-time names and a driver stand-in
   # under stubs/: neither belongs in a runtime image).
   for f in "$CU"/lib/lib*.so.*; do
-    case "${f##*/}" in *.alt.*) continue ;; esac
+    # libnvvm comes with the toolchain venv's nvidia-nvvm wheel (nvcc's back end), not with the
+    # runtime wheels: 63 MB no binary loads.
+    case "${f##*/}" in *.alt.* | libnvvm.*) continue ;; esac
     cp -L "$f" "$ctx/lib/"
   done
   cat >"$ctx/Containerfile" <<EOF
