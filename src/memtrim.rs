@@ -157,9 +157,16 @@ pub fn cpu_time() -> Option<Duration> {
 #[derive(Debug)]
 pub struct Trimmer {
     policy: Policy,
-    /// RSS after the last trim, lowered when the process shrinks.
+    /// RSS after the last trim that returned memory, lowered when the process shrinks.
     baseline: u64,
     quiet: u32,
+    /// Quiet samples needed before the next trim: `quiet_ticks`, doubled (up to 64 times) after
+    /// each trim that returned little because the growth was still in use (a burst of slow
+    /// clients holds its buffers while the process is quiet), so that the memory they free
+    /// later is still returned.
+    wait: u32,
+    /// RSS when the last trim was decided.
+    at_trim: u64,
     last_cpu: Option<Duration>,
     /// Trims done.
     pub trims: u64,
@@ -172,6 +179,8 @@ impl Trimmer {
             policy,
             baseline: rss,
             quiet: 0,
+            wait: policy.quiet_ticks,
+            at_trim: rss,
             last_cpu: None,
             trims: 0,
         }
@@ -188,12 +197,23 @@ impl Trimmer {
         };
         self.quiet = if busy { 0 } else { self.quiet + 1 };
         self.baseline = self.baseline.min(rss);
-        self.quiet >= self.policy.quiet_ticks && rss > self.baseline + self.policy.grow_bytes
+        self.at_trim = rss;
+        self.quiet >= self.wait && rss > self.baseline + self.policy.grow_bytes
     }
 
-    /// Records a trim that left the process at `rss`.
+    /// Records a trim that left the process at `rss`. When it returned less than `grow_bytes`
+    /// while the process is still grown, the growth is in use: the baseline stays, and the
+    /// next try waits twice as many quiet samples.
     pub fn trimmed(&mut self, rss: u64) {
-        self.baseline = rss;
+        let returned = self.at_trim.saturating_sub(rss);
+        let grown = rss > self.baseline + self.policy.grow_bytes;
+        if returned < self.policy.grow_bytes && grown {
+            let most = self.policy.quiet_ticks.max(1).saturating_mul(64);
+            self.wait = self.wait.max(1).saturating_mul(2).min(most);
+        } else {
+            self.baseline = rss;
+            self.wait = self.policy.quiet_ticks;
+        }
         self.quiet = 0;
         self.trims += 1;
     }

@@ -130,3 +130,34 @@ fn trimmer_waits_for_growth_and_quiet() {
     assert!(!t.sample(900, ms(1060)));
     assert!(t.sample(1001, ms(1070)));
 }
+
+/// A trim while a burst still holds its memory (slow clients are quiet) returns nothing; the
+/// trimmer keeps its baseline and tries again after twice the quiet time, so the memory the burst
+/// frees later is returned too.
+#[test]
+fn a_trim_of_memory_still_in_use_is_retried_later() {
+    let p = memtrim::Policy {
+        interval: Duration::from_secs(1),
+        grow_bytes: 100,
+        quiet_ticks: 2,
+        quiet_cpu: 0.1,
+    };
+    let ms = Duration::from_millis;
+    let mut t = memtrim::Trimmer::new(p, 1000);
+    assert!(!t.sample(2000, ms(0)));
+    assert!(!t.sample(2000, ms(10)));
+    assert!(t.sample(2000, ms(20)));
+    // Almost nothing came back: the growth is in use.
+    t.trimmed(1990);
+    // Three quiet samples are not enough any more; the fourth tries again.
+    assert!(!t.sample(2000, ms(30)));
+    assert!(!t.sample(2000, ms(40)));
+    assert!(!t.sample(2000, ms(50)));
+    assert!(t.sample(2000, ms(60)));
+    // This time it came back: growth is measured from here, with the usual wait.
+    t.trimmed(1000);
+    assert!(!t.sample(1050, ms(70)));
+    assert!(!t.sample(1050, ms(80)));
+    assert!(!t.sample(1099, ms(90)));
+    assert!(t.sample(1101, ms(100)));
+}
