@@ -68,7 +68,7 @@ impl GenerationModel {
             .get_or_init(|| std::sync::Mutex::new(PreviewPalette::new(flat, dim))))
     }
 
-    /// A cheap `size`×`size` preview of a partial grid (see [`crate::preview`]): no VQ decode,
+    /// A cheap `size`×`size` preview of a partial grid (see `preview.rs`): no VQ decode,
     /// except one calibration decode the first time (when no image was decoded yet).
     pub fn preview(&self, tokens: &[u32], size: u32) -> Result<Rgb8> {
         let total = self.image_tokens();
