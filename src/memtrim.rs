@@ -165,8 +165,6 @@ pub struct Trimmer {
     /// clients holds its buffers while the process is quiet), so that the memory they free
     /// later is still returned.
     wait: u32,
-    /// RSS when the last trim was decided.
-    at_trim: u64,
     last_cpu: Option<Duration>,
     /// Trims done.
     pub trims: u64,
@@ -180,7 +178,6 @@ impl Trimmer {
             baseline: rss,
             quiet: 0,
             wait: policy.quiet_ticks,
-            at_trim: rss,
             last_cpu: None,
             trims: 0,
         }
@@ -197,15 +194,14 @@ impl Trimmer {
         };
         self.quiet = if busy { 0 } else { self.quiet + 1 };
         self.baseline = self.baseline.min(rss);
-        self.at_trim = rss;
         self.quiet >= self.wait && rss > self.baseline + self.policy.grow_bytes
     }
 
-    /// Records a trim that left the process at `rss`. When it returned less than `grow_bytes`
-    /// while the process is still grown, the growth is in use: the baseline stays, and the
-    /// next try waits twice as many quiet samples.
-    pub fn trimmed(&mut self, rss: u64) {
-        let returned = self.at_trim.saturating_sub(rss);
+    /// Records a trim that took the process from `before` to `rss` bytes. When it returned less
+    /// than `grow_bytes` while the process is still grown, the growth is in use: the baseline
+    /// stays, and the next try waits twice as many quiet samples.
+    pub fn trimmed(&mut self, before: u64, rss: u64) {
+        let returned = before.saturating_sub(rss);
         let grown = rss > self.baseline + self.policy.grow_bytes;
         if returned < self.policy.grow_bytes && grown {
             let most = self.policy.quiet_ticks.max(1).saturating_mul(64);
@@ -248,7 +244,7 @@ pub fn spawn_trimmer_from(policy: Policy, baseline: u64) -> Option<std::thread::
                     after_mb = after >> 20,
                     "returned idle memory to the OS"
                 );
-                t.trimmed(after);
+                t.trimmed(rss, after);
                 // The trim's own CPU time is not activity.
                 t.last_cpu = cpu_time();
             }

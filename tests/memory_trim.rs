@@ -103,16 +103,20 @@ fn burst_memory_is_held_while_busy_and_returned_when_quiet() {
     model.join().unwrap();
 }
 
-#[test]
-fn trimmer_waits_for_growth_and_quiet() {
-    let p = memtrim::Policy {
+/// The decision tests' policy: 100 bytes of growth, two quiet 1-s samples.
+fn policy() -> memtrim::Policy {
+    memtrim::Policy {
         interval: Duration::from_secs(1),
         grow_bytes: 100,
         quiet_ticks: 2,
         quiet_cpu: 0.1,
-    };
+    }
+}
+
+#[test]
+fn trimmer_waits_for_growth_and_quiet() {
     let ms = Duration::from_millis;
-    let mut t = memtrim::Trimmer::new(p, 1000);
+    let mut t = memtrim::Trimmer::new(policy(), 1000);
     assert!(!t.sample(1000, ms(0)));
     // Grown, but busy (0.5 s of CPU per 1 s interval).
     assert!(!t.sample(2000, ms(500)));
@@ -121,7 +125,7 @@ fn trimmer_waits_for_growth_and_quiet() {
     assert!(!t.sample(2000, ms(1010)));
     // Quiet twice: trim.
     assert!(t.sample(2000, ms(1020)));
-    t.trimmed(1200);
+    t.trimmed(2000, 1200);
     // Quiet but not grown since the trim: nothing to do.
     assert!(!t.sample(1250, ms(1030)));
     assert!(!t.sample(1250, ms(1040)));
@@ -136,26 +140,20 @@ fn trimmer_waits_for_growth_and_quiet() {
 /// frees later is returned too.
 #[test]
 fn a_trim_of_memory_still_in_use_is_retried_later() {
-    let p = memtrim::Policy {
-        interval: Duration::from_secs(1),
-        grow_bytes: 100,
-        quiet_ticks: 2,
-        quiet_cpu: 0.1,
-    };
     let ms = Duration::from_millis;
-    let mut t = memtrim::Trimmer::new(p, 1000);
+    let mut t = memtrim::Trimmer::new(policy(), 1000);
     assert!(!t.sample(2000, ms(0)));
     assert!(!t.sample(2000, ms(10)));
     assert!(t.sample(2000, ms(20)));
     // Almost nothing came back: the growth is in use.
-    t.trimmed(1990);
+    t.trimmed(2000, 1990);
     // Three quiet samples are not enough any more; the fourth tries again.
     assert!(!t.sample(2000, ms(30)));
     assert!(!t.sample(2000, ms(40)));
     assert!(!t.sample(2000, ms(50)));
     assert!(t.sample(2000, ms(60)));
     // This time it came back: growth is measured from here, with the usual wait.
-    t.trimmed(1000);
+    t.trimmed(2000, 1000);
     assert!(!t.sample(1050, ms(70)));
     assert!(!t.sample(1050, ms(80)));
     assert!(!t.sample(1099, ms(90)));

@@ -236,7 +236,6 @@ impl GenerationModel {
     /// forward over all rows. Returns the tokens sampled per request `(id, one token per
     /// image)`; nothing when no request runs.
     pub fn step_batch(&self, batch: &mut GenBatch) -> Result<Vec<(u64, Vec<u32>)>> {
-        batch.compact()?;
         if batch.rows() == 0 {
             return Ok(Vec::new());
         }
