@@ -114,10 +114,11 @@ log "cargo build --release --locked --features $FEATURES --bin janus (cold: 16-1
 JANUS_EXE="$TARGET_DIR/release/janus"
 [ -x "$JANUS_EXE" ] || die "no $JANUS_EXE after the build"
 
-log "cargo test --release --locked --features $FEATURES --test parity --no-run"
-# The test executable's name carries a hash: take it from cargo's JSON messages (the parity test
-# target of the root package, an artifact with an executable, built with the test profile).
-PARITY_EXE="$("${NICE_CMD[@]}" "$CARGO" test --release --locked --features "$FEATURES" --test parity \
+log "cargo test --release --locked --features $FEATURES --test pipeline --no-run"
+# The parity tests are the `parity::` module of the root package's `pipeline` test harness
+# (tests/pipeline/). The test executable's name carries a hash: take it from cargo's JSON messages
+# (the `pipeline` test target, an artifact with an executable, built with the test profile).
+PARITY_EXE="$("${NICE_CMD[@]}" "$CARGO" test --release --locked --features "$FEATURES" --test pipeline \
     --no-run --message-format=json \
   | python3 -c '
 import json, sys
@@ -128,12 +129,12 @@ for line in sys.stdin:
     except ValueError:
         continue
     t = m.get("target") or {}
-    if (m.get("reason") == "compiler-artifact" and t.get("name") == "parity"
+    if (m.get("reason") == "compiler-artifact" and t.get("name") == "pipeline"
             and "test" in t.get("kind", []) and m.get("executable")
             and (m.get("profile") or {}).get("test")):
         exe = m["executable"]
 if not exe:
-    sys.exit("no parity test executable in cargo output")
+    sys.exit("no pipeline test executable in cargo output")
 print(exe)
 ')"
 [ -x "$PARITY_EXE" ] || die "parity test executable '$PARITY_EXE' missing"

@@ -5,8 +5,9 @@
 # toolchain needed. A few minutes on an H200; every step is time-boxed. Steps:
 #   env      uname, nproc, memory, nvidia-smi (when present)
 #   ldd      `ldd ./janus` and `ldd ./parity`; a CUDA library "not found" fails the run (not on cpu)
-#   parity   the parity test binary on the tiny fixture on DEV in f32 (the fixture's tolerances)
-#   parity_bf16  the same in bf16 compute (tests/parity.rs `Tol::BF16`: cosine >= 0.999, ...)
+#   parity   the parity tests (`parity::` of the `pipeline` test binary, staged as ./parity) on
+#            the tiny fixture on DEV in f32 (the fixture's tolerances)
+#   parity_bf16  the same in bf16 compute (tests/pipeline/parity.rs `Tol::BF16`: cosine >= 0.999, ...)
 #   synth    `janus synth --preset pro-7b` into a temp dir on local disk
 #            (cpu --quick: pro-1b with 2 LLM layers)
 #   bench    `janus bench --device DEV --dtype bf16 --gen-n 1,4,16` (cpu: f32, --quick 1,4),
@@ -170,16 +171,16 @@ step ldd 30 1 ldd_check
 cat "$OUT/ldd.out"
 
 # ---------------------------------------------------------------- parity
-# tests/parity.rs picks its fixture from JANUS_FIXTURE_DIR (the compiled-in default is the build
-# machine's path), its device from JANUS_PARITY_DEVICE and its compute dtype from
+# tests/pipeline/parity.rs picks its fixture from JANUS_FIXTURE_DIR (the compiled-in default is
+# the build machine's path), its device from JANUS_PARITY_DEVICE and its compute dtype from
 # JANUS_PARITY_DTYPE: f32 with the fixture's tolerances, then bf16 with Tol::BF16.
 parity_threads="$(nproc)"
 step parity 300 1 env JANUS_FIXTURE_DIR="$FIXTURE" JANUS_PARITY_DEVICE="$DEVICE" JANUS_PARITY_DTYPE=f32 \
-  "$PARITY_BIN" --test-threads="$parity_threads"
+  "$PARITY_BIN" parity:: --test-threads="$parity_threads"
 PARITY_RESULT="$(grep -h '^test result:' "$OUT/parity.out" | tail -n1 || true)"
 note "parity f32: ${PARITY_RESULT:-no test result line}"
 step parity_bf16 420 1 env JANUS_FIXTURE_DIR="$FIXTURE" JANUS_PARITY_DEVICE="$DEVICE" JANUS_PARITY_DTYPE=bf16 \
-  "$PARITY_BIN" --test-threads="$parity_threads"
+  "$PARITY_BIN" parity:: --test-threads="$parity_threads"
 PARITY_BF16_RESULT="$(grep -h '^test result:' "$OUT/parity_bf16.out" | tail -n1 || true)"
 note "parity bf16: ${PARITY_BF16_RESULT:-no test result line}"
 

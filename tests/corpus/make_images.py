@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes the image files of the bad-input corpus (tests/corpus/images/) and their expected
-outcomes (tests/corpus/images.tsv), read by tests/bad_input_corpus.rs.
+outcomes (tests/corpus/images.tsv), read by tests/grpc/corpus.rs.
 
 The files are committed; this script documents how each was made. Regenerate with
     python3 -m venv /tmp/pil && /tmp/pil/bin/pip install pillow==11.3.0

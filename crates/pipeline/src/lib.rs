@@ -26,7 +26,7 @@ pub use janus_imageproc::{decode_rgb, ImageLimits};
 pub use prompt::{Message, Role};
 pub use sampling::SamplingParams;
 pub use understand::{
-    Conversation, FinishReason, Prefill, TokenEvent, UnderstandBatch, UnderstandingModel,
+    Checked, Conversation, FinishReason, Prefill, TokenEvent, UnderstandBatch, UnderstandingModel,
 };
 
 use std::path::{Path, PathBuf};

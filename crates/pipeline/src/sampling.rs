@@ -79,6 +79,15 @@ impl SamplingParams {
         if self.max_new_tokens == 0 {
             return Err(Error::invalid("max_new_tokens", "must be at least 1"));
         }
+        if self.min_new_tokens > self.max_new_tokens {
+            return Err(Error::invalid(
+                "min_new_tokens",
+                format!(
+                    "{} is larger than max_new_tokens {}",
+                    self.min_new_tokens, self.max_new_tokens
+                ),
+            ));
+        }
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(Error::invalid("stop", "stop strings must not be empty"));
         }

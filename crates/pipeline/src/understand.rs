@@ -35,6 +35,14 @@ pub struct Prepared {
     pub params: SamplingParams,
 }
 
+/// A request past [`UnderstandingModel::check`]: what [`UnderstandingModel::prepare_checked`]
+/// takes with the decoded images. Made only by `check`.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    messages: Vec<Message>,
+    params: SamplingParams,
+}
+
 /// Why a row stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -297,34 +305,66 @@ impl UnderstandingModel {
     }
 
     /// Renders, tokenizes and checks a conversation; preprocesses its images.
+    /// [`check`](Self::check) then [`prepare_checked`](Self::prepare_checked).
     pub fn prepare(&self, conv: &Conversation, params: SamplingParams) -> Result<Prepared> {
+        let checked = self.check(conv.messages.clone(), conv.images.len(), params)?;
+        self.prepare_checked(checked, &conv.images)
+    }
+
+    /// The checks that need no image and no tokenizer, cheap enough to run before a server
+    /// decodes the request's images: the sampling parameters, a conversation with a user
+    /// message, and `images` images plus the tokens to generate within the context window.
+    pub fn check(
+        &self,
+        messages: Vec<Message>,
+        images: usize,
+        params: SamplingParams,
+    ) -> Result<Checked> {
         params.validate()?;
-        if conv.messages.is_empty() {
+        if messages.is_empty() {
             return Err(Error::invalid("messages", "the conversation is empty"));
         }
-        if !conv.messages.iter().any(|m| m.role == prompt::Role::User) {
+        if !messages.iter().any(|m| m.role == prompt::Role::User) {
             return Err(Error::invalid(
                 "messages",
                 "the conversation has no user message",
             ));
         }
-        let text = prompt::render(&conv.messages, prompt::DEFAULT_SYSTEM_PROMPT);
+        let per_image = self.config.vision.num_patches() + 2;
+        if images * per_image + params.max_new_tokens > self.context {
+            return Err(Error::invalid(
+                "prompt",
+                format!(
+                    "{images} image(s) of {per_image} tokens plus {} new tokens exceed the context window of {} tokens",
+                    params.max_new_tokens, self.context
+                ),
+            ));
+        }
+        Ok(Checked { messages, params })
+    }
+
+    /// Renders and tokenizes a checked conversation with its decoded images (in the order of
+    /// their tags) and preprocesses them; the exact checks (tags against images, the prompt's
+    /// tokens within the context) are here.
+    pub fn prepare_checked(&self, checked: Checked, images: &[RgbImage]) -> Result<Prepared> {
+        let Checked { messages, params } = checked;
+        let text = prompt::render(&messages, prompt::DEFAULT_SYSTEM_PROMPT);
         let placeholders = text.matches(prompt::IMAGE_TAG).count();
-        if placeholders != conv.images.len() {
+        if placeholders != images.len() {
             return Err(Error::ImageCountMismatch {
                 placeholders,
-                images: conv.images.len(),
+                images: images.len(),
             });
         }
         let (ids, n_img) = self.tokenizer.encode_conversation(
-            &conv.messages,
+            &messages,
             prompt::DEFAULT_SYSTEM_PROMPT,
             self.config.vision.num_patches(),
         )?;
         if n_img != placeholders {
             return Err(Error::ImageCountMismatch {
                 placeholders: n_img,
-                images: conv.images.len(),
+                images: images.len(),
             });
         }
         if ids.len() + params.max_new_tokens > self.context {
@@ -334,8 +374,7 @@ impl UnderstandingModel {
                 context: self.context,
             });
         }
-        let images = conv
-            .images
+        let images = images
             .iter()
             .map(|img| {
                 janus_imageproc::preprocess(

@@ -3,7 +3,6 @@
 use super::*;
 use crate::control::guarded;
 use crate::error::{EngineError, Result};
-use janus_pipeline::understand::Conversation;
 use janus_pipeline::{prompt::IMAGE_TAG, Message, Role, SamplingParams};
 
 fn sampling_field(f: &str) -> String {
@@ -19,15 +18,15 @@ impl UnderstandingEngine {
     /// Validates a request, decodes its images and tokenizes it. CPU-bound: call it from a
     /// blocking pool, not an async worker. Runs in a `preprocess` span, a child of the current
     /// span (enter the request's span around the call on a blocking thread).
+    ///
+    /// Checked here: the server's limits (text bytes, `max_new_tokens`, stop strings) and the
+    /// wire's structure (roles, each message's tags against its images, mime types). The
+    /// sampling settings, the conversation's shape and the context bound are the pipeline's
+    /// checks, run once: [`UnderstandingModel::check`](janus_pipeline::UnderstandingModel::check)
+    /// before any image is decoded, the exact ones in `prepare_checked` after.
     pub fn prepare(&self, input: UnderstandInput) -> Result<UnderstandTicket> {
         let _span = tracing::info_span!("preprocess").entered();
         let cfg = &self.config;
-        if input.messages.is_empty() {
-            return Err(EngineError::invalid(
-                "messages",
-                "the conversation is empty",
-            ));
-        }
         let text: usize = input.messages.iter().map(|m| m.content.len()).sum();
         if text > cfg.max_prompt_bytes {
             return Err(EngineError::invalid(
@@ -52,13 +51,6 @@ impl UnderstandingEngine {
             }
             Some(n) => n as usize,
         };
-        let min_new_tokens = s.min_new_tokens.unwrap_or(0) as usize;
-        if min_new_tokens > max_new_tokens {
-            return Err(EngineError::invalid(
-                "sampling.min_new_tokens",
-                format!("{min_new_tokens} is larger than max_new_tokens {max_new_tokens}"),
-            ));
-        }
         if s.stop.len() > cfg.max_stop_strings {
             return Err(EngineError::invalid(
                 "sampling.stop",
@@ -71,7 +63,7 @@ impl UnderstandingEngine {
         }
         let params = SamplingParams {
             max_new_tokens,
-            min_new_tokens,
+            min_new_tokens: s.min_new_tokens.unwrap_or(0) as usize,
             temperature: s.temperature.unwrap_or(0.0),
             top_k: s.top_k.unwrap_or(0) as usize,
             top_p: s.top_p.unwrap_or(1.0),
@@ -79,10 +71,6 @@ impl UnderstandingEngine {
             seed: s.seed.unwrap_or_else(crate::random_seed),
             stop: s.stop.clone(),
         };
-        params
-            .validate()
-            .map_err(|e| EngineError::from_pipeline(e, sampling_field))?;
-
         // Roles, and the cheap checks that must come before any image is decoded.
         let mut messages = Vec::with_capacity(input.messages.len());
         let mut images = 0usize;
@@ -123,22 +111,11 @@ impl UnderstandingEngine {
                 content: m.content.clone(),
             });
         }
-        if !messages.iter().any(|m| m.role == Role::User) {
-            return Err(EngineError::invalid(
-                "messages",
-                "the conversation has no user message",
-            ));
-        }
-        let per_image = self.model.config().vision.num_patches() + 2;
-        let context = self.model.context();
-        if images * per_image + max_new_tokens > context {
-            return Err(EngineError::invalid(
-                "messages",
-                format!(
-                    "{images} image(s) of {per_image} tokens plus {max_new_tokens} new tokens exceed the context window of {context} tokens"
-                ),
-            ));
-        }
+        // The pipeline's own checks that need no image, before any image is decoded.
+        let checked = self
+            .model
+            .check(messages, images, params)
+            .map_err(|e| EngineError::from_pipeline(e, sampling_field))?;
 
         // Images in the order the template writes their tags: the system message comes first.
         let mut decoded = Vec::with_capacity(images);
@@ -164,12 +141,8 @@ impl UnderstandingEngine {
                 decoded.push(rgb);
             }
         }
-        let conv = Conversation {
-            messages,
-            images: decoded,
-        };
-        let prepared =
-            guarded("prepare", || self.model.prepare(&conv, params)).map_err(|e| match e {
+        let prepared = guarded("prepare", || self.model.prepare_checked(checked, &decoded))
+            .map_err(|e| match e {
                 EngineError::InvalidArgument { field, reason } => {
                     EngineError::invalid(sampling_field(&field), reason)
                 }

@@ -1,9 +1,7 @@
 //! End-to-end tests through the gateway: real servers on 127.0.0.1 ephemeral ports, the
 //! vendored tiny checkpoint, tonic clients.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use janus_proto::v1 as pb;
 use std::time::Duration;
 use tokio_stream::StreamExt;
@@ -182,7 +180,7 @@ fn sampled(seed: u64, n: u32) -> pb::GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn same_seed_same_images_other_seed_other_images() {
     // One request at a time: batching with other requests changes float summation order, which
-    // can move a sample drawn right at a probability boundary (see tests/batching.rs).
+    // can move a sample drawn right at a probability boundary (see tests/pipeline/batching.rs).
     let mut cfg = StackConfig::default();
     cfg.gen.max_batch = 1;
     let stack = start_stack(cfg).await;

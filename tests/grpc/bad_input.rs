@@ -3,9 +3,7 @@
 //! serving. One shared stack (own runtime on a background thread) with small limits:
 //! 100 000 image bytes, 40 000 pixels, max_new_tokens ≤ 256, a 1024-token context window.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use janus_proto::v1 as pb;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -446,10 +444,11 @@ async fn prompt_beyond_the_context_window() {
         "messages",
         "context window",
     );
-    // Two images alone (2 × 578 tokens) do not fit 1024 tokens: refused before decoding.
+    // Two images alone (2 × 578 tokens) do not fit 1024 tokens: refused before decoding (the
+    // bytes are no image, so a decode would answer with the image's field instead).
     let imgs = user(
         "<image_placeholder><image_placeholder>",
-        vec![small_png(16, 16), small_png(16, 16)],
+        vec![b"not an image".to_vec(), b"nor this".to_vec()],
     );
     assert_invalid(
         understand(und(vec![imgs])).await,

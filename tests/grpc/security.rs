@@ -5,9 +5,7 @@
 //! certificate comes from another CA is refused: UNAVAILABLE naming the backend, quickly), and
 //! the `janus` CLI with `--api-key` and `--ca-file` against `janus serve` with TLS and keys.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use janus_proto::v1 as pb;
 use janus_proto::v1::understanding_client::UnderstandingClient;
 use janus_service::auth::{ApiKeys, AuthPolicy};

@@ -2,10 +2,8 @@
 //! processes on the tiny fixture, real HTTP requests (reqwest), every endpoint and every error
 //! class, and the server still serving afterwards.
 
-mod common;
-
+use crate::common::fixture;
 use base64::Engine as _;
-use common::fixture;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};

@@ -9,9 +9,7 @@
 //! Limits of this stack: 100 000 image bytes, 40 000 header pixels, `max_new_tokens` ≤ 256, a
 //! 1024-token context window, 1 MiB gRPC messages.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use janus_proto::v1 as pb;
 use std::path::PathBuf;
 use std::time::Duration;

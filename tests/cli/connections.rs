@@ -4,9 +4,7 @@
 //! and stalled connections, descriptor exhaustion, and the memory of a burst of connections.
 //! HTTP/2 is spoken frame by frame here (a client library would obey the server's settings).
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};

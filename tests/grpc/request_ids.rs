@@ -2,9 +2,7 @@
 //! with control characters, spaces, non-ASCII or over 128 characters is replaced by a generated
 //! id (it never reaches the logs or the response headers raw).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use janus_proto::v1 as pb;
 use tonic::Request;
 

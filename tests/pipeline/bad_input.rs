@@ -301,6 +301,14 @@ fn bad_understanding_requests() {
             },
             "max_new_tokens",
         ),
+        (
+            SamplingParams {
+                max_new_tokens: 4,
+                min_new_tokens: 5,
+                ..p.clone()
+            },
+            "min_new_tokens",
+        ),
     ] {
         let err = m.prepare(&user("hi", vec![]), bad).unwrap_err();
         assert!(
@@ -317,11 +325,27 @@ fn bad_understanding_requests() {
         },
     )
     .unwrap();
+    // The images' tokens alone are counted before any image is decoded (`check` sees only
+    // how many there are): 578 + 512 new tokens do not fit 600.
+    let msgs = user("<image_placeholder>\nDescribe.", vec![]).messages;
+    let err = small.check(msgs.clone(), 1, p.clone()).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { field: "prompt", ref reason } if reason.contains("context window of 600")),
+        "{err}"
+    );
+    // 578 + 16 fit, but not with the template's tokens: the exact count after tokenizing.
+    let p16 = SamplingParams {
+        max_new_tokens: 16,
+        ..p.clone()
+    };
+    let checked = small.check(msgs, 1, p16.clone()).unwrap();
+    let err = small.prepare_checked(checked, &[wide()]).unwrap_err();
+    assert!(
+        matches!(err, Error::PromptTooLong { context: 600, .. }),
+        "{err}"
+    );
     let err = small
-        .prepare(
-            &user("<image_placeholder>\nDescribe.", vec![wide()]),
-            p.clone(),
-        )
+        .prepare(&user("<image_placeholder>\nDescribe.", vec![wide()]), p16)
         .unwrap_err();
     assert!(
         matches!(err, Error::PromptTooLong { context: 600, .. }),

@@ -4,9 +4,7 @@
 //! 127.0.0.2 / 127.0.0.3 with the tiny checkpoint; the gateway runs in-process. Every wait is
 //! bounded; nothing asserts on wall-clock thresholds (the measured times are printed).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};

@@ -75,7 +75,7 @@ impl Server {
                 "127.0.0.1:0",
                 "--grace-period",
                 "2",
-                // The HTTP port (on by default at 127.0.0.1:8000) is tests/openai_http.rs's.
+                // The HTTP port (on by default at 127.0.0.1:8000) is tests/http/openai.rs's.
                 "--http-listen",
                 "off",
             ])

@@ -4,9 +4,7 @@
 //! before its grace period (the listener closes once nothing is in flight). The OpenAI HTTP
 //! port of the gateway answers 503 during the drain too.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use janus_proto::v1 as pb;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

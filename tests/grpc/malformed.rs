@@ -2,10 +2,8 @@
 //! protobuf or a string field that is not UTF-8 is INVALID_ARGUMENT (`janus-field: request`), a
 //! message over the size limit is RESOURCE_EXHAUSTED, and the service keeps serving.
 
-mod common;
-
+use crate::common::*;
 use bytes::{Buf, BufMut};
-use common::*;
 use janus_proto::v1 as pb;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;

@@ -1,9 +1,7 @@
 //! Batching through the services: concurrent requests that join a running batch (through
 //! chunked prefill) and leave it produce exactly what they produce alone.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use janus_proto::v1 as pb;
 use std::time::Duration;
 use tonic::Request;

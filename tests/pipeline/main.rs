@@ -1,0 +1,11 @@
+//! In-process tests of the model and the engines on the tiny fixture, no sockets: parity with
+//! DeepSeek's reference (both fixture copies, f32 and bf16), batching, `synth` checkpoints, bad
+//! checkpoints and requests at the pipeline, and the engines' fairness by event order.
+//! One test binary; `cargo test --release --test pipeline parity::` runs one file's tests.
+
+mod bad_input;
+mod batching;
+mod bf16;
+mod fairness;
+mod parity;
+mod synth;
