@@ -129,7 +129,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // The prompt alone: the image goes through the tower first (not timed), then the whole
         // prompt is prefilled in one call.
         let prefill_once = || -> Result<f64> {
-            let mut pre = m.begin(prepared.clone());
+            let mut pre = m.begin(prepared.clone())?;
             let vision = m.cost_left(&pre) - prepared.ids.len();
             m.prefill(&mut pre, vision)?;
             let t = Instant::now();

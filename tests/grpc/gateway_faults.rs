@@ -222,9 +222,17 @@ async fn until_error(s: &mut Streaming<pb::UnderstandResponse>) -> Status {
 }
 
 /// One short request through the gateway.
+/// A one-token answer through `gw`; each call a conversation of its own (as distinct users'
+/// would be), so prefix affinity spreads them over the replicas like any balancing.
 async fn ask(gw: &str) -> Result<Answer, Status> {
+    static ASKED: AtomicUsize = AtomicUsize::new(0);
     let mut c = und_client(gw).await;
-    collect_answer(&mut c, tonic::Request::new(request(1))).await
+    let mut r = request(1);
+    r.messages = vec![user(
+        &format!("hello {}", ASKED.fetch_add(1, Ordering::Relaxed)),
+        vec![],
+    )];
+    collect_answer(&mut c, tonic::Request::new(r)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,5 +12,6 @@ mod corpus;
 mod gateway;
 mod gateway_faults;
 mod malformed;
+mod prefix_cache;
 mod request_ids;
 mod security;

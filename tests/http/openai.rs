@@ -274,6 +274,11 @@ async fn endpoints_answer_in_openai_shapes() {
         u["total_tokens"].as_u64(),
         Some(u["prompt_tokens"].as_u64().unwrap() + 6)
     );
+    assert_eq!(
+        u["prompt_tokens_details"]["cached_tokens"], 0,
+        "a fresh server"
+    );
+    let prompt_tokens = u["prompt_tokens"].as_u64().unwrap();
     let full_text = v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
@@ -306,6 +311,11 @@ async fn endpoints_answer_in_openai_shapes() {
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 6);
+    assert_eq!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(prompt_tokens - 1),
+        "the same prompt again: all but its last token from the prefix cache"
+    );
 
     // Images, not streamed: n PNGs of 384×384.
     let r = post(

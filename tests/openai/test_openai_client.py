@@ -57,6 +57,8 @@ def test_chat_streamed_with_usage(client, model, image_data_uri):
     assert finishes == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    # The same prompt again: all but its last token come from the server's prefix cache.
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == chunks[-1].usage.prompt_tokens - 1
 
 
 def decode(b64: str) -> Image.Image:

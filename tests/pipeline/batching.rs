@@ -278,7 +278,7 @@ fn chunked_prefill_equals_one_shot() {
     let (mut b, ev) = m.start(vec![m.prepare(&conv, p.clone()).unwrap()]).unwrap();
     let one_shot = tokens(&mut b, ev);
     // The scheduler's path: at most 100 budget units per call, the image's tower blocks first.
-    let mut pre = m.begin(m.prepare(&conv, p.clone()).unwrap());
+    let mut pre = m.begin(m.prepare(&conv, p.clone()).unwrap()).unwrap();
     let (mut calls, mut vision_calls, mut last) = (0, 0, 0);
     let (mut b, ev) = loop {
         calls += 1;

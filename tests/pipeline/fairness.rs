@@ -91,6 +91,7 @@ fn ask(engine: &UnderstandingEngine, text: &str, images: &[&str], max_new: u32) 
             min_new_tokens: Some(max_new),
             ..Default::default()
         },
+        ..Default::default()
     }
 }
 

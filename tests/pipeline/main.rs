@@ -8,4 +8,5 @@ mod batching;
 mod bf16;
 mod fairness;
 mod parity;
+mod prefix_cache;
 mod synth;

@@ -27,7 +27,7 @@ pub use generation::{
     GenerationEngine, OutputFormat,
 };
 pub use understanding::{
-    Finish, InputImage, InputMessage, SamplingInput, UnderstandEvent, UnderstandInput,
+    CacheScope, Finish, InputImage, InputMessage, SamplingInput, UnderstandEvent, UnderstandInput,
     UnderstandTicket, UnderstandTimings, UnderstandingConfig, UnderstandingEngine,
 };
 

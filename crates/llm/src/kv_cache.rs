@@ -61,6 +61,46 @@ impl RowKv {
         })
     }
 
+    /// A row holding the first `len` slots of `self`, copied into storage of `reserve` slots
+    /// (at least `len`): a cached prefix handed to a new sequence, one copy on the device.
+    fn prefix(&self, len: usize, reserve: usize) -> Result<Self> {
+        if len > self.len {
+            candle_core::bail!("a prefix of {len} slots from a row of {}", self.len);
+        }
+        let cap = reserve.max(len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .filter(|_| len > 0)
+                    .map(|l| {
+                        let (b, h, _, d) = l.k.dims4()?;
+                        let k = Tensor::zeros((b, h, cap, d), l.k.dtype(), l.k.device())?;
+                        let v = Tensor::zeros((b, h, cap, d), l.v.dtype(), l.v.device())?;
+                        k.slice_set(&l.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                        v.slice_set(&l.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                        Ok::<_, candle_core::Error>(LayerKv { k, v })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len,
+            reserve: cap,
+        })
+    }
+
+    /// Bytes of the allocated slots.
+    fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Appends `k`, `v` (`[1, h, n, d]`) for layer `li` at slot `self.len` and returns the
     /// filled views `[1, h, len + n, d]`. The first allocation takes the reserved size; growth
     /// beyond it doubles, so appends are amortised O(n).
@@ -190,6 +230,36 @@ impl KvCache {
         })
     }
 
+    /// A one-row cache holding row `b`'s filled slots exactly (no spare capacity), sharing no
+    /// storage with this cache: what a finished sequence leaves to the prefix cache.
+    pub fn row_copy(&self, b: usize) -> Result<Self> {
+        let Some(row) = self.rows.get(b) else {
+            candle_core::bail!("row {b} out of range for a batch of {}", self.rows.len());
+        };
+        Ok(Self {
+            rows: vec![row.prefix(row.len, row.len)?],
+            num_layers: self.num_layers,
+        })
+    }
+
+    /// A one-row cache holding the first `len` slots of row `b`, in storage allocated for
+    /// `reserve` slots (the new sequence's prompt and new tokens), so its appends up to that
+    /// length copy nothing more.
+    pub fn prefix_of(&self, b: usize, len: usize, reserve: usize) -> Result<Self> {
+        let Some(row) = self.rows.get(b) else {
+            candle_core::bail!("row {b} out of range for a batch of {}", self.rows.len());
+        };
+        Ok(Self {
+            rows: vec![row.prefix(len, reserve)?],
+            num_layers: self.num_layers,
+        })
+    }
+
+    /// Bytes of the allocated slots of every row (keys and values, every layer).
+    pub fn allocated_bytes(&self) -> usize {
+        self.rows.iter().map(RowKv::bytes).sum()
+    }
+
     /// Appends the rows of `other` after this cache's rows, so two batches decode as one.
     /// No data is copied.
     pub fn merge(&mut self, other: KvCache) -> Result<()> {
@@ -233,5 +303,79 @@ impl KvCache {
         for r in &mut self.rows {
             r.len += n;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Slots `[from, from + n)` of a 2-head, 3-dim layer: each value names its slot.
+    fn slots(from: usize, n: usize, scale: f32) -> Tensor {
+        let data: Vec<f32> = (0..2 * n * 3)
+            .map(|i| {
+                let (h, rest) = (i / (n * 3), i % (n * 3));
+                scale * ((from + rest / 3) as f32 + 0.1 * h as f32)
+            })
+            .collect();
+        Tensor::from_vec(data, (1, 2, n, 3), &Device::Cpu).unwrap()
+    }
+
+    fn filled(len: usize) -> KvCache {
+        let mut c = KvCache::new(2, 1);
+        for li in 0..2 {
+            c.append(0, li, &slots(0, len, 1.0), &slots(0, len, -1.0))
+                .unwrap();
+        }
+        c.advance(len);
+        c
+    }
+
+    fn layer(c: &KvCache, li: usize) -> (Vec<f32>, Vec<f32>) {
+        let r = &c.rows[0];
+        let l = r.layers[li].as_ref().unwrap();
+        let flat = |t: &Tensor| {
+            t.narrow(2, 0, r.len)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        (flat(&l.k), flat(&l.v))
+    }
+
+    #[test]
+    fn a_prefix_copies_its_slots_into_storage_of_the_reserve() {
+        let src = filled(10);
+        let mut p = src.prefix_of(0, 6, 20).unwrap();
+        assert_eq!(p.row_len(0), 6);
+        assert_eq!(p.allocated_slots(), 20);
+        assert_eq!(p.allocated_bytes(), 2 * 2 * (2 * 20 * 3) * 4);
+        for li in 0..2 {
+            assert_eq!(layer(&p, li), layer(&filled(6), li));
+        }
+        // Appends go on from slot 6 and leave the source alone.
+        for li in 0..2 {
+            p.append(0, li, &slots(6, 2, 7.0), &slots(6, 2, 7.0))
+                .unwrap();
+        }
+        p.advance(2);
+        assert_eq!(p.allocated_slots(), 20, "no regrowth within the reserve");
+        assert_eq!(layer(&src, 0), layer(&filled(10), 0));
+        assert_eq!(p.row_len(0), 8);
+    }
+
+    #[test]
+    fn a_row_copy_is_exact_and_independent() {
+        let src = filled(5);
+        let c = src.row_copy(0).unwrap();
+        assert_eq!(c.allocated_slots(), 5);
+        assert_eq!(layer(&c, 1), layer(&src, 1));
+        assert!(src.prefix_of(0, 6, 6).is_err(), "longer than the row");
+        assert!(src.row_copy(1).is_err());
+        let empty = src.prefix_of(0, 0, 4).unwrap();
+        assert_eq!((empty.row_len(0), empty.allocated_slots()), (0, 0));
     }
 }

@@ -7,6 +7,7 @@
 //! token, so a scheduler can interleave many requests (`understand.rs`; the `generation`
 //! folder, where a lone request is a batch of one).
 
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod generation;
@@ -15,6 +16,7 @@ pub mod sampling;
 pub mod understand;
 pub mod weights;
 
+pub use cache::{CacheStats, ImageStats, PrefixStats, Scope};
 pub use candle_core::{DType, Device};
 pub use config::JanusConfig;
 pub use error::{Error, Result};

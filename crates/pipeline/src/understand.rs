@@ -1,5 +1,6 @@
 //! The understanding half: SigLIP tower + aligner + LLM + `lm_head`, as a batched step function.
 
+use crate::cache::{image_hash, Caches, ImageHash, Scope, SeqKey};
 use crate::config::{JanusConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::prompt::{self, Message, TextTokenizer};
@@ -11,7 +12,7 @@ use image::RgbImage;
 use janus_llm::{KvCache, Llm};
 use janus_vision::{MlpAligner, VisionTower};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A conversation and its images, in the order their `<image_placeholder>` tags appear.
 #[derive(Debug, Clone)]
@@ -31,8 +32,13 @@ pub struct Prepared {
     pub ids: Vec<u32>,
     /// The images resized and padded to the model's input square.
     pub images: Vec<RgbImage>,
+    /// SHA-256 of each preprocessed image (what the caches key it by).
+    pub image_hashes: Vec<ImageHash>,
     /// Sampling settings of this request.
     pub params: SamplingParams,
+    /// Whose cache entries this request may reuse and leaves ([`Scope::Global`] unless the
+    /// server scopes them by API key).
+    pub scope: Scope,
 }
 
 /// A request past [`UnderstandingModel::check`]: what [`UnderstandingModel::prepare_checked`]
@@ -64,6 +70,8 @@ pub enum TokenEvent {
         row: usize,
         reason: FinishReason,
         prompt_tokens: usize,
+        /// Prompt positions taken from the prefix cache instead of prefilled.
+        cached_tokens: usize,
         completion_tokens: usize,
     },
 }
@@ -76,12 +84,14 @@ impl TokenEvent {
             TokenEvent::Finished {
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
                 ..
             } => TokenEvent::Finished {
                 row,
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             },
         }
@@ -94,17 +104,22 @@ struct Row {
     params: SamplingParams,
     sampler: Sampler,
     prompt_tokens: usize,
+    cached_tokens: usize,
+    /// The prompt's cache key and scope, for the prefix cache when the row finishes.
+    key: Arc<(Scope, SeqKey)>,
     generated: Vec<u32>,
     emitted: usize,
     done: bool,
 }
 
 impl Row {
-    fn new(id: usize, params: SamplingParams, prompt_tokens: usize) -> Self {
+    fn new(id: usize, params: SamplingParams, pre: &Prefill) -> Self {
         Row {
             id,
             sampler: Sampler::new(params.seed, params.temperature, params.top_k, params.top_p),
-            prompt_tokens,
+            prompt_tokens: pre.prepared.ids.len(),
+            cached_tokens: pre.cached,
+            key: pre.key.clone(),
             params,
             generated: Vec::new(),
             emitted: 0,
@@ -119,15 +134,25 @@ impl Row {
 /// runs is one chunk's activations and attention scores against the cache, never O(prompt²).
 #[derive(Debug)]
 pub struct Prefill {
+    /// The request; `prepared.images` are only the images the tower still has to see (those
+    /// neither inside the reused prefix nor in the image cache).
     prepared: Prepared,
+    /// The prompt's cache key and scope.
+    key: Arc<(Scope, SeqKey)>,
+    /// Features `[patches, hidden]` of each image after the reused prefix, in order: `None`
+    /// for those the tower computes.
+    found: Vec<Option<Tensor>>,
     /// Tower activations of the request's images `[images, patches, width]` and blocks done.
     tower: Option<(Tensor, usize)>,
-    /// Aligned image features `[images · patches, hidden]`, once the tower is done.
+    /// Aligned image features `[images · patches, hidden]` of the images after the reused
+    /// prefix, once the tower is done.
     features: Option<Tensor>,
     cache: KvCache,
-    /// Prompt positions prefilled so far.
+    /// Prompt positions taken from the prefix cache.
+    cached: usize,
+    /// Prompt positions prefilled so far (the reused ones included).
     done: usize,
-    /// Image-placeholder ids among the positions prefilled so far.
+    /// Image-placeholder ids among the positions prefilled after the reused prefix.
     image_rows_done: usize,
 }
 
@@ -140,6 +165,17 @@ impl Prefill {
     /// True while its images are still in the vision tower.
     pub fn in_vision(&self) -> bool {
         !self.prepared.images.is_empty() && self.features.is_none()
+    }
+
+    /// Prompt positions taken from the prefix cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
+    /// Images the vision tower has to see (neither in the reused prefix nor in the image
+    /// cache).
+    pub fn images_to_encode(&self) -> usize {
+        self.prepared.images.len()
     }
 }
 
@@ -221,6 +257,7 @@ pub struct UnderstandingModel {
     context: usize,
     device: Device,
     dtype: DType,
+    caches: Mutex<Caches>,
 }
 
 impl UnderstandingModel {
@@ -275,7 +312,25 @@ impl UnderstandingModel {
             context,
             device: opts.device.clone(),
             dtype: opts.dtype,
+            caches: Mutex::new(Caches::new(0, 0)),
         })
+    }
+
+    /// Turns on the prefix KV cache and the image-feature cache with these byte limits (0
+    /// keeps one off; both are off after loading). Outputs are the same either way.
+    pub fn set_cache_limits(&mut self, prefix_bytes: usize, image_bytes: usize) {
+        self.caches = Mutex::new(Caches::new(prefix_bytes, image_bytes));
+    }
+
+    /// The caches' counters and sizes.
+    pub fn cache_stats(&self) -> crate::CacheStats {
+        self.caches().stats()
+    }
+
+    fn caches(&self) -> MutexGuard<'_, Caches> {
+        // A panic while the lock was held left consistent entries (each change is one push
+        // or retain): keep serving.
+        self.caches.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The model configuration.
@@ -374,7 +429,7 @@ impl UnderstandingModel {
                 context: self.context,
             });
         }
-        let images = images
+        let images: Vec<RgbImage> = images
             .iter()
             .map(|img| {
                 janus_imageproc::preprocess(
@@ -388,8 +443,10 @@ impl UnderstandingModel {
         Ok(Prepared {
             prompt: text,
             ids,
+            image_hashes: images.iter().map(image_hash).collect(),
             images,
             params,
+            scope: Scope::Global,
         })
     }
 
@@ -434,19 +491,91 @@ impl UnderstandingModel {
         blocks_left * images * self.vision_block_cost() + pre.prepared.ids.len() - pre.done
     }
 
-    /// Starts a request: nothing is computed yet. Its cache is reserved for the prompt plus
-    /// `max_new_tokens`, so it is allocated once.
-    pub fn begin(&self, prepared: Prepared) -> Prefill {
-        let mut cache = self.llm.new_cache(1);
-        cache.reserve(prepared.ids.len() + prepared.params.max_new_tokens);
-        Prefill {
-            prepared,
-            tower: None,
-            features: None,
-            cache,
-            done: 0,
-            image_rows_done: 0,
+    /// The cache key of a prompt: its ids, and each image's run of placeholders with the
+    /// image's hash.
+    fn seq_key(&self, prepared: &Prepared) -> SeqKey {
+        let image = self.tokenizer.ids.image;
+        let ids = &prepared.ids;
+        let starts = (0..ids.len()).filter(|&i| ids[i] == image && (i == 0 || ids[i - 1] != image));
+        SeqKey {
+            images: starts.zip(prepared.image_hashes.iter().copied()).collect(),
+            ids: ids.clone(),
         }
+    }
+
+    /// Starts a request: takes the longest prefix of its prompt the prefix cache holds (all
+    /// but the last position at most), and the features of its later images the image cache
+    /// holds; nothing is computed yet. Its cache is reserved for the prompt plus
+    /// `max_new_tokens`, so it is allocated once.
+    pub fn begin(&self, mut prepared: Prepared) -> Result<Prefill> {
+        let key = self.seq_key(&prepared);
+        let total = prepared.ids.len();
+        let reserve = total + prepared.params.max_new_tokens;
+        let mut caches = self.caches();
+        let hit = caches
+            .prefix
+            .lookup(&prepared.scope, &key, total.saturating_sub(1), reserve)?;
+        let (cache, cached) = match hit {
+            Some((n, cache)) => (cache, n),
+            None => {
+                let mut cache = self.llm.new_cache(1);
+                cache.reserve(reserve);
+                (cache, 0)
+            }
+        };
+        // Images inside the reused prefix need no features (a prefix never ends inside an
+        // image: entries hold whole images and the prompt's last position is text).
+        let skip = key.images.iter().filter(|(at, _)| *at < cached).count();
+        let images: Vec<RgbImage> = prepared.images.drain(..).skip(skip).collect();
+        let hashes = &prepared.image_hashes[skip..];
+        let found: Vec<Option<Tensor>> = hashes
+            .iter()
+            .map(|h| caches.images.get(&prepared.scope, h))
+            .collect();
+        drop(caches);
+        prepared.images = images
+            .into_iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(img, _)| img)
+            .collect();
+        let features = if prepared.images.is_empty() && !found.is_empty() {
+            Some(self.assemble(&found, None)?)
+        } else {
+            None
+        };
+        let key = Arc::new((prepared.scope.clone(), key));
+        Ok(Prefill {
+            prepared,
+            key,
+            found,
+            tower: None,
+            features,
+            cache,
+            cached,
+            done: cached,
+            image_rows_done: 0,
+        })
+    }
+
+    /// Features `[images · patches, hidden]` of a request's images after its reused prefix:
+    /// each found one, or the next of `computed` (`[missing, patches, hidden]`, in order).
+    fn assemble(&self, found: &[Option<Tensor>], computed: Option<&Tensor>) -> Result<Tensor> {
+        let mut next = 0;
+        let mut parts = Vec::with_capacity(found.len());
+        for f in found {
+            match f {
+                Some(t) => parts.push(t.clone()),
+                None => {
+                    let Some(c) = computed else {
+                        return Err(Error::invalid("images", "features missing"));
+                    };
+                    parts.push(c.i(next)?);
+                    next += 1;
+                }
+            }
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Spends up to `budget` prompt-token units on `pre` (vision blocks first, then prompt
@@ -474,8 +603,21 @@ impl UnderstandingModel {
                 return Ok(None);
             }
             let feats = self.vision.finish(&x)?;
-            let h = self.config.llm.hidden_size;
-            pre.features = Some(self.aligner.forward(&feats)?.reshape(((), h))?);
+            let aligned = self.aligner.forward(&feats)?;
+            // `found` covers the images after the reused prefix: the last of `image_hashes`.
+            let hashes =
+                &pre.prepared.image_hashes[pre.prepared.image_hashes.len() - pre.found.len()..];
+            let missing = hashes.iter().zip(&pre.found).filter(|(_, f)| f.is_none());
+            let mut caches = self.caches();
+            for (j, (hash, _)) in missing.enumerate() {
+                // Its own storage: the entry must not keep the whole batch's tensor alive.
+                let features = aligned.i(j)?.copy()?;
+                caches
+                    .images
+                    .insert(pre.prepared.scope.clone(), *hash, features);
+            }
+            drop(caches);
+            pre.features = Some(self.assemble(&pre.found, Some(&aligned))?);
             if left == 0 {
                 return Ok(None);
             }
@@ -483,11 +625,10 @@ impl UnderstandingModel {
         let Some(logits) = self.prompt_chunk(pre, left)? else {
             return Ok(None);
         };
-        let total = pre.prepared.ids.len();
         let cache = std::mem::replace(&mut pre.cache, self.llm.new_cache(0));
         let mut b = UnderstandBatch {
             cache,
-            rows: vec![Row::new(0, pre.prepared.params.clone(), total)],
+            rows: vec![Row::new(0, pre.prepared.params.clone(), pre)],
         };
         let events = self.sample_rows(&mut b, &logits)?;
         Ok(Some((b, events)))
@@ -556,7 +697,7 @@ impl UnderstandingModel {
     /// The input embeddings `[1, prompt, hidden]` of a request: token embeddings with its
     /// image features spliced in at the placeholders (what the LLM is prefilled with).
     pub fn input_embeds(&self, prepared: Prepared) -> Result<Tensor> {
-        let mut pre = self.begin(prepared);
+        let mut pre = self.begin(prepared)?;
         self.encode_images(&mut pre)?;
         let n = pre.prepared.ids.len();
         self.embed_chunk(&mut pre, n)
@@ -565,7 +706,7 @@ impl UnderstandingModel {
     /// Prefills one request (chunks of `chunk` positions; vision in one go) and returns the
     /// logits of its last prompt position `[1, vocab]` (f32): what chunking must not change.
     pub fn prompt_logits(&self, prepared: Prepared, chunk: usize) -> Result<Tensor> {
-        let mut pre = self.begin(prepared);
+        let mut pre = self.begin(prepared)?;
         self.encode_images(&mut pre)?;
         loop {
             if let Some(logits) = self.prompt_chunk(&mut pre, chunk)? {
@@ -586,7 +727,7 @@ impl UnderstandingModel {
         };
         let mut events = Vec::new();
         for (i, p) in batch.into_iter().enumerate() {
-            let mut pre = self.begin(p);
+            let mut pre = self.begin(p)?;
             let (one, ev) = loop {
                 if let Some(done) = self.prefill(&mut pre, usize::MAX)? {
                     break done;
@@ -624,6 +765,7 @@ impl UnderstandingModel {
         let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let eos = self.tokenizer.ids.eos;
         let mut events = Vec::new();
+        let was_done: Vec<bool> = batch.rows.iter().map(|r| r.done).collect();
         for (row, mut l) in batch.rows.iter_mut().zip(logits) {
             if row.done {
                 continue;
@@ -679,7 +821,30 @@ impl UnderstandingModel {
                 events.push(self.finish(row, FinishReason::Length));
             }
         }
+        for (i, row) in batch.rows.iter().enumerate() {
+            if row.done && !was_done[i] {
+                self.keep_prefix(&batch.cache, i, row)?;
+            }
+        }
         Ok(events)
+    }
+
+    /// Leaves a finished row's cache (its prompt and the tokens it holds) to the prefix cache.
+    fn keep_prefix(&self, cache: &KvCache, i: usize, row: &Row) -> Result<()> {
+        if self.caches().prefix.stats().limit == 0 {
+            return Ok(());
+        }
+        let (scope, prompt) = &*row.key;
+        let held = cache.row_len(i);
+        let Some(new) = held.checked_sub(prompt.len()) else {
+            return Ok(());
+        };
+        let mut key = prompt.clone();
+        key.ids
+            .extend(&row.generated[..new.min(row.generated.len())]);
+        let copy = cache.row_copy(i)?;
+        self.caches().prefix.insert(scope.clone(), key, copy);
+        Ok(())
     }
 
     /// Text held back so far, released when the row ends without a stop string.
@@ -696,6 +861,7 @@ impl UnderstandingModel {
             row: row.id,
             reason,
             prompt_tokens: row.prompt_tokens,
+            cached_tokens: row.cached_tokens,
             completion_tokens: row.generated.len(),
         }
     }

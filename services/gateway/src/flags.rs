@@ -10,10 +10,18 @@ use std::time::Duration;
 /// `janus serve`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayTuning {
-    /// How a backend is picked for each request: least-outstanding (power of two choices over
-    /// streams in flight) or round-robin.
-    #[arg(long, env = "JANUS_BALANCE", value_enum, default_value_t = Balance::LeastOutstanding)]
+    /// How a backend is picked for each request. prefix-affinity: an understanding request
+    /// goes to the replica rendezvous hashing picks for its conversation's beginning (system
+    /// prompt, first user message and its images), where its earlier turns are cached, unless
+    /// that replica has more than --affinity-slack streams beyond the least busy one; otherwise
+    /// (and for generation) least-outstanding. least-outstanding: power of two choices over
+    /// streams in flight. round-robin.
+    #[arg(long, env = "JANUS_BALANCE", value_enum, default_value_t = Balance::PrefixAffinity)]
     pub balance: Balance,
+    /// prefix-affinity: streams in flight a request's preferred replica may have beyond the
+    /// least busy one before the request goes elsewhere.
+    #[arg(long, env = "JANUS_AFFINITY_SLACK", default_value_t = 4)]
+    pub affinity_slack: usize,
     /// Seconds between grpc.health.v1 checks of each backend.
     #[arg(long, env = "JANUS_HEALTH_INTERVAL", default_value_t = 2.0)]
     pub health_interval: f64,
@@ -48,7 +56,8 @@ pub struct GatewayTuning {
 impl Default for GatewayTuning {
     fn default() -> Self {
         Self {
-            balance: Balance::LeastOutstanding,
+            balance: Balance::PrefixAffinity,
+            affinity_slack: 4,
             health_interval: 2.0,
             connect_timeout: 2.0,
             resolve_interval: 5.0,
@@ -80,6 +89,7 @@ impl GatewayTuning {
             eject_after: self.eject_after.max(1),
             base_ejection: Duration::from_secs(1).min(secs(self.max_ejection)),
             max_ejection: secs(self.max_ejection),
+            affinity_slack: self.affinity_slack,
         }
     }
 }

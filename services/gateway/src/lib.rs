@@ -1,12 +1,14 @@
 //! The gateway: the one public endpoint. It holds no model; it forwards `janus.v1.Understanding`
 //! and `janus.v1.Generation` calls to backends discovered from their targets (DNS names are
 //! re-resolved: one channel per address), balanced by least outstanding streams (power of two
-//! choices) with a circuit breaker per backend, health-checks them with `grpc.health.v1`,
+//! choices; an understanding request prefers the replica that holds its conversation's cached
+//! prefix, `affinity.rs`) with a circuit breaker per backend, health-checks them with `grpc.health.v1`,
 //! retries a call that failed before any response message once on another backend, streams
 //! responses through, propagates `x-request-id` (generated when absent) and W3C trace context,
 //! enforces `grpc-timeout` deadlines and turns backend failures into clear statuses (a backend
 //! lost mid-stream: UNAVAILABLE naming it).
 
+mod affinity;
 pub mod discovery;
 mod flags;
 mod health;

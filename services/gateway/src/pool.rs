@@ -23,15 +23,36 @@ pub enum Balance {
     RoundRobin,
     /// Power of two choices: of two healthy backends picked at random, the one with fewer
     /// streams in flight (counted until each stream ends).
-    #[default]
     LeastOutstanding,
+    /// A request with an affinity key (an understanding request: its conversation's beginning)
+    /// goes to the backend that rendezvous hashing ranks first for the key, so every turn of a
+    /// conversation finds the replica whose prefix cache holds the earlier ones, unless that
+    /// backend has more than `--affinity-slack` streams in flight beyond the least busy one;
+    /// then, and for requests without a key, least-outstanding. A backend that leaves moves only
+    /// its own keys (each key's next-ranked backend takes them).
+    #[default]
+    PrefixAffinity,
+}
+
+/// What a request's affinity is computed from: requests with equal keys prefer one backend.
+pub type AffinityKey = [u8; 32];
+
+/// Rank of `backend` for `key` in rendezvous (highest random weight) hashing: the backend
+/// with the highest rank takes the key. SHA-256, so every gateway replica ranks alike.
+fn rendezvous(key: &AffinityKey, backend: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(key);
+    h.update(backend.as_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
 const UNKNOWN: u8 = 0;
 const HEALTHY: u8 = 1;
 const UNHEALTHY: u8 = 2;
 
-/// Channel and failure-handling settings of every backend of a pool.
+/// Channel, balancing and failure-handling settings of every backend of a pool.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
     /// TCP (+ TLS) connection timeout.
@@ -48,6 +69,9 @@ pub struct BackendSettings {
     /// First ejection; doubles for each further failure up to `max_ejection`.
     pub base_ejection: Duration,
     pub max_ejection: Duration,
+    /// [`Balance::PrefixAffinity`]: streams in flight a request's preferred backend may have
+    /// beyond the least busy one before the request goes elsewhere.
+    pub affinity_slack: usize,
 }
 
 impl Default for BackendSettings {
@@ -60,6 +84,7 @@ impl Default for BackendSettings {
             eject_after: 3,
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(30),
+            affinity_slack: 4,
         }
     }
 }
@@ -358,6 +383,29 @@ impl Pool {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
+    /// Eligible backends in the order to try them for a request with `affinity` (see
+    /// [`Balance::PrefixAffinity`]): the policy's pick first, then the others (fewest
+    /// outstanding streams first) for a retry.
+    pub fn candidates_for(&self, affinity: Option<&AffinityKey>) -> Vec<Arc<Backend>> {
+        let mut order = self.candidates();
+        let Some(key) = affinity.filter(|_| self.balance == Balance::PrefixAffinity) else {
+            return order;
+        };
+        let preferred = order
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, b)| rendezvous(key, &b.url))
+            .map(|(i, _)| i);
+        let least = order.iter().map(|b| b.outstanding()).min().unwrap_or(0);
+        if let Some(i) = preferred {
+            if order[i].outstanding() <= least + self.settings.affinity_slack {
+                let b = order.remove(i);
+                order.insert(0, b);
+            }
+        }
+        order
+    }
+
     /// Eligible backends in the order to try them: the policy's pick first, then the others
     /// (fewest outstanding streams first) for a retry.
     pub fn candidates(&self) -> Vec<Arc<Backend>> {
@@ -371,7 +419,7 @@ impl Pool {
             .map(|i| all[(start + i) % n].clone())
             .filter(|b| b.eligible())
             .collect();
-        if self.balance == Balance::LeastOutstanding && order.len() > 1 {
+        if self.balance != Balance::RoundRobin && order.len() > 1 {
             let m = order.len();
             let a = (self.random() % m as u64) as usize;
             let mut b = (self.random() % (m as u64 - 1)) as usize;
@@ -476,6 +524,60 @@ mod tests {
         assert_eq!(q.candidates().len(), 3);
         drop(_a);
         assert_eq!(bs[0].outstanding(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_key_keeps_its_backend_unless_it_is_much_busier_or_gone() {
+        let p = pool(Balance::PrefixAffinity);
+        let keys: Vec<AffinityKey> = (0..64u8).map(|i| [i; 32]).collect();
+        let pick = |p: &Pool, k: &AffinityKey| p.candidates_for(Some(k))[0].url.clone();
+        let first: Vec<String> = keys.iter().map(|k| pick(&p, k)).collect();
+        // Stable, and spread over all three backends.
+        assert_eq!(first, keys.iter().map(|k| pick(&p, k)).collect::<Vec<_>>());
+        for b in p.backends() {
+            let n = first.iter().filter(|u| **u == b.url).count();
+            assert!(n >= 10, "{} takes {n} of 64 keys", b.url);
+        }
+        // A backend that is down moves only its own keys.
+        let bs = p.backends();
+        bs[1].mark_unhealthy("down");
+        for (k, was) in keys.iter().zip(&first) {
+            let now = pick(&p, k);
+            if *was == bs[1].url {
+                assert_ne!(now, bs[1].url);
+            } else {
+                assert_eq!(&now, was, "a key of a backend still up moved");
+            }
+        }
+        bs[1].mark_healthy();
+        // Up to `affinity_slack` (4) more streams than the least busy: still preferred.
+        let k = &keys[0];
+        let home = p
+            .backends()
+            .into_iter()
+            .find(|b| b.url == first[0])
+            .unwrap();
+        let mut leases: Vec<Lease> = (0..4).map(|_| Lease::new(home.clone())).collect();
+        assert_eq!(pick(&p, k), home.url);
+        leases.push(Lease::new(home.clone()));
+        assert_ne!(pick(&p, k), home.url, "five more streams: passed over");
+        assert_eq!(
+            p.candidates_for(Some(k)).len(),
+            3,
+            "all still offered for a retry"
+        );
+        drop(leases);
+        assert_eq!(pick(&p, k), home.url);
+        // Other policies ignore the key.
+        let rr = pool(Balance::RoundRobin);
+        let firsts: Vec<String> = (0..3).map(|_| pick(&rr, k)).collect();
+        assert_eq!(
+            firsts
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            3
+        );
     }
 
     #[tokio::test]

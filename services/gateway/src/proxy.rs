@@ -4,7 +4,8 @@
 //! streams through with the caller's deadline, request id and trace context, and a backend lost
 //! mid-stream ends it with UNAVAILABLE naming the backend.
 
-use crate::pool::{Backend, Lease, Pool};
+use crate::affinity::conversation_key;
+use crate::pool::{AffinityKey, Backend, Lease, Pool};
 use crate::GatewayOptions;
 use janus_proto::v1 as pb;
 use janus_proto::v1::generation_client::GenerationClient;
@@ -65,6 +66,8 @@ struct Call {
     deadline: Option<Instant>,
     request_id: String,
     metadata: MetadataMap,
+    /// Requests with the same key prefer the same backend ([`Balance::PrefixAffinity`]).
+    affinity: Option<AffinityKey>,
 }
 
 impl Call {
@@ -78,6 +81,7 @@ impl Call {
             deadline,
             request_id,
             metadata: req.metadata().clone(),
+            affinity: None,
         }
     }
 
@@ -201,7 +205,7 @@ impl Gateway {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let candidates = pool.candidates();
+        let candidates = pool.candidates_for(call.affinity.as_ref());
         if candidates.is_empty() {
             return Err(Status::unavailable(pool.unavailable_message()));
         }
@@ -395,7 +399,8 @@ impl Understanding for Gateway {
         &self,
         req: Request<pb::UnderstandRequest>,
     ) -> Result<Response<Self::UnderstandStream>, Status> {
-        let call = Call::new(&req, UNDERSTAND, &req.get_ref().request_id);
+        let mut call = Call::new(&req, UNDERSTAND, &req.get_ref().request_id);
+        call.affinity = Some(conversation_key(req.get_ref()));
         let mut body = req.into_inner();
         body.request_id = call.request_id.clone();
         self.stream_call(&self.shared.und, &call, body, |ch, r| {

@@ -75,6 +75,7 @@ pub(crate) fn event(e: GenerateEvent, request_id: &str) -> pb::GenerateResponse 
             usage: Some(pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
                 completion_tokens: completion_tokens as u32,
+                cached_tokens: 0,
             }),
             timings: Some(pb::GenerateTimings {
                 queue_ms: ms(timings.queue),

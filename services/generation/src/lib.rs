@@ -148,6 +148,7 @@ impl Generation for GenerationService {
             }),
             stats: Some(janus_model_service::stats_to_proto(self.engine.stats())),
             server_version: janus_service::VERSION.to_string(),
+            cache: None,
         }))
     }
 }

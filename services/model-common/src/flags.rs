@@ -143,6 +143,32 @@ pub struct UnderstandingFlags {
         alias = "prefill-chunk"
     )]
     pub step_tokens: usize,
+    /// Bytes of the prefix KV cache: finished conversations' keys and values, so a later
+    /// request that begins the same way (the next turn of a chat, the same request again)
+    /// prefills only the rest. Least recently used entries go first; 0 turns it off. The
+    /// default (2 GiB) holds about 7 conversations of 700 tokens at Janus-Pro-1B size in f32
+    /// (24 layers × 2 × 2048 × 4 bytes per token).
+    #[arg(long, env = "JANUS_PREFIX_CACHE_BYTES", default_value_t = 2 << 30)]
+    pub prefix_cache_bytes: usize,
+    /// Bytes of the image-feature cache: the vision tower's output per image (SHA-256 of the
+    /// pixels), so a later request with the same image skips the tower. 0 turns it off; the
+    /// default (256 MiB) holds about 54 images at Janus-Pro-1B size.
+    #[arg(long, env = "JANUS_IMAGE_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub image_cache_bytes: usize,
+    /// Who shares cache entries. `key`: only requests made with the same API key (a shared
+    /// cache is a timing side channel: time to first token would tell a client what another
+    /// sent); requests without a key share with each other. `global`: everyone (one tenant).
+    #[arg(long, env = "JANUS_PREFIX_CACHE_SCOPE", value_enum, default_value_t = ScopeFlag::Key)]
+    pub prefix_cache_scope: ScopeFlag,
+}
+
+/// `--prefix-cache-scope`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScopeFlag {
+    /// Per API key.
+    Key,
+    /// Shared by all.
+    Global,
 }
 
 impl UnderstandingFlags {
@@ -159,6 +185,12 @@ impl UnderstandingFlags {
             },
             max_batch_tokens: self.max_batch_tokens,
             step_tokens: self.step_tokens,
+            prefix_cache_bytes: self.prefix_cache_bytes,
+            image_cache_bytes: self.image_cache_bytes,
+            cache_scope: match self.prefix_cache_scope {
+                ScopeFlag::Key => janus_engine::CacheScope::Key,
+                ScopeFlag::Global => janus_engine::CacheScope::Global,
+            },
             ..Default::default()
         }
     }

@@ -37,6 +37,7 @@ pub fn input(req: pb::UnderstandRequest) -> UnderstandInput {
             seed: s.seed,
             stop: s.stop,
         },
+        scope: Default::default(),
     }
 }
 
@@ -60,6 +61,7 @@ pub(crate) fn event(e: UnderstandEvent, request_id: &str) -> pb::UnderstandRespo
         UnderstandEvent::Finished {
             reason,
             prompt_tokens,
+            cached_tokens,
             completion_tokens,
             timings,
         } => Event::Final(pb::UnderstandFinal {
@@ -67,6 +69,7 @@ pub(crate) fn event(e: UnderstandEvent, request_id: &str) -> pb::UnderstandRespo
             usage: Some(pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
                 completion_tokens: completion_tokens as u32,
+                cached_tokens: cached_tokens as u32,
             }),
             timings: Some(pb::UnderstandTimings {
                 queue_ms: ms(timings.queue),

@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 
 impl UnderstandingEngine {
     /// Starts the engine thread that owns `model`.
-    pub fn start(model: UnderstandingModel, config: UnderstandingConfig) -> Self {
+    pub fn start(mut model: UnderstandingModel, config: UnderstandingConfig) -> Self {
+        model.set_cache_limits(config.prefix_cache_bytes, config.image_cache_bytes);
         let per_token = model.llm().kv_bytes_per_token();
         tracing::info!(
             kv_bytes_per_token = per_token,

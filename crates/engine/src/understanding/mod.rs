@@ -8,7 +8,7 @@
 
 use crate::control::{Control, StepObserver};
 use janus_pipeline::understand::Prepared;
-use janus_pipeline::{FinishReason, ImageLimits, UnderstandingModel};
+use janus_pipeline::{FinishReason, ImageLimits, Scope, UnderstandingModel};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,24 @@ pub struct UnderstandingConfig {
     pub step_tokens: usize,
     /// Told the rows of every batched forward (prefill, prefill chunk, decode step).
     pub step_observer: Option<StepObserver>,
+    /// Byte limit of the prefix KV cache (0: off).
+    pub prefix_cache_bytes: usize,
+    /// Byte limit of the image-feature cache (0: off).
+    pub image_cache_bytes: usize,
+    /// Whose cache entries a request may reuse (the service derives each request's
+    /// [`Scope`] from it).
+    pub cache_scope: CacheScope,
+}
+
+/// How cache entries are shared between callers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheScope {
+    /// Per API key: a request reuses only what requests with the same key left (a request
+    /// without a key shares with the others without one).
+    #[default]
+    Key,
+    /// Every request reuses every entry (one tenant).
+    Global,
 }
 
 impl Default for UnderstandingConfig {
@@ -55,6 +73,9 @@ impl Default for UnderstandingConfig {
             max_batch_tokens: 32_768,
             step_tokens: 128,
             step_observer: None,
+            prefix_cache_bytes: 0,
+            image_cache_bytes: 0,
+            cache_scope: CacheScope::Key,
         }
     }
 }
@@ -97,6 +118,8 @@ pub struct SamplingInput {
 pub struct UnderstandInput {
     pub messages: Vec<InputMessage>,
     pub sampling: SamplingInput,
+    /// Whose cache entries the request may reuse and leaves.
+    pub scope: Scope,
 }
 
 /// A validated request, ready to submit.
@@ -154,6 +177,8 @@ pub enum UnderstandEvent {
     Finished {
         reason: Finish,
         prompt_tokens: usize,
+        /// Prompt tokens taken from the prefix cache (not prefilled).
+        cached_tokens: usize,
         completion_tokens: usize,
         timings: UnderstandTimings,
     },

@@ -141,13 +141,14 @@ impl UnderstandingEngine {
                 decoded.push(rgb);
             }
         }
-        let prepared = guarded("prepare", || self.model.prepare_checked(checked, &decoded))
+        let mut prepared = guarded("prepare", || self.model.prepare_checked(checked, &decoded))
             .map_err(|e| match e {
                 EngineError::InvalidArgument { field, reason } => {
                     EngineError::invalid(sampling_field(&field), reason)
                 }
                 other => other,
             })?;
+        prepared.scope = input.scope.clone();
         Ok(UnderstandTicket { prepared })
     }
 }

@@ -22,6 +22,7 @@ struct Row {
     prefill: Duration,
     first_token: Option<Instant>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     /// KV slots this row may use (prompt + max_new_tokens), counted against the budget.
     reserve: usize,
 }
@@ -188,6 +189,7 @@ impl Runner {
                 let _ = row.out.send(Ok(UnderstandEvent::Finished {
                     reason: Finish::Cancelled,
                     prompt_tokens: row.prompt_tokens,
+                    cached_tokens: row.cached_tokens,
                     completion_tokens: row.sent as usize,
                     timings: UnderstandTimings {
                         queue: row.queue,
@@ -233,20 +235,29 @@ impl Runner {
             let reserve = reserve_of(&w);
             let Work { ticket, mut out } = w;
             let prompt_tokens = ticket.prepared.ids.len();
-            let images = ticket.prepared.images.len();
-            if images > 0 {
-                out.phase(
-                    |p| tracing::info_span!(parent: p, "vision_encode", images = images as i64),
-                );
+            // Takes what the caches hold of the request (a prefix, image features).
+            let prefill = match guarded("begin", || self.model.begin(ticket.prepared)) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("understanding request could not begin: {e}");
+                    let _ = out.send(Err(e));
+                    Stats::bump(&self.stats().failed);
+                    continue;
+                }
+            };
+            if prefill.in_vision() {
+                let images = prefill.images_to_encode() as i64;
+                out.phase(|p| tracing::info_span!(parent: p, "vision_encode", images));
             } else {
                 out.phase(|p| {
                     let prompt_tokens = prompt_tokens as i64;
-                    tracing::info_span!(parent: p, "prefill", rows = 1i64, prompt_tokens)
+                    let cached_tokens = prefill.cached_tokens() as i64;
+                    tracing::info_span!(parent: p, "prefill", rows = 1i64, prompt_tokens, cached_tokens)
                 });
             }
             self.stats().active.fetch_add(1, Ordering::Relaxed);
             self.waiting.push(Waiting {
-                prefill: self.model.begin(ticket.prepared),
+                prefill,
                 out,
                 prompt_tokens,
                 reserve,
@@ -318,6 +329,7 @@ impl Runner {
                 prefill: w.prefill_time,
                 first_token: None,
                 prompt_tokens: w.prompt_tokens,
+                cached_tokens: w.prefill.cached_tokens(),
                 reserve: w.reserve,
             };
             let group = Group {
@@ -436,6 +448,7 @@ impl Runner {
                     row,
                     reason,
                     prompt_tokens,
+                    cached_tokens,
                     completion_tokens,
                 } => {
                     if let Some(mut r) = g.rows.remove(&row) {
@@ -451,6 +464,7 @@ impl Runner {
                         let _ = r.out.send(Ok(UnderstandEvent::Finished {
                             reason: reason.into(),
                             prompt_tokens,
+                            cached_tokens,
                             completion_tokens,
                             timings,
                         }));

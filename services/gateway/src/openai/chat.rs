@@ -637,6 +637,7 @@ pub(crate) fn usage(u: Option<&pb::Usage>) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }
 
@@ -920,10 +921,12 @@ mod tests {
             usage(Some(&pb::Usage {
                 prompt_tokens: 3,
                 completion_tokens: 2,
+                cached_tokens: 1,
             })),
         );
         assert_eq!(full["choices"][0]["message"]["content"], "hi");
         assert_eq!(full["usage"]["total_tokens"], 5);
+        assert_eq!(full["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
         let ch = c.chunk(json!({"content": "a"}), None, true);
         assert_eq!(ch["object"], "chat.completion.chunk");
         assert!(ch["usage"].is_null() && ch.get("usage").is_some());
