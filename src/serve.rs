@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// Generation requests batched into one forward at most.
     #[arg(long, env = "JANUS_GEN_MAX_BATCH", default_value_t = 8)]
     pub gen_max_batch: usize,
+    /// Bytes of the generation half's prefix cache of prompt rows (prompts of equal length share
+    /// the unconditional row; a prompt generated again reuses its own); 0 turns it off.
+    #[arg(long, env = "JANUS_GEN_PREFIX_CACHE_BYTES", default_value_t = janus_model_service::flags::GEN_PREFIX_CACHE_BYTES)]
+    pub gen_prefix_cache_bytes: usize,
     /// Side of generation preview thumbnails in pixels.
     #[arg(long, env = "JANUS_PREVIEW_SIZE", default_value_t = 96)]
     pub preview_size: u32,
@@ -77,15 +81,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         eprintln!("janus: metrics on http://{addr}/metrics");
     }
     let und_cfg = janus_understanding::with_metrics(args.understanding.config(), &opts.metrics);
-    let gen_cfg = janus_generation::with_metrics(
-        janus_model_service::flags::generation_config(
-            args.gen_max_queue,
-            args.gen_max_batch,
-            args.preview_size,
-            args.understanding.step_tokens,
-        ),
-        &opts.metrics,
+    let mut gen_cfg = janus_model_service::flags::generation_config(
+        args.gen_max_queue,
+        args.gen_max_batch,
+        args.preview_size,
+        args.understanding.step_tokens,
     );
+    gen_cfg.prefix_cache_bytes = args.gen_prefix_cache_bytes;
+    gen_cfg.cache_scope = und_cfg.cache_scope;
+    let gen_cfg = janus_generation::with_metrics(gen_cfg, &opts.metrics);
     tracing::info!(model = %resolved.id, path = %resolved.path.display(), "loading both halves");
     let dir = resolved.path.clone();
     let started = std::time::Instant::now();

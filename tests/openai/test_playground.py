@@ -32,10 +32,25 @@ def test_chat_streams_an_answer(page, api_key, fixture_dir, out_dir):
     page.get_by_label("Max tokens").fill("24")
     page.get_by_role("button", name="Ask").click()
     expect(page.locator("#chat-status")).to_contain_text("Done", timeout=60_000)
-    answer = page.locator("#answer").inner_text()
+    turns = page.locator("#thread > li")
+    expect(turns).to_have_count(1)
+    answer = turns.nth(0).locator(".a").inner_text()
     assert answer.strip(), "a streamed answer appeared"
     assert page.evaluate("sessionStorage.getItem('janus-api-key')") == api_key
+    # A follow-up continues the conversation: the server answers the earlier turn from its
+    # prefix cache, and the turn shows its time to first token and cached tokens.
+    page.get_by_label("Question (follow-ups continue the conversation)").fill("And what colours are in it?")
+    page.get_by_role("button", name="Ask").click()
+    expect(turns).to_have_count(2)
+    expect(turns.nth(1).locator(".meta")).to_contain_text("cached", timeout=60_000)
+    first, second = (turns.nth(i).locator(".meta") for i in range(2))
+    assert int(second.get_attribute("data-prompt")) > int(first.get_attribute("data-prompt")), "turn 2 resends turn 1"
+    assert int(second.get_attribute("data-cached")) >= int(first.get_attribute("data-prompt")) - 1, "turn 1 came from the cache"
+    assert "first token" in second.inner_text()
+    assert turns.nth(1).locator(".q img").count() == 0, "the image belongs to turn 1"
     page.screenshot(path=str(out_dir / "playground-chat.png"), full_page=True)
+    page.get_by_role("button", name="New conversation").click()
+    expect(turns).to_have_count(0)
 
 
 def test_generation_shows_previews_then_images(page, out_dir):

@@ -512,11 +512,11 @@ impl UnderstandingModel {
         let total = prepared.ids.len();
         let reserve = total + prepared.params.max_new_tokens;
         let mut caches = self.caches();
-        let hit = caches
-            .prefix
-            .lookup(&prepared.scope, &key, total.saturating_sub(1), reserve)?;
+        // Entries here are finished rows (no hidden state kept): the prompt's last position
+        // always runs, for its logits.
+        let hit = caches.prefix.lookup(&prepared.scope, &key, reserve)?;
         let (cache, cached) = match hit {
-            Some((n, cache)) => (cache, n),
+            Some(hit) => (hit.cache, hit.len),
             None => {
                 let mut cache = self.llm.new_cache(1);
                 cache.reserve(reserve);
@@ -843,7 +843,7 @@ impl UnderstandingModel {
         key.ids
             .extend(&row.generated[..new.min(row.generated.len())]);
         let copy = cache.row_copy(i)?;
-        self.caches().prefix.insert(scope.clone(), key, copy);
+        self.caches().prefix.insert(scope.clone(), key, copy, None);
         Ok(())
     }
 

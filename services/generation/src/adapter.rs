@@ -22,6 +22,7 @@ pub fn input(req: pb::GenerateRequest) -> GenerateInput {
         seed: req.seed,
         format,
         preview_interval: req.preview_interval,
+        scope: Default::default(),
     }
 }
 

@@ -8,7 +8,7 @@ pub mod adapter;
 
 use janus_engine::{GenerateEvent, GenerationConfig, GenerationEngine, RequestMeta, StepObserver};
 use janus_model_service::status::{from_engine, to_status};
-use janus_model_service::QueueGauge;
+use janus_model_service::{cache, QueueGauge};
 use janus_pipeline::generation::MAX_IMAGES;
 use janus_pipeline::{GenerationModel, LoadOptions};
 use janus_proto::v1 as pb;
@@ -81,7 +81,9 @@ impl Generation for GenerationService {
                 format!("unknown value {}", req.get_ref().output_format),
             )));
         }
-        let input = adapter::input(req.into_inner());
+        let scope = cache::scope(self.engine.config().cache_scope, req.metadata());
+        let mut input = adapter::input(req.into_inner());
+        input.scope = scope;
         let engine = self.engine.clone();
         let span = rmeta.span.clone();
         let prepared = tokio::task::spawn_blocking(move || span.in_scope(|| engine.prepare(input)));
@@ -148,7 +150,13 @@ impl Generation for GenerationService {
             }),
             stats: Some(janus_model_service::stats_to_proto(self.engine.stats())),
             server_version: janus_service::VERSION.to_string(),
-            cache: None,
+            cache: Some(cache::info(
+                self.engine.config().cache_scope,
+                janus_pipeline::CacheStats {
+                    prefix: self.engine.model().cache_stats(),
+                    images: Default::default(),
+                },
+            )),
         }))
     }
 }

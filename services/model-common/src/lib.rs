@@ -3,6 +3,7 @@
 //! source resolution (local directory or Hugging Face hub id, [`model_source`]), the one
 //! engine-error → `tonic::Status` mapping ([`status`]) and the engine queue gauge ([`gauge`]).
 
+pub mod cache;
 pub mod flags;
 pub mod gauge;
 pub mod half;

@@ -9,12 +9,11 @@ pub mod adapter;
 mod cache_metrics;
 
 use janus_engine::{
-    CacheScope, RequestMeta, StepObserver, UnderstandEvent, UnderstandingConfig,
-    UnderstandingEngine,
+    RequestMeta, StepObserver, UnderstandEvent, UnderstandingConfig, UnderstandingEngine,
 };
 use janus_model_service::status::{from_engine, to_status};
-use janus_model_service::QueueGauge;
-use janus_pipeline::{LoadOptions, Scope, UnderstandingModel};
+use janus_model_service::{cache, QueueGauge};
+use janus_pipeline::{LoadOptions, UnderstandingModel};
 use janus_proto::v1 as pb;
 use janus_proto::v1::understanding_server::{Understanding, UnderstandingServer};
 use janus_service::stream::{forward, BoxStream};
@@ -80,7 +79,7 @@ impl Understanding for UnderstandingService {
         // In the RPC's span (tonic's `trace_fn`): the engine's spans become its children.
         let rmeta = RequestMeta::new(request_id.clone(), timeout);
         let deadline = rmeta.deadline.map(tokio::time::Instant::from_std);
-        let scope = cache_scope(self.engine.config().cache_scope, req.metadata());
+        let scope = cache::scope(self.engine.config().cache_scope, req.metadata());
         let mut input = adapter::input(req.into_inner());
         input.scope = scope;
         let engine = self.engine.clone();
@@ -150,49 +149,8 @@ impl Understanding for UnderstandingService {
             }),
             stats: Some(janus_model_service::stats_to_proto(self.engine.stats())),
             server_version: janus_service::VERSION.to_string(),
-            cache: Some(cache_info(c.cache_scope, m.cache_stats())),
+            cache: Some(cache::info(c.cache_scope, m.cache_stats())),
         }))
-    }
-}
-
-/// The cache scope of a request: with [`CacheScope::Key`], the SHA-256 of the bearer key it
-/// carries (the gateway forwards the caller's `authorization`; a request without one shares
-/// with the others without one); with [`CacheScope::Global`], one scope for all.
-fn cache_scope(mode: CacheScope, md: &tonic::metadata::MetadataMap) -> Scope {
-    use sha2::{Digest, Sha256};
-    let key = md
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    match (mode, key) {
-        (CacheScope::Key, Some(k)) => Scope::Key(Sha256::digest(k.as_bytes()).into()),
-        _ => Scope::Global,
-    }
-}
-
-/// The caches' sizes and counters as the protocol's `CacheInfo`.
-fn cache_info(scope: CacheScope, s: janus_pipeline::CacheStats) -> pb::CacheInfo {
-    pb::CacheInfo {
-        scope: match scope {
-            CacheScope::Key => "key",
-            CacheScope::Global => "global",
-        }
-        .to_string(),
-        prefix_bytes: s.prefix.bytes as u64,
-        prefix_limit_bytes: s.prefix.limit as u64,
-        prefix_entries: s.prefix.entries as u32,
-        prefix_hits: s.prefix.hits,
-        prefix_misses: s.prefix.misses,
-        prefix_hit_tokens: s.prefix.hit_tokens,
-        prefix_evictions: s.prefix.evictions,
-        image_bytes: s.images.bytes as u64,
-        image_limit_bytes: s.images.limit as u64,
-        image_entries: s.images.entries as u32,
-        image_hits: s.images.hits,
-        image_misses: s.images.misses,
-        image_evictions: s.images.evictions,
     }
 }
 

@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 
 impl GenerationEngine {
     /// Starts the engine thread that owns `model`.
-    pub fn start(model: GenerationModel, config: GenerationConfig) -> Self {
+    pub fn start(mut model: GenerationModel, config: GenerationConfig) -> Self {
+        model.set_cache_limits(config.prefix_cache_bytes);
         let model = Arc::new(model);
         let (m, c) = (model.clone(), config.clone());
         let control = Control::spawn("janus-generation", config.max_queue, move |control| {

@@ -37,6 +37,11 @@ pub struct GenerationConfig {
     pub decode_threads: usize,
     /// Told the rows of every batched forward (prefill, step; a CFG pair counts as two).
     pub step_observer: Option<StepObserver>,
+    /// Byte limit of the prefix cache of prompt rows (0: off).
+    pub prefix_cache_bytes: usize,
+    /// Whose prefix cache entries a request may reuse (the service derives each request's
+    /// scope from it).
+    pub cache_scope: crate::CacheScope,
 }
 
 impl Default for GenerationConfig {
@@ -52,6 +57,8 @@ impl Default for GenerationConfig {
             max_decode_queue: 8,
             decode_threads: 1,
             step_observer: None,
+            prefix_cache_bytes: 0,
+            cache_scope: crate::CacheScope::Key,
         }
     }
 }
@@ -79,6 +86,8 @@ pub struct GenerateInput {
     pub format: OutputFormat,
     /// Preview every this many token rows; 0 = none.
     pub preview_interval: u32,
+    /// Whose prefix cache entries the request may reuse and leaves.
+    pub scope: janus_pipeline::Scope,
 }
 
 /// A validated request, ready to submit.

@@ -28,7 +28,8 @@ impl GenerationEngine {
             top_p: input.top_p.unwrap_or(1.0),
             seed: input.seed.unwrap_or_else(crate::random_seed),
         };
-        let prepared = guarded("prepare", || self.model.prepare(&input.prompt, &params))?;
+        let mut prepared = guarded("prepare", || self.model.prepare(&input.prompt, &params))?;
+        prepared.scope = input.scope.clone();
         Ok(GenerateTicket {
             prepared,
             format: input.format,

@@ -147,6 +147,16 @@ impl Runner {
             Stats::bump(&self.stats().cancelled);
             return;
         }
+        // Takes what the prefix cache holds of the two prompt rows.
+        let prefill = match guarded("begin", || self.model.begin(w.ticket.prepared.clone())) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("generation request could not begin: {e}");
+                let _ = w.out.send(Err(e));
+                Stats::bump(&self.stats().failed);
+                return;
+            }
+        };
         let id = self.next_id;
         self.next_id += 1;
         let rows = 2 * w.ticket.params().n;
@@ -157,7 +167,7 @@ impl Runner {
         self.stats().active.fetch_add(1, Ordering::Relaxed);
         self.waiting.push(Waiting {
             id,
-            prefill: self.model.begin(w.ticket.prepared.clone()),
+            prefill,
             work: w,
             admitted: Instant::now(),
             spent: Duration::ZERO,

@@ -9,15 +9,17 @@
 //! shares storage with an entry, so eviction can never pull memory from under a row and an entry
 //! is free to go the moment it is least recently used. The copy costs milliseconds against the
 //! seconds of prefill it saves (docs/benchmarks.md). Granularity is the token: the longest common
-//! prefix with any entry is reused, cut before the first image that differs (and kept one token
-//! short of the prompt, whose last position must run to give the first token's logits).
+//! prefix with any entry is reused, cut before the first image that differs, and kept one token
+//! short of the prompt (whose last position must run to give its first output), unless the entry
+//! is exactly the prompt and kept that position's hidden state: then nothing is recomputed and
+//! the result is bit-equal to a fresh prefill (generation's prompt rows).
 //!
 //! A sequence that extends an entry replaces it (turn 3 of a chat supersedes turn 2); one that an
 //! entry already covers is not stored again.
 
 use super::lru::Lru;
 use super::Scope;
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 use janus_llm::KvCache;
 
 /// SHA-256 of an image's preprocessed pixels: 256 bits, so no two images a client can make
@@ -43,19 +45,6 @@ impl SeqKey {
     /// True when the key has no position.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
-    }
-
-    /// The first `len` positions (images starting within them kept).
-    pub fn truncated(&self, len: usize) -> SeqKey {
-        SeqKey {
-            ids: self.ids[..len.min(self.ids.len())].to_vec(),
-            images: self
-                .images
-                .iter()
-                .filter(|(at, _)| *at < len)
-                .copied()
-                .collect(),
-        }
     }
 }
 
@@ -84,6 +73,19 @@ struct Entry {
     scope: Scope,
     key: SeqKey,
     cache: KvCache,
+    /// The hidden state of the key's last position, when the entry is a whole prompt.
+    last: Option<Tensor>,
+}
+
+/// What a lookup reuses.
+#[derive(Debug)]
+pub struct Hit {
+    /// Positions reused.
+    pub len: usize,
+    /// A one-row cache holding them, with storage for the requested reserve.
+    pub cache: KvCache,
+    /// The last position's hidden state, when the hit is the whole key (nothing to recompute).
+    pub last: Option<Tensor>,
 }
 
 /// Counters since the start (Prometheus counters are these, sampled).
@@ -138,47 +140,64 @@ impl PrefixCache {
         }
     }
 
-    /// The longest prefix of `key` (at most `max` positions) that an entry of `scope` holds,
-    /// copied into a one-row cache with storage for `reserve` slots. `None` (a miss) when no
-    /// entry shares a position, or the cache is off.
-    pub fn lookup(
-        &mut self,
-        scope: &Scope,
-        key: &SeqKey,
-        max: usize,
-        reserve: usize,
-    ) -> Result<Option<(usize, KvCache)>> {
+    /// The longest prefix of the prompt `key` that an entry of `scope` holds, copied into a
+    /// one-row cache with storage for `reserve` slots: all but the prompt's last position at
+    /// most, or the whole prompt with its last hidden state from an entry that is exactly this
+    /// prompt. `None` (a miss) when no entry shares a position, or the cache is off.
+    pub fn lookup(&mut self, scope: &Scope, key: &SeqKey, reserve: usize) -> Result<Option<Hit>> {
         if self.store.limit() == 0 {
             return Ok(None);
         }
+        let short = key.len().saturating_sub(1);
         let best = self
             .store
             .iter()
             .filter(|(_, e)| e.scope == *scope)
-            .map(|(i, e)| (i, common_prefix(key, &e.key).min(max)))
+            .map(|(i, e)| {
+                let whole = e.last.is_some() && e.key == *key;
+                (
+                    i,
+                    if whole {
+                        key.len()
+                    } else {
+                        common_prefix(key, &e.key).min(short)
+                    },
+                )
+            })
             .max_by_key(|&(_, n)| n)
             .filter(|&(_, n)| n > 0);
         let Some((i, n)) = best else {
             self.misses += 1;
             return Ok(None);
         };
-        let cache = self.store.touch(i).cache.prefix_of(0, n, reserve)?;
+        let entry = self.store.touch(i);
+        let last = entry.last.clone().filter(|_| n == key.len());
+        let cache = entry.cache.prefix_of(0, n, reserve)?;
         self.hits += 1;
         self.hit_tokens += n as u64;
-        Ok(Some((n, cache)))
+        Ok(Some(Hit {
+            len: n,
+            cache,
+            last,
+        }))
     }
 
-    /// Keeps a finished sequence: `cache` is one row holding exactly `key`'s positions. An entry
-    /// of the same scope that `key` extends is dropped; nothing is stored when an entry already
-    /// holds all of `key`, or when it is larger than the limit.
-    pub fn insert(&mut self, scope: Scope, key: SeqKey, cache: KvCache) {
+    /// Keeps a sequence: `cache` is one row holding exactly `key`'s positions, `last` the hidden
+    /// state of its last position when it is a whole prompt. An entry of the same scope that
+    /// `key` extends is dropped; nothing is stored when an entry already holds all of `key`
+    /// (with a hidden state, if this one has one), or when it is larger than the limit.
+    pub fn insert(&mut self, scope: Scope, key: SeqKey, cache: KvCache, last: Option<Tensor>) {
         if self.store.limit() == 0 || key.is_empty() || cache.row_len(0) != key.len() {
             return;
         }
         let covered = self
             .store
             .iter()
-            .find(|(_, e)| e.scope == scope && common_prefix(&key, &e.key) == key.len())
+            .find(|(_, e)| {
+                e.scope == scope
+                    && common_prefix(&key, &e.key) == key.len()
+                    && (last.is_none() || (e.last.is_some() && e.key == key))
+            })
             .map(|(i, _)| i);
         if let Some(i) = covered {
             self.store.touch(i);
@@ -187,6 +206,59 @@ impl PrefixCache {
         self.store
             .remove_where(|e| e.scope == scope && common_prefix(&e.key, &key) == e.key.len());
         let bytes = cache.allocated_bytes();
-        self.store.insert(Entry { scope, key, cache }, bytes);
+        let entry = Entry {
+            scope,
+            key,
+            cache,
+            last,
+        };
+        self.store.insert(entry, bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IMG: u32 = 9;
+
+    /// A key from ids, with an image run (of `IMG` ids) starting at each `(at, hash byte)`.
+    fn key(ids: &[u32], images: &[(usize, u8)]) -> SeqKey {
+        SeqKey {
+            ids: ids.to_vec(),
+            images: images.iter().map(|&(at, h)| (at, [h; 32])).collect(),
+        }
+    }
+
+    #[test]
+    fn common_prefix_table() {
+        let a = key(&[1, 2, IMG, IMG, 3, 4], &[(2, 1)]);
+        // (case, other key) → shared positions with `a`
+        let cases = [
+            ("identical", key(&[1, 2, IMG, IMG, 3, 4], &[(2, 1)]), 6),
+            ("longer", key(&[1, 2, IMG, IMG, 3, 4, 5], &[(2, 1)]), 6),
+            (
+                "text differs after the image",
+                key(&[1, 2, IMG, IMG, 3, 7], &[(2, 1)]),
+                5,
+            ),
+            (
+                "another image at the same place",
+                key(&[1, 2, IMG, IMG, 3, 4], &[(2, 2)]),
+                2,
+            ),
+            (
+                "text differs before the image",
+                key(&[1, 5, IMG, IMG, 3, 4], &[(2, 1)]),
+                1,
+            ),
+            ("no image there", key(&[1, 2, 7, 7], &[]), 2),
+            ("ends inside the image", key(&[1, 2, IMG], &[(2, 1)]), 3),
+            ("nothing shared", key(&[8], &[]), 0),
+            ("empty", key(&[], &[]), 0),
+        ];
+        for (case, b, want) in cases {
+            assert_eq!(common_prefix(&a, &b), want, "{case}");
+        }
     }
 }

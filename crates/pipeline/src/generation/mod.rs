@@ -11,8 +11,8 @@
 //! ([`step_batch`](self::GenerationModel::step_batch)); a single request is a batch of one.
 //!
 //! - this file: the request's settings, the model and its loading;
-//! - `prefill.rs`: validation and tokenization, chunked prefill of the two prompt rows, the
-//!   cache of unconditional prefills;
+//! - `prefill.rs`: validation and tokenization, chunked prefill of the two prompt rows from
+//!   what the prefix cache holds of them ([`crate::cache`], shared with understanding);
 //! - `batch.rs`: [`GenBatch`] and its step (sample, append, one LLM forward for every row);
 //! - `guidance.rs`: `gen_head` and classifier-free guidance;
 //! - `decode.rs`, `preview.rs`: VQ decoding to RGB and the cheap previews of partial grids.
@@ -24,7 +24,7 @@ mod prefill;
 mod preview;
 
 pub use batch::{FinishedJob, GenBatch};
-pub use prefill::{GenPrefill, GenPrepared, Prefilled, UNCOND_CACHE_BYTES, UNCOND_CACHE_ENTRIES};
+pub use prefill::{GenPrefill, GenPrepared, Prefilled};
 
 use crate::config::JanusConfig;
 use crate::error::{Error, Result};
@@ -37,7 +37,6 @@ use guidance::GenHead;
 use janus_llm::{Linear, Llm};
 use janus_vision::MlpAligner;
 use janus_vq::{image_buf::Rgb8, VqModel};
-use prefill::UncondCache;
 use preview::PreviewPalette;
 use std::path::Path;
 use std::sync::Arc;
@@ -125,7 +124,7 @@ pub struct GenerationModel {
     vq: VqModel,
     context: usize,
     device: Device,
-    uncond: std::sync::Mutex<UncondCache>,
+    caches: std::sync::Mutex<crate::cache::Caches>,
     palette: std::sync::OnceLock<std::sync::Mutex<PreviewPalette>>,
 }
 
@@ -188,7 +187,7 @@ impl GenerationModel {
             vq,
             context,
             device: opts.device.clone(),
-            uncond: Default::default(),
+            caches: std::sync::Mutex::new(crate::cache::Caches::new(0, 0)),
             palette: Default::default(),
         })
     }

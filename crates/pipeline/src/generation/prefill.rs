@@ -1,41 +1,18 @@
 //! A generation request before it joins the batch: validation and tokenization (the
-//! conditional prompt and its unconditional twin), the chunked prefill of its two prompt rows
-//! within a scheduler's budget, and the cache of unconditional prefills shared by prompts of
-//! equal length.
+//! conditional prompt and its unconditional twin), and the chunked prefill of its two prompt
+//! rows within a scheduler's budget, each from the longest prefix the prefix cache holds
+//! ([`crate::cache::PrefixCache`], the same as understanding's): the unconditional prompt
+//! `[BOS, pad × (L − 2), <begin_of_image>]` depends only on the prompt length, so prompts of
+//! equal length share it, and a prompt generated again ("4 more") reuses its own.
 
 use super::batch::Member;
 use super::GenerationModel;
+use crate::cache::{Caches, Scope, SeqKey};
 use crate::error::{Error, Result};
 use crate::sampling::Sampler;
 use crate::GenerateParams;
 use candle_core::Tensor;
 use janus_llm::{KvCache, Llm};
-
-/// Prefilled unconditional rows by prompt length. The unconditional prompt is
-/// `[BOS, pad × (L − 2), <begin_of_image>]`: it depends only on the prompt length, so requests
-/// of equal length share its prefill.
-#[derive(Debug, Default)]
-pub(super) struct UncondCache {
-    /// Most recently used last.
-    entries: Vec<UncondEntry>,
-    reuses: u64,
-}
-
-#[derive(Debug)]
-struct UncondEntry {
-    ids: Vec<u32>,
-    /// One-row cache holding exactly the prompt's slots.
-    cache: KvCache,
-    /// Last hidden state `[1, hidden]`.
-    last: Tensor,
-    bytes: usize,
-}
-
-/// Unconditional prefills kept (a few prompt lengths cover most traffic).
-pub const UNCOND_CACHE_ENTRIES: usize = 16;
-
-/// Memory the kept unconditional prefills may take in all.
-pub const UNCOND_CACHE_BYTES: usize = 256 << 20;
 
 /// A validated, tokenized generation request.
 #[derive(Debug, Clone)]
@@ -46,6 +23,9 @@ pub struct GenPrepared {
     pub uncond: Vec<u32>,
     /// The request's settings.
     pub params: GenerateParams,
+    /// Whose prefix cache entries the conditional prompt may reuse and leaves (the
+    /// unconditional prompt says nothing of the request but its length: it is shared).
+    pub scope: Scope,
 }
 
 /// One prompt row being prefilled.
@@ -63,8 +43,6 @@ pub struct GenPrefill {
     prepared: GenPrepared,
     cond: RowPrefill,
     uncond: RowPrefill,
-    /// The unconditional row came from the cache of recent prefills.
-    uncond_cached: bool,
 }
 
 impl GenPrefill {
@@ -104,9 +82,18 @@ impl Prefilled {
 }
 
 impl GenerationModel {
-    /// How many requests reused a cached unconditional prefill.
-    pub fn uncond_reuses(&self) -> u64 {
-        self.uncond.lock().map(|c| c.reuses).unwrap_or(0)
+    /// The prefix cache's counters and sizes.
+    pub fn cache_stats(&self) -> crate::PrefixStats {
+        self.caches().prefix.stats()
+    }
+
+    /// Turns on the prefix cache with this byte limit (0: off, as after loading).
+    pub fn set_cache_limits(&mut self, prefix_bytes: usize) {
+        self.caches = std::sync::Mutex::new(Caches::new(prefix_bytes, 0));
+    }
+
+    fn caches(&self) -> std::sync::MutexGuard<'_, Caches> {
+        self.caches.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Validates and tokenizes a request (the conditional prompt and its unconditional twin).
@@ -132,57 +119,56 @@ impl GenerationModel {
             cond,
             uncond,
             params: params.clone(),
+            scope: Scope::Global,
         })
     }
 
-    /// Starts prefilling a prepared request: nothing is computed yet. The unconditional row is
-    /// taken from the cache of recent prefills when a prompt of equal length was seen.
-    pub fn begin(&self, prepared: GenPrepared) -> GenPrefill {
+    /// Starts prefilling a prepared request: each prompt row starts from the longest prefix of
+    /// it the prefix cache holds (the whole row with its last hidden state, which starts the
+    /// image, when the same prompt row was prefilled before); nothing is computed yet.
+    pub fn begin(&self, prepared: GenPrepared) -> Result<GenPrefill> {
         let total = self.image_tokens();
-        let row = |ids: &[u32]| {
-            let mut cache = self.llm.new_cache(1);
-            cache.reserve(ids.len() + total);
-            RowPrefill {
-                cache,
-                done: 0,
-                last: None,
-            }
-        };
-        let cond = row(&prepared.cond);
-        let cached = self.uncond.lock().ok().and_then(|mut c| {
-            let i = c.entries.iter().position(|e| e.ids == prepared.uncond)?;
-            let hit = c.entries.remove(i);
-            // A copy: the request appends to its rows, the cached prefill stays as it is.
-            let out = hit.cache.deep_copy().map(|cache| (cache, hit.last.clone()));
-            c.entries.push(hit);
-            c.reuses += 1;
-            out.ok()
-        });
-        let (uncond, uncond_cached) = match cached {
-            Some((mut cache, last)) => {
-                cache.reserve(prepared.uncond.len() + total);
-                let done = prepared.uncond.len();
-                (
+        let mut caches = self.caches();
+        let mut row = |ids: &[u32], scope: &Scope| -> Result<RowPrefill> {
+            let key = SeqKey {
+                ids: ids.to_vec(),
+                images: Vec::new(),
+            };
+            let reserve = ids.len() + total;
+            Ok(match caches.prefix.lookup(scope, &key, reserve)? {
+                Some(hit) => RowPrefill {
+                    cache: hit.cache,
+                    done: hit.len,
+                    last: hit.last,
+                },
+                None => {
+                    let mut cache = self.llm.new_cache(1);
+                    cache.reserve(reserve);
                     RowPrefill {
                         cache,
-                        done,
-                        last: Some(last),
-                    },
-                    true,
-                )
-            }
-            None => (row(&prepared.uncond), false),
+                        done: 0,
+                        last: None,
+                    }
+                }
+            })
         };
-        GenPrefill {
+        let cond = row(&prepared.cond, &prepared.scope)?;
+        let uncond = row(&prepared.uncond, &Scope::Global)?;
+        drop(caches);
+        Ok(GenPrefill {
             prepared,
             cond,
             uncond,
-            uncond_cached,
-        }
+        })
     }
 
-    /// Prompt positions left to prefill (the budget unit of a scheduler).
+    /// Prompt positions left to prefill (the budget unit of a scheduler); at least 1 until
+    /// [`Self::prefill`] returned the request, even when the prefix cache held both rows whole.
     pub fn cost_left(&self, pre: &GenPrefill) -> usize {
+        Self::positions_left(pre).max(1)
+    }
+
+    fn positions_left(pre: &GenPrefill) -> usize {
         (pre.prepared.cond.len() - pre.cond.done) + (pre.prepared.uncond.len() - pre.uncond.done)
     }
 
@@ -193,9 +179,9 @@ impl GenerationModel {
     /// ([`GenerationModel::join`]) for its first step.
     pub fn prefill(&self, pre: &mut GenPrefill, budget: usize) -> Result<Option<Prefilled>> {
         let mut left = budget.max(1);
-        for (row, ids) in [
-            (&mut pre.cond, &pre.prepared.cond),
-            (&mut pre.uncond, &pre.prepared.uncond),
+        for (row, ids, scope) in [
+            (&mut pre.cond, &pre.prepared.cond, &pre.prepared.scope),
+            (&mut pre.uncond, &pre.prepared.uncond, &Scope::Global),
         ] {
             if left == 0 || row.done == ids.len() {
                 continue;
@@ -206,10 +192,12 @@ impl GenerationModel {
             row.done += n;
             left -= n;
             if row.done == ids.len() {
-                row.last = Some(Llm::last(&hidden)?);
+                let last = Llm::last(&hidden)?;
+                self.keep_prefix(scope, ids, &row.cache, &last)?;
+                row.last = Some(last);
             }
         }
-        if self.cost_left(pre) > 0 {
+        if Self::positions_left(pre) > 0 {
             return Ok(None);
         }
         let (Some(clast), Some(ulast)) = (pre.cond.last.clone(), pre.uncond.last.clone()) else {
@@ -217,9 +205,6 @@ impl GenerationModel {
         };
         let mut cache = std::mem::replace(&mut pre.cond.cache, self.llm.new_cache(0));
         let ucache = std::mem::replace(&mut pre.uncond.cache, self.llm.new_cache(0));
-        if !pre.uncond_cached {
-            self.remember_uncond(&pre.prepared.uncond, &ucache, &ulast);
-        }
         cache.merge(ucache)?;
         let params = pre.prepared.params.clone();
         let total = self.image_tokens();
@@ -259,34 +244,34 @@ impl GenerationModel {
         }))
     }
 
-    /// Keeps a compact copy of an unconditional prefill for later requests of equal length,
-    /// within [`UNCOND_CACHE_ENTRIES`] entries and [`UNCOND_CACHE_BYTES`].
-    fn remember_uncond(&self, ids: &[u32], cache: &KvCache, last: &Tensor) {
-        let bytes = ids.len() * self.llm.kv_bytes_per_token();
-        if bytes > UNCOND_CACHE_BYTES {
-            return;
+    /// Leaves a prefilled prompt row (exactly its prompt's slots, and the last position's hidden
+    /// state) to the prefix cache.
+    fn keep_prefix(
+        &self,
+        scope: &Scope,
+        ids: &[u32],
+        cache: &KvCache,
+        last: &Tensor,
+    ) -> Result<()> {
+        if self.caches().prefix.stats().limit == 0 {
+            return Ok(());
         }
-        let Ok(copy) = cache.deep_copy() else {
-            return;
+        let copy = cache.row_copy(0)?;
+        let key = SeqKey {
+            ids: ids.to_vec(),
+            images: Vec::new(),
         };
-        if let Ok(mut c) = self.uncond.lock() {
-            c.entries.push(UncondEntry {
-                ids: ids.to_vec(),
-                cache: copy,
-                last: last.clone(),
-                bytes,
-            });
-            while c.entries.len() > UNCOND_CACHE_ENTRIES
-                || c.entries.iter().map(|e| e.bytes).sum::<usize>() > UNCOND_CACHE_BYTES
-            {
-                c.entries.remove(0);
-            }
-        }
+        // Its own storage: `last` is a view of the whole chunk's hidden states.
+        let last = last.copy()?;
+        self.caches()
+            .prefix
+            .insert(scope.clone(), key, copy, Some(last));
+        Ok(())
     }
 
     /// Validates, tokenizes and prefills a request in one go, ready to join a batch.
     pub fn start(&self, prompt: &str, params: &GenerateParams) -> Result<Prefilled> {
-        let mut pre = self.begin(self.prepare(prompt, params)?);
+        let mut pre = self.begin(self.prepare(prompt, params)?)?;
         loop {
             if let Some(ready) = self.prefill(&mut pre, usize::MAX)? {
                 return Ok(ready);
