@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--burst", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--only", choices=["chat", "burst"], help="run one part (chat includes repeat)")
     a = ap.parse_args()
     client = OpenAI(base_url=a.base_url.rstrip("/") + "/v1", api_key="unused", timeout=600)
     model = client.models.list().data[0].id
@@ -75,7 +76,7 @@ def main():
         {"type": "image_url", "image_url": {"url": data_uri(img)}},
         {"type": "text", "text": QUESTIONS[0]}]}]
     first = None
-    for turn in range(a.turns):
+    for turn in range(a.turns if a.only != "burst" else 0):
         text, ttft, u = ask(client, model, messages, a.max_tokens)
         out["chat"].append({"turn": turn + 1, "ttft_s": round(ttft, 4), **u})
         print(json.dumps(out["chat"][-1]), file=sys.stderr)
@@ -83,10 +84,13 @@ def main():
             first = list(messages)
         messages = messages + [{"role": "assistant", "content": text},
                                {"role": "user", "content": QUESTIONS[(turn + 1) % len(QUESTIONS)]}]
-    for _ in range(3):
+    for _ in range(3 if first is not None else 0):
         _, ttft, u = ask(client, model, first, a.max_tokens)
         out["repeat"].append({"ttft_s": round(ttft, 4), **u})
 
+    if a.only == "chat":
+        print(json.dumps(out))
+        return
     # Each request its own image: one pixel differs.
     uris = []
     for i in range(a.burst):

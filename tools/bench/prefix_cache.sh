@@ -5,6 +5,7 @@
 #
 #   tools/bench/prefix_cache.sh BIN_DIR CHECKPOINT [extra `janus serve` flags…]
 #
+# ONLY=chat|burst runs one part; ROUNDS=N repeats the on/off pair N times (interleaved).
 # CHECKPOINT e.g. `janus synth --preset pro-1b --llm-layers 4 --tokenizer
 # tests/fixtures/janus-tiny/model/tokenizer.json --out /tmp/pro1b-4l`. The openai client comes from
 # target/openai-venv (tests/openai/check.sh makes it); PY overrides the interpreter.
@@ -31,12 +32,14 @@ run() {
     sleep 0.5
   done
   local res
-  res=$("$PY" "$HERE/prefix_cache.py" "http://$HTTP" "$IMAGE" 2>"$OUT/bench.$label.log")
+  res=$("$PY" "$HERE/prefix_cache.py" "http://$HTTP" "$IMAGE" ${ONLY:+--only "$ONLY"} 2>"$OUT/bench.$label.log")
   local rss
   rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   echo "{\"label\": \"$label\", \"rss_kib\": $rss, \"result\": $res}"
 }
 
-run cache-on
-run cache-off --prefix-cache-bytes 0 --image-cache-bytes 0
+for _ in $(seq 1 "${ROUNDS:-1}"); do
+  run cache-on
+  run cache-off --prefix-cache-bytes 0 --image-cache-bytes 0
+done
