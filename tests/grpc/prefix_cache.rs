@@ -100,12 +100,20 @@ async fn cached_tokens_are_reported_and_scoped_per_key() {
     // The same counters in Prometheus, read at the scrape.
     let text = cfg.server.metrics.encode();
     for line in [
-        "janus_prefix_cache_hits_total 1".to_string(),
-        "janus_prefix_cache_misses_total 2".to_string(),
-        format!("janus_prefix_cache_hit_tokens_total {}", prompt - 1),
-        "janus_prefix_cache_evictions_total 0".to_string(),
-        format!("janus_prefix_cache_bytes {}", cache.prefix_bytes),
-        "janus_image_cache_misses_total 2".to_string(),
+        r#"janus_prefix_cache_hits_total{half="understanding"} 1"#.to_string(),
+        r#"janus_prefix_cache_misses_total{half="understanding"} 2"#.to_string(),
+        format!(
+            r#"janus_prefix_cache_hit_tokens_total{{half="understanding"}} {}"#,
+            prompt - 1
+        ),
+        r#"janus_prefix_cache_evictions_total{half="understanding"} 0"#.to_string(),
+        format!(
+            r#"janus_prefix_cache_bytes{{half="understanding"}} {}"#,
+            cache.prefix_bytes
+        ),
+        r#"janus_image_cache_misses_total{half="understanding"} 2"#.to_string(),
+        // The generation half's prefix cache is off in this stack.
+        r#"janus_prefix_cache_limit_bytes{half="generation"} 0"#.to_string(),
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }

@@ -212,6 +212,13 @@ pub async fn serve(
     let n = options.max_message_bytes;
     let service = GenerationService::new(engine.clone(), info, options.clone());
     service.queue.spawn(life.shutdown.clone());
+    let e = engine.clone();
+    janus_model_service::cache_metrics::register(&options.metrics, "generation", move || {
+        janus_pipeline::CacheStats {
+            prefix: e.model().cache_stats(),
+            images: Default::default(),
+        }
+    });
     let svc = GenerationServer::new(service)
         .max_decoding_message_size(n)
         .max_encoding_message_size(n);

@@ -4,6 +4,7 @@
 //! engine-error → `tonic::Status` mapping ([`status`]) and the engine queue gauge ([`gauge`]).
 
 pub mod cache;
+pub mod cache_metrics;
 pub mod flags;
 pub mod gauge;
 pub mod half;

@@ -6,7 +6,6 @@
 /// Protocol → engine conversion; public only so the fuzz targets (`fuzz/`) run the real code.
 #[doc(hidden)]
 pub mod adapter;
-mod cache_metrics;
 
 use janus_engine::{
     RequestMeta, StepObserver, UnderstandEvent, UnderstandingConfig, UnderstandingEngine,
@@ -204,11 +203,10 @@ pub async fn serve(
     let n = options.max_message_bytes;
     let service = UnderstandingService::new(engine.clone(), info, options.clone());
     service.queue.spawn(life.shutdown.clone());
-    let caches = cache_metrics::CacheMetrics::new(engine.clone());
-    if let Err(e) = options.metrics.registry().register(Box::new(caches)) {
-        // A second understanding service on the same registry: the first one's caches show.
-        tracing::warn!("cache metrics not registered: {e}");
-    }
+    let e = engine.clone();
+    janus_model_service::cache_metrics::register(&options.metrics, "understanding", move || {
+        e.model().cache_stats()
+    });
     let svc = UnderstandingServer::new(service)
         .max_decoding_message_size(n)
         .max_encoding_message_size(n);

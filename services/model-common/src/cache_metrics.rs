@@ -1,14 +1,14 @@
 //! The caches' counters and sizes in Prometheus, read from the model at each scrape (the
-//! pipeline keeps them; nothing is counted twice).
+//! pipeline keeps them; nothing is counted twice), labelled with the model half
+//! (`janus serve` has both in one registry).
 
-use janus_engine::UnderstandingEngine;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{IntCounter, IntGauge, Opts};
 
-/// `janus_prefix_cache_*` and `janus_image_cache_*`.
+/// `janus_prefix_cache_*` and `janus_image_cache_*{half}`.
 pub struct CacheMetrics {
-    engine: UnderstandingEngine,
+    stats: Box<dyn Fn() -> janus_pipeline::CacheStats + Send + Sync>,
     counters: Vec<(IntCounter, Read)>,
     gauges: Vec<(IntGauge, Read)>,
 }
@@ -17,19 +17,26 @@ pub struct CacheMetrics {
 type Read = fn(&janus_pipeline::CacheStats) -> u64;
 
 impl CacheMetrics {
-    /// The collector of `engine`'s model; register it in the process's registry.
-    pub fn new(engine: UnderstandingEngine) -> Self {
+    /// The collector of one model half's caches (`half`: "understanding" or "generation"),
+    /// reading them with `stats`; register it with [`register`].
+    pub fn new(
+        half: &str,
+        stats: impl Fn() -> janus_pipeline::CacheStats + Send + Sync + 'static,
+    ) -> Self {
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("half", half);
         let counter = |name: &str, help: &str, read: Read| {
-            (IntCounter::new(name, help).expect("valid metric"), read)
+            let m = IntCounter::with_opts(opts(name, help)).expect("valid metric");
+            (m, read)
         };
         let gauge = |name: &str, help: &str, read: Read| {
-            (IntGauge::new(name, help).expect("valid metric"), read)
+            let m = IntGauge::with_opts(opts(name, help)).expect("valid metric");
+            (m, read)
         };
         Self {
-            engine,
+            stats: Box::new(stats),
             counters: vec![
-                counter("janus_prefix_cache_hits_total", "Understanding requests that reused a cached prefix", |s| s.prefix.hits),
-                counter("janus_prefix_cache_misses_total", "Understanding requests that reused no cached prefix", |s| s.prefix.misses),
+                counter("janus_prefix_cache_hits_total", "Requests (generation: prompt rows) that reused a cached prefix", |s| s.prefix.hits),
+                counter("janus_prefix_cache_misses_total", "Requests (generation: prompt rows) that reused no cached prefix", |s| s.prefix.misses),
                 counter("janus_prefix_cache_hit_tokens_total", "Prompt tokens taken from the prefix cache instead of prefilled", |s| s.prefix.hit_tokens),
                 counter("janus_prefix_cache_evictions_total", "Prefix cache entries evicted (least recently used) to stay within --prefix-cache-bytes", |s| s.prefix.evictions),
                 counter("janus_image_cache_hits_total", "Input images whose vision features came from the image cache", |s| s.images.hits),
@@ -55,7 +62,7 @@ impl Collector for CacheMetrics {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let stats = self.engine.model().cache_stats();
+        let stats = (self.stats)();
         let mut out = Vec::new();
         for (m, read) in &self.counters {
             m.reset();
@@ -67,5 +74,21 @@ impl Collector for CacheMetrics {
             out.extend(m.collect());
         }
         out
+    }
+}
+
+/// Registers the collector of one half's caches in `metrics`' registry. A second collector for
+/// the same half (two services of one kind on one registry, as in tests) is left out with a
+/// warning: the first one's caches show.
+pub fn register(
+    metrics: &janus_telemetry::Metrics,
+    half: &str,
+    stats: impl Fn() -> janus_pipeline::CacheStats + Send + Sync + 'static,
+) {
+    if let Err(e) = metrics
+        .registry()
+        .register(Box::new(CacheMetrics::new(half, stats)))
+    {
+        tracing::warn!("{half} cache metrics not registered: {e}");
     }
 }
