@@ -191,3 +191,45 @@ async fn the_gateway_routes_a_conversation_to_the_replica_that_holds_it() {
     );
     assert!(entries.iter().sum::<u32>() >= conversations, "{entries:?}");
 }
+
+/// Generation with its prefix cache on: the same prompt again takes both prompt rows whole
+/// (`cached_tokens` = the prompt), and its images are the same, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_generated_again_reuses_its_prefill() {
+    let mut cfg = StackConfig::default();
+    cfg.gen.prefix_cache_bytes = 1 << 28;
+    let stack = start_stack(cfg).await;
+    let mut c = gen_client(&stack.gw.url()).await;
+    let ask = || {
+        Request::new(pb::GenerateRequest {
+            prompt: "a red apple on a table".into(),
+            n: Some(1),
+            seed: Some(3),
+            temperature: Some(1.0),
+            ..Default::default()
+        })
+    };
+    let first = collect_images(&mut c, ask()).await.unwrap();
+    let u1 = first.fin.as_ref().unwrap().usage.unwrap();
+    assert_eq!(u1.cached_tokens, 0);
+    let again = collect_images(&mut c, ask()).await.unwrap();
+    let u2 = again.fin.as_ref().unwrap().usage.unwrap();
+    assert_eq!(
+        u2.cached_tokens, u2.prompt_tokens,
+        "the whole prompt from the cache"
+    );
+    assert_eq!(again.images[0].tokens, first.images[0].tokens);
+    assert_eq!(
+        again.images[0].data, first.images[0].data,
+        "bit-equal image"
+    );
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    let cache = info.cache.expect("generation Info has its prefix cache");
+    // Two prompt rows per request: the first missed both, the second hit both.
+    assert_eq!(
+        (cache.prefix_hits, cache.prefix_misses),
+        (2, 2),
+        "{cache:?}"
+    );
+    assert_eq!(cache.prefix_limit_bytes, 1 << 28);
+}

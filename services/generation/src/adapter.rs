@@ -70,13 +70,14 @@ pub(crate) fn event(e: GenerateEvent, request_id: &str) -> pb::GenerateResponse 
         }),
         GenerateEvent::Finished {
             prompt_tokens,
+            cached_tokens,
             completion_tokens,
             timings,
         } => Event::Final(pb::GenerateFinal {
             usage: Some(pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
                 completion_tokens: completion_tokens as u32,
-                cached_tokens: 0,
+                cached_tokens: cached_tokens as u32,
             }),
             timings: Some(pb::GenerateTimings {
                 queue_ms: ms(timings.queue),

@@ -175,6 +175,7 @@ fn observer(metrics: Metrics) -> impl FnMut(&GenerateEvent) + Send {
             prompt_tokens,
             completion_tokens,
             timings,
+            ..
         } => {
             metrics.observe_queue_wait(timings.queue);
             metrics.add_prompt_tokens(*prompt_tokens as u64);

@@ -96,6 +96,8 @@ pub struct GenerateTicket {
     prepared: GenPrepared,
     format: OutputFormat,
     preview_interval: u32,
+    /// Conditional prompt positions the prefix cache supplied (known once the request began).
+    cached_tokens: usize,
 }
 
 impl GenerateTicket {
@@ -147,6 +149,8 @@ pub enum GenerateEvent {
     /// The end of the stream.
     Finished {
         prompt_tokens: usize,
+        /// Of `prompt_tokens`, those the prefix cache supplied.
+        cached_tokens: usize,
         completion_tokens: usize,
         timings: GenerateTimings,
     },

@@ -307,6 +307,7 @@ impl PixelWorker {
         j.timings.total = j.out.meta.received.elapsed();
         j.out.send(Ok(GenerateEvent::Finished {
             prompt_tokens: j.ticket.prompt_tokens(),
+            cached_tokens: j.ticket.cached_tokens,
             completion_tokens: total * params.n,
             timings: j.timings,
         }));

@@ -34,6 +34,7 @@ impl GenerationEngine {
             prepared,
             format: input.format,
             preview_interval: input.preview_interval,
+            cached_tokens: 0,
         })
     }
 }

@@ -157,6 +157,7 @@ impl Runner {
                 return;
             }
         };
+        w.ticket.cached_tokens = prefill.cached_tokens();
         let id = self.next_id;
         self.next_id += 1;
         let rows = 2 * w.ticket.params().n;

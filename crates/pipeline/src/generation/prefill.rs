@@ -43,6 +43,8 @@ pub struct GenPrefill {
     prepared: GenPrepared,
     cond: RowPrefill,
     uncond: RowPrefill,
+    /// Conditional positions the prefix cache supplied.
+    cond_cached: usize,
 }
 
 impl GenPrefill {
@@ -50,6 +52,11 @@ impl GenPrefill {
     pub fn rows_left(&self) -> usize {
         (self.cond.done < self.prepared.cond.len()) as usize
             + (self.uncond.done < self.prepared.uncond.len()) as usize
+    }
+
+    /// Positions of the conditional prompt taken from the prefix cache when the request began.
+    pub fn cached_tokens(&self) -> usize {
+        self.cond_cached
     }
 
     /// The request being prefilled.
@@ -157,6 +164,7 @@ impl GenerationModel {
         drop(caches);
         Ok(GenPrefill {
             prepared,
+            cond_cached: cond.done,
             cond,
             uncond,
         })

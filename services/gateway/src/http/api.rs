@@ -761,7 +761,7 @@ async fn generate(st: Arc<AppState>, ctx: Ctx, req: Request) -> Result<Response,
                             prompt_tokens: if k == 0 { u.prompt_tokens } else { 0 },
                             completion_tokens: u.completion_tokens / n
                                 + if k == 0 { u.completion_tokens % n } else { 0 },
-                            cached_tokens: 0,
+                            cached_tokens: if k == 0 { u.cached_tokens } else { 0 },
                         };
                         let v = out.completed(img, images::usage(Some(&share)));
                         if !send(&tx, sse(Some("image_generation.completed"), &v.to_string())).await
