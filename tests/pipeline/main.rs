@@ -1,6 +1,7 @@
 //! In-process tests of the model and the engines on the tiny fixture, no sockets: parity with
 //! DeepSeek's reference (both fixture copies, f32 and bf16), batching, `synth` checkpoints, bad
-//! checkpoints and requests at the pipeline, and the engines' fairness by event order.
+//! checkpoints and requests at the pipeline, the engines' fairness by event order, and the prefix
+//! and image caches.
 //! One test binary; `cargo test --release --test pipeline parity::` runs one file's tests.
 
 mod bad_input;
