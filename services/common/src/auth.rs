@@ -201,16 +201,23 @@ impl ApiKeys {
     pub fn check(&self, header: Option<&http::HeaderValue>) -> Result<&str, AuthFailure> {
         let value = header.ok_or(AuthFailure::Missing)?;
         let value = value.to_str().map_err(|_| AuthFailure::Malformed)?;
-        let (scheme, key) = value.trim().split_once(' ').ok_or(AuthFailure::Malformed)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthFailure::Malformed);
-        }
-        let key = key.trim();
-        if key.is_empty() {
-            return Err(AuthFailure::Malformed);
-        }
-        self.find(key).ok_or(AuthFailure::UnknownKey)
+        self.find(bearer_key(value)?).ok_or(AuthFailure::UnknownKey)
     }
+}
+
+/// The key of an `authorization` value `Bearer <key>` (scheme in any letter case, surrounding
+/// whitespace ignored): what [`ApiKeys::check`] checks, and what the model services scope
+/// their caches by.
+pub fn bearer_key(value: &str) -> Result<&str, AuthFailure> {
+    let (scheme, key) = value.trim().split_once(' ').ok_or(AuthFailure::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthFailure::Malformed);
+    }
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(AuthFailure::Malformed);
+    }
+    Ok(key)
 }
 
 /// What the layer enforces.
