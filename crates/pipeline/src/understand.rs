@@ -12,7 +12,7 @@ use image::RgbImage;
 use janus_llm::{KvCache, Llm};
 use janus_vision::{MlpAligner, VisionTower};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// A conversation and its images, in the order their `<image_placeholder>` tags appear.
 #[derive(Debug, Clone)]
@@ -134,7 +134,8 @@ impl Row {
 /// runs is one chunk's activations and attention scores against the cache, never O(prompt²).
 #[derive(Debug)]
 pub struct Prefill {
-    /// The request; `prepared.images` are only the images the tower still has to see (those
+    /// The request; `prepared.image_hashes` are those of the images after the reused prefix
+    /// (one per `found`), `prepared.images` only the images the tower still has to see (those
     /// neither inside the reused prefix nor in the image cache).
     prepared: Prepared,
     /// The prompt's cache key and scope.
@@ -257,7 +258,7 @@ pub struct UnderstandingModel {
     context: usize,
     device: Device,
     dtype: DType,
-    caches: Mutex<Caches>,
+    caches: Caches,
 }
 
 impl UnderstandingModel {
@@ -312,25 +313,19 @@ impl UnderstandingModel {
             context,
             device: opts.device.clone(),
             dtype: opts.dtype,
-            caches: Mutex::new(Caches::new(0, 0)),
+            caches: Caches::new(0, 0),
         })
     }
 
     /// Turns on the prefix KV cache and the image-feature cache with these byte limits (0
     /// keeps one off; both are off after loading). Outputs are the same either way.
     pub fn set_cache_limits(&mut self, prefix_bytes: usize, image_bytes: usize) {
-        self.caches = Mutex::new(Caches::new(prefix_bytes, image_bytes));
+        self.caches = Caches::new(prefix_bytes, image_bytes);
     }
 
     /// The caches' counters and sizes.
     pub fn cache_stats(&self) -> crate::CacheStats {
-        self.caches().stats()
-    }
-
-    fn caches(&self) -> MutexGuard<'_, Caches> {
-        // A panic while the lock was held left consistent entries (each change is one push
-        // or retain): keep serving.
-        self.caches.lock().unwrap_or_else(|e| e.into_inner())
+        self.caches.stats()
     }
 
     /// The model configuration.
@@ -511,25 +506,19 @@ impl UnderstandingModel {
         let key = self.seq_key(&prepared);
         let total = prepared.ids.len();
         let reserve = total + prepared.params.max_new_tokens;
-        let mut caches = self.caches();
         // Entries here are finished rows (no hidden state kept): the prompt's last position
         // always runs, for its logits.
-        let hit = caches.prefix.lookup(&prepared.scope, &key, reserve)?;
-        let (cache, cached) = match hit {
-            Some(hit) => (hit.cache, hit.len),
-            None => {
-                let mut cache = self.llm.new_cache(1);
-                cache.reserve(reserve);
-                (cache, 0)
-            }
-        };
+        let hit = self
+            .caches
+            .start_row(&self.llm, &prepared.scope, &key, reserve)?;
+        let (cache, cached) = (hit.cache, hit.len);
         // Images inside the reused prefix need no features (a prefix never ends inside an
         // image: entries hold whole images and the prompt's last position is text).
         let skip = key.images.iter().filter(|(at, _)| *at < cached).count();
         let images: Vec<RgbImage> = prepared.images.drain(..).skip(skip).collect();
-        let hashes = &prepared.image_hashes[skip..];
-        let found: Vec<Option<Tensor>> = hashes
-            .iter()
+        prepared.image_hashes.drain(..skip);
+        let mut caches = self.caches.lock();
+        let found: Vec<Option<Tensor>> = (prepared.image_hashes.iter())
             .map(|h| caches.images.get(&prepared.scope, h))
             .collect();
         drop(caches);
@@ -604,11 +593,9 @@ impl UnderstandingModel {
             }
             let feats = self.vision.finish(&x)?;
             let aligned = self.aligner.forward(&feats)?;
-            // `found` covers the images after the reused prefix: the last of `image_hashes`.
-            let hashes =
-                &pre.prepared.image_hashes[pre.prepared.image_hashes.len() - pre.found.len()..];
-            let missing = hashes.iter().zip(&pre.found).filter(|(_, f)| f.is_none());
-            let mut caches = self.caches();
+            let hashes = pre.prepared.image_hashes.iter();
+            let missing = hashes.zip(&pre.found).filter(|(_, f)| f.is_none());
+            let mut caches = self.caches.lock();
             for (j, (hash, _)) in missing.enumerate() {
                 // Its own storage: the entry must not keep the whole batch's tensor alive.
                 let features = aligned.i(j)?.copy()?;
@@ -831,9 +818,6 @@ impl UnderstandingModel {
 
     /// Leaves a finished row's cache (its prompt and the tokens it holds) to the prefix cache.
     fn keep_prefix(&self, cache: &KvCache, i: usize, row: &Row) -> Result<()> {
-        if self.caches().prefix.stats().limit == 0 {
-            return Ok(());
-        }
         let (scope, prompt) = &*row.key;
         let held = cache.row_len(i);
         let Some(new) = held.checked_sub(prompt.len()) else {
@@ -842,9 +826,7 @@ impl UnderstandingModel {
         let mut key = prompt.clone();
         key.ids
             .extend(&row.generated[..new.min(row.generated.len())]);
-        let copy = cache.row_copy(i)?;
-        self.caches().prefix.insert(scope.clone(), key, copy, None);
-        Ok(())
+        Ok(self.caches.keep(scope, key, cache, i, None)?)
     }
 
     /// Text held back so far, released when the row ends without a stop string.

@@ -124,7 +124,7 @@ pub struct GenerationModel {
     vq: VqModel,
     context: usize,
     device: Device,
-    caches: std::sync::Mutex<crate::cache::Caches>,
+    caches: crate::cache::Caches,
     palette: std::sync::OnceLock<std::sync::Mutex<PreviewPalette>>,
 }
 
@@ -187,7 +187,7 @@ impl GenerationModel {
             vq,
             context,
             device: opts.device.clone(),
-            caches: std::sync::Mutex::new(crate::cache::Caches::new(0, 0)),
+            caches: crate::cache::Caches::new(0, 0),
             palette: Default::default(),
         })
     }

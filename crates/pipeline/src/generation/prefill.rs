@@ -14,6 +14,14 @@ use crate::GenerateParams;
 use candle_core::Tensor;
 use janus_llm::{KvCache, Llm};
 
+/// The prefix cache key of a prompt row (no images).
+fn prompt_key(ids: &[u32]) -> SeqKey {
+    SeqKey {
+        ids: ids.to_vec(),
+        images: Vec::new(),
+    }
+}
+
 /// A validated, tokenized generation request.
 #[derive(Debug, Clone)]
 pub struct GenPrepared {
@@ -91,16 +99,12 @@ impl Prefilled {
 impl GenerationModel {
     /// The prefix cache's counters and sizes.
     pub fn cache_stats(&self) -> crate::PrefixStats {
-        self.caches().prefix.stats()
+        self.caches.stats().prefix
     }
 
     /// Turns on the prefix cache with this byte limit (0: off, as after loading).
     pub fn set_cache_limits(&mut self, prefix_bytes: usize) {
-        self.caches = std::sync::Mutex::new(Caches::new(prefix_bytes, 0));
-    }
-
-    fn caches(&self) -> std::sync::MutexGuard<'_, Caches> {
-        self.caches.lock().unwrap_or_else(|e| e.into_inner())
+        self.caches = Caches::new(prefix_bytes, 0);
     }
 
     /// Validates and tokenizes a request (the conditional prompt and its unconditional twin).
@@ -135,33 +139,18 @@ impl GenerationModel {
     /// image, when the same prompt row was prefilled before); nothing is computed yet.
     pub fn begin(&self, prepared: GenPrepared) -> Result<GenPrefill> {
         let total = self.image_tokens();
-        let mut caches = self.caches();
-        let mut row = |ids: &[u32], scope: &Scope| -> Result<RowPrefill> {
-            let key = SeqKey {
-                ids: ids.to_vec(),
-                images: Vec::new(),
-            };
-            let reserve = ids.len() + total;
-            Ok(match caches.prefix.lookup(scope, &key, reserve)? {
-                Some(hit) => RowPrefill {
-                    cache: hit.cache,
-                    done: hit.len,
-                    last: hit.last,
-                },
-                None => {
-                    let mut cache = self.llm.new_cache(1);
-                    cache.reserve(reserve);
-                    RowPrefill {
-                        cache,
-                        done: 0,
-                        last: None,
-                    }
-                }
+        let row = |ids: &[u32], scope: &Scope| -> Result<RowPrefill> {
+            let hit =
+                self.caches
+                    .start_row(&self.llm, scope, &prompt_key(ids), ids.len() + total)?;
+            Ok(RowPrefill {
+                cache: hit.cache,
+                done: hit.len,
+                last: hit.last,
             })
         };
         let cond = row(&prepared.cond, &prepared.scope)?;
         let uncond = row(&prepared.uncond, &Scope::Global)?;
-        drop(caches);
         Ok(GenPrefill {
             prepared,
             cond_cached: cond.done,
@@ -201,7 +190,8 @@ impl GenerationModel {
             left -= n;
             if row.done == ids.len() {
                 let last = Llm::last(&hidden)?;
-                self.keep_prefix(scope, ids, &row.cache, &last)?;
+                let key = prompt_key(ids);
+                self.caches.keep(scope, key, &row.cache, 0, Some(&last))?;
                 row.last = Some(last);
             }
         }
@@ -250,31 +240,6 @@ impl GenerationModel {
                 in_cache: true,
             },
         }))
-    }
-
-    /// Leaves a prefilled prompt row (exactly its prompt's slots, and the last position's hidden
-    /// state) to the prefix cache.
-    fn keep_prefix(
-        &self,
-        scope: &Scope,
-        ids: &[u32],
-        cache: &KvCache,
-        last: &Tensor,
-    ) -> Result<()> {
-        if self.caches().prefix.stats().limit == 0 {
-            return Ok(());
-        }
-        let copy = cache.row_copy(0)?;
-        let key = SeqKey {
-            ids: ids.to_vec(),
-            images: Vec::new(),
-        };
-        // Its own storage: `last` is a view of the whole chunk's hidden states.
-        let last = last.copy()?;
-        self.caches()
-            .prefix
-            .insert(scope.clone(), key, copy, Some(last));
-        Ok(())
     }
 
     /// Validates, tokenizes and prefills a request in one go, ready to join a batch.
