@@ -47,6 +47,8 @@ struct Cpu {
     avx2_fma: bool,
     /// avx512f and avx512bf16 (`vdpbf16ps`, `vcvtneps2bf16`).
     avx512bf16: bool,
+    /// avx2, fma and f16c (the quantized decode dots read f16 block scales).
+    avx2_f16c: bool,
 }
 
 fn cpu() -> &'static Cpu {
@@ -59,6 +61,7 @@ fn detect() -> Cpu {
     let avx512f = is_x86_feature_detected!("avx512f");
     let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     let avx512bf16 = avx512f && is_x86_feature_detected!("avx512bf16");
+    let avx2_f16c = avx2_fma && is_x86_feature_detected!("f16c");
     let level = if avx512f {
         Level::Avx512
     } else if avx2_fma {
@@ -71,6 +74,7 @@ fn detect() -> Cpu {
         avx512f,
         avx2_fma,
         avx512bf16,
+        avx2_f16c,
     }
 }
 
@@ -81,6 +85,7 @@ fn detect() -> Cpu {
         avx512f: false,
         avx2_fma: false,
         avx512bf16: false,
+        avx2_f16c: false,
     }
 }
 
@@ -101,6 +106,11 @@ pub(crate) fn supported(l: Level) -> bool {
 /// Whether this CPU has avx512f and avx512bf16 (native bf16 dot products and conversions).
 pub(crate) fn has_avx512bf16() -> bool {
     cpu().avx512bf16
+}
+
+/// Whether this CPU has avx2, fma and f16c (the quantized decode dots).
+pub(crate) fn has_avx2_f16c() -> bool {
+    cpu().avx2_f16c
 }
 
 /// Instantiates `$body` (a `fn(&mut [f32])`-like inline function) once per SIMD level and

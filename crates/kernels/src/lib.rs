@@ -11,6 +11,8 @@
 //! - `gemv`: the decode GEMV ([`linear_rows`]).
 //! - [`gemm`]: the packed GEMM (a folder: API and checks, packed operands, packing, driver,
 //!   kernel trait, per-ISA kernels, tests).
+//! - [`quant`]: 8- and 4-bit block weights (GGUF's `Q8_0`, `Q4_1`) and their decode and
+//!   large-M products (integer dots; dequantized into the GEMM).
 //! - [`elementwise`]: vectorised elementwise and row-wise passes (GELU, LayerNorm, GroupNorm,
 //!   gated SiLU, adds).
 //! - [`attention`]: multi-head attention, its products on the GEMM.
@@ -22,6 +24,7 @@ pub mod elementwise;
 pub mod gemm;
 mod gemv;
 mod math;
+pub mod quant;
 mod sync;
 #[cfg(test)]
 mod test_util;

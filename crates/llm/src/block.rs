@@ -6,6 +6,7 @@ use crate::kv_cache::KvCache;
 use crate::{attention, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use janus_kernels::quant::QFormat;
 
 /// What every layer of one forward shares: the rows' RoPE tables `[batch, n, head_dim / 2]` at
 /// their positions and one causal mask per row (`None` for a single position).
@@ -48,12 +49,18 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &LlmConfig, kv_dtype: DType, bf16_products: bool) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        cfg: &LlmConfig,
+        kv_dtype: DType,
+        bf16_products: bool,
+        quant: Option<QFormat>,
+    ) -> Result<Self> {
         let (h, hd, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.kv_heads());
-        let q = Linear::load(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, false)?;
-        let k = Linear::load(vb.pp("k_proj"), h, kvh * hd, false)?;
-        let v = Linear::load(vb.pp("v_proj"), h, kvh * hd, false)?;
-        let o_proj = Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, false)?;
+        let q = Linear::load_as(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, quant)?;
+        let k = Linear::load_as(vb.pp("k_proj"), h, kvh * hd, quant)?;
+        let v = Linear::load_as(vb.pp("v_proj"), h, kvh * hd, quant)?;
+        let o_proj = Linear::load_as(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, quant)?;
         Ok(Self {
             qkv: Linear::fuse_prepacked([q, k, v], bf16_products)?,
             o_proj: o_proj
@@ -126,11 +133,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &LlmConfig, bf16_products: bool) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        cfg: &LlmConfig,
+        bf16_products: bool,
+        quant: Option<QFormat>,
+    ) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let gate = Linear::load(vb.pp("gate_proj"), h, i, false)?;
-        let up = Linear::load(vb.pp("up_proj"), h, i, false)?;
-        let down_proj = Linear::load(vb.pp("down_proj"), i, h, false)?;
+        let gate = Linear::load_as(vb.pp("gate_proj"), h, i, quant)?;
+        let up = Linear::load_as(vb.pp("up_proj"), h, i, quant)?;
+        let down_proj = Linear::load_as(vb.pp("down_proj"), i, h, quant)?;
         Ok(Self {
             gate_up: Linear::fuse_prepacked([gate, up], bf16_products)?,
             down_proj: down_proj
@@ -178,13 +190,14 @@ pub(crate) struct Block {
 
 impl Block {
     /// `act` is the activations' dtype, `kv` the cache's; `bf16_products` rounds the operands
-    /// of the CPU's large-M products to bf16.
+    /// of the CPU's large-M products to bf16; `quant` holds the linear layers as blocks.
     pub(crate) fn load(
         vb: VarBuilder,
         cfg: &LlmConfig,
         act: DType,
         kv: DType,
         bf16_products: bool,
+        quant: Option<QFormat>,
     ) -> Result<Self> {
         Ok(Self {
             input_layernorm: RmsNorm::load(
@@ -193,14 +206,14 @@ impl Block {
                 cfg.rms_norm_eps,
                 act,
             )?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg, kv, bf16_products)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, kv, bf16_products, quant)?,
             post_attention_layernorm: RmsNorm::load(
                 vb.pp("post_attention_layernorm"),
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 act,
             )?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg, bf16_products)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, bf16_products, quant)?,
             span: tracing::span!(tracing::Level::TRACE, "block"),
         })
     }

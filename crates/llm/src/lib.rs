@@ -13,7 +13,8 @@
 //!   and causal masks for a step.
 //! - `block.rs`: one decoder layer, `Block::forward` (RMSNorm, attention with the cache, MLP).
 //! - `kv_cache.rs`: [`KvCache`], the ragged per-row cache and its row operations.
-//! - [`linear`]: [`Linear`], which picks the CPU kernel or candle's matmul per call.
+//! - [`linear`]: [`Linear`], which picks the CPU kernel or candle's matmul per call, and holds
+//!   its weight dense, packed or as 8/4-bit blocks.
 //! - [`attention`]: scaled dot-product attention on the CPU kernels or candle.
 
 pub mod attention;
@@ -24,6 +25,7 @@ pub mod linear;
 mod model;
 
 pub use config::LlmConfig;
+pub use janus_kernels::quant::QFormat;
 pub use kv_cache::KvCache;
 pub use linear::Linear;
-pub use model::Llm;
+pub use model::{Llm, Quantize};

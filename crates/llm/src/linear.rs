@@ -14,11 +14,19 @@
 //! product of such a layer, decode steps included, then runs on the packed GEMM, whose
 //! row-count kernels cover one or two rows, and nothing is packed per call. bf16 weights
 //! multiplied in f32 keep their tensor and the paths above.
+//!
+//! Quantized layers ([`Linear::load_as`] with a [`QFormat`], or a checkpoint that stores
+//! `weight_q8_0` / `weight_q4_1` blocks) hold 8- or 4-bit blocks instead: on the CPU
+//! `janus_kernels::quant` multiplies them (integer dots for few rows, dequantized into the
+//! GEMM for many); elsewhere candle's `QMatMul` does, on the same bytes (GGUF's block layouts).
 
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use janus_kernels::gemm::{self, Act, BRef, GemmOpts, MatRef, PackedB, Precision};
+use janus_kernels::quant::{self as q, QFormat, QuantWeight};
 use janus_kernels::Weights;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Largest number of activation rows sent to the few-row CPU kernel.
@@ -32,6 +40,9 @@ pub struct Linear {
     /// The weight packed for the CPU GEMM by [`Linear::prepack`]; `weight` is then an empty
     /// placeholder and every product goes through the packed copy.
     packed: Option<Arc<PackedB>>,
+    /// The weight as 8- or 4-bit blocks ([`Linear::quantize`]); `weight` is then an empty
+    /// placeholder.
+    quant: Option<Quantized>,
     bias: Option<Tensor>,
     /// Products of large-M CPU calls with f32 activations rounded to bf16 (f32 accumulation):
     /// the CPU's bf16-compute mode for layers that keep f32 activations (the vision tower).
@@ -46,6 +57,7 @@ impl Linear {
         Self {
             weight,
             packed: None,
+            quant: None,
             bias,
             bf16_products: false,
             span,
@@ -58,7 +70,7 @@ impl Linear {
     /// many rows (the vision tower): every product, few-row ones included, then runs on the
     /// GEMM. No-op off the CPU or for weights the GEMM cannot read.
     pub fn prepack(mut self) -> Result<Self> {
-        if !self.weight.device().is_cpu() || self.packed.is_some() {
+        if !self.weight.device().is_cpu() || self.packed.is_some() || self.quant.is_some() {
             return Ok(self);
         }
         // A 2-D weight (`dims` and `with_weight` read its shape), contiguous for packing.
@@ -91,9 +103,10 @@ impl Linear {
 
     /// `(out, in)`.
     fn dims(&self) -> (usize, usize) {
-        match &self.packed {
-            Some(p) => (p.cols(), p.rows()),
-            None => self.weight.dims2().unwrap_or((0, 0)),
+        match (&self.packed, &self.quant) {
+            (Some(p), _) => (p.cols(), p.rows()),
+            (None, Some(q)) => q.dims(),
+            (None, None) => self.weight.dims2().unwrap_or((0, 0)),
         }
     }
 
@@ -115,12 +128,128 @@ impl Linear {
         Ok(Self::new(weight, bias))
     }
 
+    /// [`Linear::load`] (no bias) held as `format` blocks when one is given. A checkpoint that
+    /// stores the layer quantized (`weight_q8_0` or `weight_q4_1`, `[out, row bytes]` of u8,
+    /// as `janus quantize` writes) loads as it is stored; asking for another format is an
+    /// error. Otherwise the weight is read in its storage dtype and quantized, so a load holds
+    /// at most one layer's unquantized weight at a time.
+    pub fn load_as(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        format: Option<QFormat>,
+    ) -> Result<Self> {
+        for stored in [QFormat::Q8_0, QFormat::Q4_1] {
+            let name = stored_name(stored);
+            if !vb.contains_tensor(&name) {
+                continue;
+            }
+            if format.is_some_and(|f| f != stored) {
+                candle_core::bail!(
+                    "{}.{name}: the checkpoint stores this layer as {}, not the {} asked for",
+                    vb.prefix(),
+                    stored.name(),
+                    format.map_or("", QFormat::name)
+                );
+            }
+            let device = vb.device().clone();
+            let bytes = vb.clone().set_device(Device::Cpu).get_with_hints_dtype(
+                (out_dim, stored.row_bytes(in_dim)),
+                &name,
+                Default::default(),
+                DType::U8,
+            )?;
+            let w = QuantWeight::from_bytes(
+                stored,
+                out_dim,
+                in_dim,
+                bytes.flatten_all()?.to_vec1::<u8>()?,
+            )
+            .expect("the shape was checked against the row bytes");
+            let dense = Tensor::zeros(0, vb.dtype(), &device)?;
+            return Self::new(dense, None).holding_quant(w);
+        }
+        let dense = Self::load(vb, in_dim, out_dim, false)?;
+        match format {
+            Some(f) => dense.quantize(f),
+            None => Ok(dense),
+        }
+    }
+
+    /// This layer with its weight as `format` blocks (quantized from the weight in any dtype;
+    /// a no-op for a layer already quantized). Fails for a packed layer: quantize first.
+    pub fn quantize(self, format: QFormat) -> Result<Self> {
+        if self.quant.is_some() {
+            return Ok(self);
+        }
+        if self.packed.is_some() {
+            candle_core::bail!("Linear::quantize: quantize before prepacking");
+        }
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let host = self
+            .weight
+            .to_device(&Device::Cpu)?
+            .to_dtype(match self.weight.dtype() {
+                DType::BF16 => DType::BF16,
+                _ => DType::F32,
+            })?
+            .contiguous()?;
+        let w = {
+            let (ws, wl) = host.storage_and_layout();
+            let range = wl.start_offset()..wl.start_offset() + out_dim * in_dim;
+            let w = match &*ws {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                    Weights::F32(&v[range])
+                }
+                candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+                    Weights::Bf16(&v[range])
+                }
+                _ => candle_core::bail!("Linear::quantize: weight not in host memory"),
+            };
+            QuantWeight::quantize(w, out_dim, in_dim, format)
+        };
+        drop(host);
+        self.holding_quant(w)
+    }
+
+    /// This layer with `w` in place of its weight, where the weight's device multiplies it.
+    fn holding_quant(mut self, w: QuantWeight) -> Result<Self> {
+        let device = self.weight.device().clone();
+        let dtype = self.weight.dtype();
+        self.weight = Tensor::zeros(0, dtype, &device)?;
+        self.quant = Some(Quantized::on(w, &device, dtype)?);
+        Ok(self)
+    }
+
+    /// The weight's blocks in host memory, when the layer is quantized (what `janus quantize`
+    /// writes).
+    pub fn quantized(&self) -> Result<Option<QuantWeight>> {
+        self.quant.as_ref().map(Quantized::host).transpose()
+    }
+
     /// Stacks several layers that read the same input into one (e.g. q, k, v) so a step reads
     /// their weights in one pass. Takes the parts, so their weights are freed as soon as the
     /// stacked copy exists (a load then holds at most two copies of a layer's weights, also
     /// when the stacked one is prepacked next).
     pub fn fuse<const N: usize>(parts: [Linear; N]) -> Result<Self> {
-        if parts.iter().any(|p| p.packed.is_some()) {
+        if parts.iter().all(|p| p.quant.is_some()) && N > 0 {
+            let hosts = parts
+                .iter()
+                .map(|p| p.quantized().map(|w| w.expect("quantized")))
+                .collect::<Result<Vec<_>>>()?;
+            let Some(stacked) = QuantWeight::stack(&hosts) else {
+                candle_core::bail!("Linear::fuse: quantized parts of different formats or widths");
+            };
+            drop(hosts);
+            let bias = stacked_bias(&parts)?;
+            let template = Self::new(parts[0].weight.clone(), bias);
+            drop(parts);
+            return template.holding_quant(stacked);
+        }
+        if parts
+            .iter()
+            .any(|p| p.packed.is_some() || p.quant.is_some())
+        {
             candle_core::bail!("Linear::fuse: fuse before prepacking");
         }
         let ws: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
@@ -146,6 +275,9 @@ impl Linear {
                 && packs_no_larger(p.weight.dtype(), bf16_products)
                 && (i + 1 == N || p.out_dim().is_multiple_of(PackedB::STACK_COLS))
         };
+        if parts.iter().any(|p| p.quant.is_some()) {
+            return Ok(Linear::fuse(parts)?.with_bf16_products(bf16_products));
+        }
         if N > 0 && parts.iter().enumerate().all(|(i, p)| stack(i, p)) {
             let refs: Vec<&Linear> = parts.iter().collect();
             if let Some(packed) = pack_side_by_side(&refs, bf16_products)? {
@@ -168,6 +300,84 @@ impl Linear {
     /// Input features.
     pub fn in_dim(&self) -> usize {
         self.dims().1
+    }
+}
+
+/// The tensor name of a layer's weight stored as `format` blocks.
+pub fn stored_name(format: QFormat) -> String {
+    format!("weight_{}", format.name())
+}
+
+/// A quantized weight where it is multiplied: the CPU's kernels, or candle's `QMatMul`.
+#[derive(Debug, Clone)]
+enum Quantized {
+    Cpu(Arc<QuantWeight>),
+    Device {
+        mm: QMatMul,
+        format: QFormat,
+        n: usize,
+        k: usize,
+    },
+}
+
+impl Quantized {
+    /// `w` on `device`: kept as it is on the CPU; elsewhere uploaded as the GGUF type of the
+    /// same bytes, or, when a row is not whole blocks (GGUF has no padding), dequantized into a
+    /// dense `dtype` tensor (the same values, without the savings).
+    fn on(w: QuantWeight, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() {
+            return Ok(Self::Cpu(Arc::new(w)));
+        }
+        let (n, k, format) = (w.rows(), w.cols(), w.format());
+        let mm = if k % q::QK == 0 {
+            let storage = QStorage::from_data(Cow::Borrowed(w.bytes()), device, ggml(format))?;
+            QMatMul::from_qtensor(QTensor::new(storage, (n, k))?)?
+        } else {
+            let mut v = vec![0f32; n * k];
+            w.dequantize_rows(0, n, &mut v);
+            QMatMul::Tensor(
+                Tensor::from_vec(v, (n, k), &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(device)?,
+            )
+        };
+        Ok(Self::Device { mm, format, n, k })
+    }
+
+    /// `(out, in)`.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Cpu(w) => (w.rows(), w.cols()),
+            Self::Device { n, k, .. } => (*n, *k),
+        }
+    }
+
+    /// The blocks in host memory.
+    fn host(&self) -> Result<QuantWeight> {
+        match self {
+            Self::Cpu(w) => Ok((**w).clone()),
+            Self::Device { mm, format, n, k } => {
+                let QMatMul::QTensor(t) = mm else {
+                    let dense = mm
+                        .dequantize_f16()?
+                        .to_dtype(DType::F32)?
+                        .to_device(&Device::Cpu)?;
+                    let v = dense.flatten_all()?.to_vec1::<f32>()?;
+                    return Ok(QuantWeight::quantize(Weights::F32(&v), *n, *k, *format));
+                };
+                let bytes = t.data()?.into_owned();
+                QuantWeight::from_bytes(*format, *n, *k, bytes)
+                    .ok_or_else(|| candle_core::Error::msg("quantized weight of unexpected size"))
+            }
+        }
+    }
+}
+
+/// The GGUF type of a block format.
+fn ggml(format: QFormat) -> GgmlDType {
+    match format {
+        QFormat::Q8_0 => GgmlDType::Q8_0,
+        QFormat::Q4_1 => GgmlDType::Q4_1,
     }
 }
 
@@ -216,6 +426,9 @@ fn bias_dtype(weight_dtype: DType) -> DType {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
+        if let Some(q) = &self.quant {
+            return self.forward_quant(q, x, Act::None, None);
+        }
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -272,6 +485,10 @@ impl Linear {
     /// `act(x Wᵀ + b)` with exact-erf GELU as `act`; on the CPU's GEMM path the activation runs
     /// on each finished tile while it is in cache, elsewhere as a separate pass.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.quant {
+            let _enter = self.span.enter();
+            return self.forward_quant(q, x, Act::GeluErf, None);
+        }
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -291,6 +508,10 @@ impl Linear {
     /// `residual + x Wᵀ + b` (`residual` shaped as the output); on the CPU's GEMM path the
     /// product is accumulated straight into a copy of `residual`.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.quant {
+            let _enter = self.span.enter();
+            return self.forward_quant(q, x, Act::None, Some(residual));
+        }
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -305,6 +526,92 @@ impl Linear {
             }
         }
         residual + self.forward(x)?
+    }
+
+    /// `act(x Wᵀ + b) (+ residual)` on the quantized weight, in `x`'s dtype: on the CPU the
+    /// decode dots for up to [`SMALL_M`] rows, else the dequantizing GEMM (bf16 products when
+    /// the layer has them; activation and residual fused); elsewhere candle's `QMatMul`.
+    fn forward_quant(
+        &self,
+        quant: &Quantized,
+        x: &Tensor,
+        act: Act,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let (out_dim, k) = quant.dims();
+        if in_dim != k {
+            candle_core::bail!(
+                "quantized linear layer of input width {k} got {:?}",
+                x.shape()
+            );
+        }
+        let mut out_shape = dims.clone();
+        if let Some(last) = out_shape.last_mut() {
+            *last = out_dim;
+        }
+        let w = match quant {
+            Quantized::Cpu(w) => w,
+            Quantized::Device { mm, .. } => {
+                let mut y = mm.forward(&x.reshape((rows, in_dim))?)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
+                }
+                let mut y = y.to_dtype(x.dtype())?.reshape(out_shape)?;
+                if act == Act::GeluErf {
+                    y = y.gelu_erf()?;
+                }
+                return match residual {
+                    Some(r) => r + y,
+                    None => Ok(y),
+                };
+            }
+        };
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        if rows <= SMALL_M {
+            let mut y = vec![0f32; rows * out_dim];
+            q::linear_rows_q(&xs, rows, w, bias.as_deref(), &mut y);
+            let mut y = Tensor::from_vec(y, out_shape, &Device::Cpu)?;
+            if act == Act::GeluErf {
+                y = y.gelu_erf()?;
+            }
+            let y = y.to_dtype(x.dtype())?;
+            return match residual {
+                Some(r) => r + y,
+                None => Ok(y),
+            };
+        }
+        let fused_residual = residual.filter(|r| r.elem_count() == rows * out_dim);
+        let mut out = match fused_residual {
+            Some(r) => r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; rows * out_dim],
+        };
+        let opts = GemmOpts {
+            bias_n: bias.as_deref(),
+            act,
+            precision: Precision::bf16_if(self.bf16_products),
+            accumulate: fused_residual.is_some(),
+            ..Default::default()
+        };
+        q::gemm_q(
+            MatRef::row_major(&xs, rows, in_dim),
+            w,
+            &mut out,
+            out_dim,
+            &opts,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let y = Tensor::from_vec(out, out_shape, &Device::Cpu)?.to_dtype(x.dtype())?;
+        match (residual, fused_residual) {
+            (Some(r), None) => r + y,
+            _ => Ok(y),
+        }
     }
 
     /// Large-M product on the CPU GEMM (f32 or bf16 activations, f32 or bf16 weights); `None`

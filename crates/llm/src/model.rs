@@ -7,9 +7,20 @@ use crate::kv_cache::KvCache;
 use crate::Linear;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use janus_kernels::quant::QFormat;
 
 /// Masked attention scores get this instead of -inf (the softmax stays finite).
 const MASKED: f32 = -1e30;
+
+/// Which of the language model's linear layers are held as quantized blocks, and in which
+/// format (`None`: the checkpoint's dtype).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quantize {
+    /// The decoder layers' q, k, v, o, gate, up and down projections.
+    pub layers: Option<QFormat>,
+    /// `lm_head`.
+    pub lm_head: Option<QFormat>,
+}
 
 /// The language model: `model.*` plus an optional `lm_head` (only the understanding half needs it).
 #[derive(Debug, Clone)]
@@ -37,6 +48,18 @@ impl Llm {
     /// f32 (`vdpbf16ps` on AVX512-BF16); the KV cache and the returned hidden states are bf16,
     /// as on other devices.
     pub fn load(vb: VarBuilder, cfg: &LlmConfig, dtype: DType, with_lm_head: bool) -> Result<Self> {
+        Self::load_quantized(vb, cfg, dtype, with_lm_head, Quantize::default())
+    }
+
+    /// [`Llm::load`] with the linear layers held as `quant` says (embeddings and norms keep
+    /// their dtype). A checkpoint that stores quantized layers loads them as stored.
+    pub fn load_quantized(
+        vb: VarBuilder,
+        cfg: &LlmConfig,
+        dtype: DType,
+        with_lm_head: bool,
+        quant: Quantize,
+    ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let device = vb.device().clone();
         let m = vb.pp("model");
@@ -46,15 +69,24 @@ impl Llm {
         let cpu_bf16 = dtype == DType::BF16 && device.is_cpu();
         let act = if cpu_bf16 { DType::F32 } else { dtype };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, act, dtype, cpu_bf16))
+            .map(|i| {
+                Block::load(
+                    m.pp(format!("layers.{i}")),
+                    cfg,
+                    act,
+                    dtype,
+                    cpu_bf16,
+                    quant.layers,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps, act)?;
         let lm_head = if with_lm_head {
-            Some(Linear::load(
+            Some(Linear::load_as(
                 vb.pp("lm_head"),
                 cfg.hidden_size,
                 cfg.vocab_size,
-                false,
+                quant.lm_head,
             )?)
         } else {
             None

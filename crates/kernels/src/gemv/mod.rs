@@ -148,7 +148,7 @@ fn run(
 /// range), the chunks are disjoint, and nothing reads `out` while the tasks run, so no element
 /// is touched by two threads; `out` is exclusively borrowed for the whole call, which outlives
 /// the tasks (rayon joins them before returning).
-fn for_each_stripe(m: usize, n: usize, k: usize, f: impl Fn(usize, usize) + Sync) {
+pub(crate) fn for_each_stripe(m: usize, n: usize, k: usize, f: impl Fn(usize, usize) + Sync) {
     let threads = rayon::current_num_threads().max(1);
     // 64–256 output features per task: enough tasks for 2–16 threads to balance, few enough
     // that per-task overhead is noise. A multiple of 4 keeps weight-row groups whole.

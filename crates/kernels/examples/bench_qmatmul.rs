@@ -1,0 +1,88 @@
+//! Times the quantized decode products (`quant::linear_rows_q`, Q8_0 and Q4_1) against
+//! `linear_rows` on bf16 weights and candle's CPU `QMatMul` on the same GGUF block types, at
+//! the Janus-Pro-1B decode shapes; one JSON line per case.
+//!
+//! Run: `cargo run --release -p janus-kernels --example bench_qmatmul`
+//! (BENCH_RUNS samples, BENCH_M=1,2 row counts).
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use half::bf16;
+use janus_kernels::quant::{linear_rows_q, QFormat, QuantWeight};
+use janus_kernels::{linear_rows, Weights};
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn time(runs: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn main() -> candle_core::Result<()> {
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let ms: Vec<usize> = std::env::var("BENCH_M")
+        .ok()
+        .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 16]);
+    let shapes = [
+        (6144usize, 2048usize),
+        (11264, 2048),
+        (2048, 5632),
+        (102400, 2048),
+    ];
+    for &(n, k) in &shapes {
+        let w32: Vec<f32> = (0..n * k)
+            .map(|i| (((i * 7919) % 997) as f32 - 498.0) * 1e-4)
+            .collect();
+        let wbf: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wt = Tensor::from_vec(w32, (n, k), &Device::Cpu)?;
+        let mut qs = Vec::new();
+        let ours: Vec<QuantWeight> = [QFormat::Q8_0, QFormat::Q4_1]
+            .into_iter()
+            .map(|f| QuantWeight::quantize(Weights::Bf16(&wbf), n, k, f))
+            .collect();
+        for dt in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K] {
+            let q = QTensor::quantize(&wt, dt)?;
+            let bytes = q.storage_size_in_bytes();
+            qs.push((format!("{dt:?}"), QMatMul::from_qtensor(q)?, bytes));
+        }
+        drop(wt);
+        for &m in &ms {
+            let xv: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
+            let mut out = vec![0f32; m * n];
+            let s = time(runs, || {
+                linear_rows(&xv, m, k, Weights::Bf16(&wbf), n, None, &mut out)
+            });
+            println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"bf16 linear_rows\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", s * 1e3, (n * k * 2) as f64 / s / 1e9);
+            for q in &ours {
+                let s = time(runs, || linear_rows_q(&xv, m, q, None, &mut out));
+                println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"ours {}\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", q.format().name(), s * 1e3, q.bytes().len() as f64 / s / 1e9);
+            }
+            let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu)?;
+            for (name, q, bytes) in &qs {
+                let s = time(runs, || {
+                    std::hint::black_box(q.forward(&x).unwrap());
+                });
+                println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"candle {name}\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", s * 1e3, *bytes as f64 / s / 1e9);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! The block formats, element by element: quantizing a weight row, dequantizing it, and the
+//! activation rows' 8-bit blocks the decode products multiply against.
+//!
+//! Both weight formats are GGUF's, byte for byte (`ggml-common.h`), so the same bytes load
+//! into candle's `QTensor` on CUDA and a GGUF writer needs only a header:
+//! - `Q8_0`: 32 weights as `d: f16, q: [i8; 32]`, value `d·q` (34 bytes, 8.5 bits a weight);
+//! - `Q4_1`: 32 weights as `d: f16, m: f16, qs: [u8; 16]`, value `d·q + m`, with `q[i]` the
+//!   low nibble of `qs[i]` and `q[i + 16]` its high nibble (20 bytes, 5 bits a weight).
+//!
+//! A row whose length is not a multiple of 32 is padded with zeros to whole blocks.
+
+use half::f16;
+
+/// Weights per block (both formats).
+pub const QK: usize = 32;
+
+/// Bytes of one `Q8_0` block.
+pub(crate) const Q8_0_BYTES: usize = 2 + QK;
+/// Bytes of one `Q4_1` block.
+pub(crate) const Q4_1_BYTES: usize = 4 + QK / 2;
+
+/// The value at `i` of a row of `k`, or 0 past its end (the padding of the last block).
+#[inline(always)]
+fn at(row: &[f32], i: usize) -> f32 {
+    row.get(i).copied().unwrap_or(0.0)
+}
+
+/// Writes `row` (f32, `k` values) as `Q8_0` blocks into `out` (`⌈k/32⌉ · 34` bytes), as
+/// ggml's `quantize_row_q8_0_ref`: `d = max|x| / 127`, `q = round(x / d)`.
+pub(crate) fn quantize_row_q8_0(row: &[f32], out: &mut [u8]) {
+    for (b, blk) in out.chunks_exact_mut(Q8_0_BYTES).enumerate() {
+        let xs = |i: usize| at(row, b * QK + i);
+        let amax = (0..QK).map(|i| xs(i).abs()).fold(0f32, f32::max);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for i in 0..QK {
+            blk[2 + i] = ((xs(i) * id).round() as i8) as u8;
+        }
+    }
+}
+
+/// Writes `row` as `Q4_1` blocks into `out` (`⌈k/32⌉ · 20` bytes), as ggml's
+/// `quantize_row_q4_1_ref`: `m = min x`, `d = (max x − m) / 15`, `q = ⌊(x − m) / d + ½⌋ ≤ 15`.
+pub(crate) fn quantize_row_q4_1(row: &[f32], out: &mut [u8]) {
+    for (b, blk) in out.chunks_exact_mut(Q4_1_BYTES).enumerate() {
+        let xs = |i: usize| at(row, b * QK + i);
+        let (mut lo, mut hi) = (f32::MAX, f32::MIN);
+        for i in 0..QK {
+            lo = lo.min(xs(i));
+            hi = hi.max(xs(i));
+        }
+        let d = (hi - lo) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        blk[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        blk[2..4].copy_from_slice(&f16::from_f32(lo).to_le_bytes());
+        let q = |i: usize| (((xs(i) - lo) * id + 0.5) as u8).min(15);
+        for i in 0..QK / 2 {
+            blk[4 + i] = q(i) | (q(i + QK / 2) << 4);
+        }
+    }
+}
+
+/// The f16 at the start of `b`.
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Dequantizes one `Q8_0` row into `out` (its `k` values; padding dropped).
+pub(crate) fn dequantize_row_q8_0(blocks: &[u8], out: &mut [f32]) {
+    for (b, blk) in blocks.chunks_exact(Q8_0_BYTES).enumerate() {
+        let d = f16_at(blk);
+        for (i, o) in out.iter_mut().skip(b * QK).take(QK).enumerate() {
+            *o = d * (blk[2 + i] as i8) as f32;
+        }
+    }
+}
+
+/// Dequantizes one `Q4_1` row into `out` (its `k` values; padding dropped).
+pub(crate) fn dequantize_row_q4_1(blocks: &[u8], out: &mut [f32]) {
+    for (b, blk) in blocks.chunks_exact(Q4_1_BYTES).enumerate() {
+        let (d, m) = (f16_at(blk), f16_at(&blk[2..]));
+        for (i, o) in out.iter_mut().skip(b * QK).take(QK).enumerate() {
+            let byte = blk[4 + i % (QK / 2)];
+            let q = if i < QK / 2 { byte & 15 } else { byte >> 4 };
+            *o = d * q as f32 + m;
+        }
+    }
+}
+
+/// Activation rows as 8-bit blocks (ggml's `Q8_1` without its packing): per row and block of
+/// 32, `d = max|x| / 127`, `q = round(x / d)`, and `s = d · Σq` (the block's sum, for the `m`
+/// term of `Q4_1`). Rows are padded with zeros to whole blocks.
+#[derive(Debug, Default)]
+pub(crate) struct QRows {
+    /// `m × nb · 32` quantized values.
+    pub(crate) q: Vec<i8>,
+    /// `m × nb` scales.
+    pub(crate) d: Vec<f32>,
+    /// `m × nb` block sums.
+    pub(crate) s: Vec<f32>,
+    /// Blocks per row.
+    pub(crate) nb: usize,
+}
+
+impl QRows {
+    /// Quantizes the `m` rows of `k` values in `x`.
+    pub(crate) fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let nb = k.div_ceil(QK);
+        let mut r = QRows {
+            q: vec![0; m * nb * QK],
+            d: vec![0.0; m * nb],
+            s: vec![0.0; m * nb],
+            nb,
+        };
+        for row in 0..m {
+            let xr = &x[row * k..(row + 1) * k];
+            for b in 0..nb {
+                let amax = (0..QK)
+                    .map(|i| at(xr, b * QK + i).abs())
+                    .fold(0f32, f32::max);
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = &mut r.q[(row * nb + b) * QK..][..QK];
+                let mut sum = 0i32;
+                for (i, v) in q.iter_mut().enumerate() {
+                    *v = (at(xr, b * QK + i) * id).round() as i8;
+                    sum += *v as i32;
+                }
+                r.d[row * nb + b] = d;
+                r.s[row * nb + b] = d * sum as f32;
+            }
+        }
+        r
+    }
+
+    /// Row `r`'s values, scales and sums.
+    pub(crate) fn row(&self, r: usize) -> Row<'_> {
+        let nb = self.nb;
+        Row {
+            q: &self.q[r * nb * QK..(r + 1) * nb * QK],
+            d: &self.d[r * nb..(r + 1) * nb],
+            s: &self.s[r * nb..(r + 1) * nb],
+        }
+    }
+}
+
+/// One quantized activation row (see [`QRows`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Row<'a> {
+    pub(crate) q: &'a [i8],
+    pub(crate) d: &'a [f32],
+    pub(crate) s: &'a [f32],
+}
