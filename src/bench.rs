@@ -97,6 +97,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "weight_dtype": janus_pipeline::dtype_name(opts.resolve_weight_dtype(
             janus_pipeline::checkpoint_dtype(&args.model.model)?,
         )),
+        "quantized_layers": opts.quant.map(|q| q.name()),
         "threads": std::env::var("RAYON_NUM_THREADS").ok().and_then(|t| t.parse::<usize>().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         "simd": janus_kernels::simd_level(),

@@ -10,10 +10,15 @@ use std::io::Write;
 /// Load options from the device/dtype flags (`--dtype auto` resolved for the device).
 pub fn load_options(device: &str, dtype: &str, weight_dtype: Option<&str>) -> Result<LoadOptions> {
     let device = janus_pipeline::parse_device(device)?;
+    let (weight_dtype, quant) = match weight_dtype {
+        Some(w) => janus_pipeline::parse_weight_dtype(w)?,
+        None => (None, None),
+    };
     Ok(LoadOptions {
         dtype: janus_pipeline::parse_dtype_for(dtype, &device)?,
         device,
-        weight_dtype: weight_dtype.map(janus_pipeline::parse_dtype).transpose()?,
+        weight_dtype,
+        quant,
         max_context: None,
         special_tokens_in_text: false,
     })

@@ -7,6 +7,7 @@ mod bench;
 mod client;
 mod local;
 mod memtrim;
+mod quant;
 mod serve;
 
 /// Large tensors are allocated and freed every op; the system allocator returns them to the OS
@@ -50,8 +51,10 @@ struct ModelArgs {
     /// Compute dtype: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
     #[arg(long, default_value = "auto", env = "JANUS_DTYPE")]
     dtype: String,
-    /// Weight storage dtype (default: the checkpoint's, bf16 for the hub checkpoints). `bf16`
-    /// with `--dtype f32` halves the memory held and read per decode step on the CPU.
+    /// Weight storage: f32, bf16, f16, or q8 / q4 (the language model's linear layers as 8-bit
+    /// or 4-bit blocks, quantized at load). Default: the checkpoint's, bf16 for the hub
+    /// checkpoints; `bf16` with `--dtype f32` halves the memory held and read per decode step
+    /// on the CPU.
     #[arg(long, env = "JANUS_WEIGHT_DTYPE")]
     weight_dtype: Option<String>,
 }
@@ -109,6 +112,12 @@ enum Command {
     },
     /// Benchmark understanding and generation on a checkpoint; prints JSON.
     Bench(bench::BenchArgs),
+    /// Write a copy of a checkpoint with the language model's linear layers stored as 8- or
+    /// 4-bit blocks (loads directly, no quantization at load); prints JSON.
+    Quantize(quant::QuantizeArgs),
+    /// Measure how far quantized weights land from the checkpoint's own (logits cosine, greedy
+    /// tokens, guided image logits, images); prints JSON.
+    Quality(quant::QualityArgs),
 }
 
 /// `10GB`, `500MB`, `64KB` (powers of 1000, as transformers' `max_shard_size`) or plain bytes.
@@ -272,5 +281,7 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Quantize(args) => quant::quantize(args),
+        Command::Quality(args) => quant::quality(args),
     }
 }

@@ -657,3 +657,76 @@ fn special_tokens_in_text_is_an_explicit_server_option() {
         "plain {plain}, reference {reference}"
     );
 }
+
+/// `janus serve --weight-dtype q8|q4`: the language model quantized at load, reported by
+/// `info`, and both halves answer.
+#[test]
+fn serve_with_quantized_weights_answers_both_halves() {
+    for (flag, name) in [("q8", "q8_0"), ("q4", "q4_1")] {
+        let server = Server::start_with(&["--weight-dtype", flag]);
+        let s = server.url.as_str();
+        let out = janus(&["info", "--json", "--server", s], &[]);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        for half in ["understanding", "generation"] {
+            assert_eq!(v[half]["weight_dtype"], name, "{half}: {}", out.stdout);
+        }
+        let wide = fixture().join("wide.png");
+        let out = janus(
+            &[
+                "understand",
+                "--server",
+                s,
+                "--image",
+                wide.to_str().unwrap(),
+                "--max-new-tokens",
+                "4",
+                "--min-new-tokens",
+                "4",
+                "What is shown?",
+            ],
+            &[],
+        );
+        assert_eq!(out.code, Some(0), "{flag}: {}", out.stderr);
+        assert!(out.stderr.contains("finish: length"), "{}", out.stderr);
+        let dir = tempfile::tempdir().unwrap();
+        let out = janus(
+            &[
+                "generate",
+                "--server",
+                s,
+                "-n",
+                "1",
+                "--quiet",
+                "-o",
+                dir.path().to_str().unwrap(),
+                "a cat",
+            ],
+            &[],
+        );
+        assert_eq!(out.code, Some(0), "{flag}: {}", out.stderr);
+        let img = image::open(dir.path().join("image_0.png")).unwrap();
+        assert_eq!((img.width(), img.height()), (384, 384));
+    }
+    // An unknown weight dtype fails before serving, naming the flag's values.
+    let out = janus(
+        &[
+            "serve",
+            "--model",
+            fixture().join("model").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+            "--weight-dtype",
+            "q3",
+        ],
+        &[],
+    );
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr.contains("q3") && out.stderr.contains("q8, q4"),
+        "{}",
+        out.stderr
+    );
+}

@@ -47,6 +47,42 @@ fn main() -> candle_core::Result<()> {
         (2048, 5632),
         (102400, 2048),
     ];
+    // BENCH_PREFILL=128: large-M products (the GEMM on bf16 weights against the dequantizing
+    // GEMM on blocks) at that many rows, instead of the decode products.
+    if let Some(m) = std::env::var("BENCH_PREFILL")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        use janus_kernels::gemm::{gemm, BRef, GemmOpts, MatRef};
+        use janus_kernels::quant::gemm_q;
+        for &(n, k) in &shapes[..3] {
+            let w32: Vec<f32> = (0..n * k)
+                .map(|i| (((i * 7919) % 997) as f32 - 498.0) * 1e-4)
+                .collect();
+            let wbf: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
+            let mut out = vec![0f32; m * n];
+            let opts = GemmOpts::default();
+            let a = MatRef::row_major(&x, m, k);
+            let s = time(runs, || {
+                gemm(
+                    a,
+                    BRef::Bf16(MatRef::transposed(&wbf, k, n)),
+                    &mut out,
+                    n,
+                    &opts,
+                )
+                .unwrap()
+            });
+            println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"bf16 gemm\",\"ms\":{:.3},\"gflops\":{:.1}}}", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9);
+            for f in [QFormat::Q8_0, QFormat::Q4_1] {
+                let q = QuantWeight::quantize(Weights::Bf16(&wbf), n, k, f);
+                let s = time(runs, || gemm_q(a, &q, &mut out, n, &opts).unwrap());
+                println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"{} gemm_q\",\"ms\":{:.3},\"gflops\":{:.1}}}", f.name(), s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9);
+            }
+        }
+        return Ok(());
+    }
     for &(n, k) in &shapes {
         let w32: Vec<f32> = (0..n * k)
             .map(|i| (((i * 7919) % 997) as f32 - 498.0) * 1e-4)

@@ -11,7 +11,10 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod layout;
 pub mod prompt;
+pub mod quality;
+pub mod quantize;
 pub mod sampling;
 pub mod understand;
 pub mod weights;
@@ -25,6 +28,7 @@ pub use generation::{
     GenerationModel, Prefilled,
 };
 pub use janus_imageproc::{decode_rgb, ImageLimits};
+pub use janus_llm::QFormat;
 pub use prompt::{Message, Role};
 pub use sampling::SamplingParams;
 pub use understand::{
@@ -45,6 +49,12 @@ pub struct LoadOptions {
     /// see [`LoadOptions::resolve_weight_dtype`]. bf16 storage with f32 compute halves the memory
     /// held and read per decode step on the CPU (weights are widened on the fly).
     pub weight_dtype: Option<DType>,
+    /// The language model's linear layers held as 8- or 4-bit blocks (`--weight-dtype q8|q4`);
+    /// `None`: in the weight dtype. The understanding half quantizes the decoder layers and
+    /// `lm_head`; the generation half the decoder layers only (`gen_head`, the aligners, the
+    /// embeddings, the vision tower and the VQ decoder keep the weight dtype). A checkpoint
+    /// written by `janus quantize` loads its blocks whatever this says.
+    pub quant: Option<QFormat>,
     /// Context window in tokens; defaults to the config's `max_position_embeddings`.
     pub max_context: Option<usize>,
     /// The reference's tokenization of message text: special-token strings typed by a user
@@ -67,6 +77,7 @@ impl LoadOptions {
             dtype: default_dtype(&device),
             device,
             weight_dtype: None,
+            quant: None,
             max_context: None,
             special_tokens_in_text: false,
         }
@@ -132,6 +143,7 @@ pub fn shares_llm(a: &LoadOptions, b: &LoadOptions) -> bool {
     a.device.same_device(&b.device)
         && a.dtype == b.dtype
         && a.weight_dtype == b.weight_dtype
+        && a.quant == b.quant
         && a.max_context == b.max_context
 }
 
@@ -194,6 +206,22 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// Parses `--weight-dtype`: a storage dtype ([`parse_dtype`]) or a block format for the
+/// language model's linear layers (`q8` = `q8_0`, `q4` = `q4_1`; the other weights then keep
+/// the checkpoint's dtype).
+pub fn parse_weight_dtype(s: &str) -> Result<(Option<DType>, Option<QFormat>)> {
+    match s {
+        "q8" | "q8_0" => Ok((None, Some(QFormat::Q8_0))),
+        "q4" | "q4_1" => Ok((None, Some(QFormat::Q4_1))),
+        s => parse_dtype(s).map(|d| (Some(d), None)).map_err(|_| {
+            Error::invalid(
+                "weight dtype",
+                format!("unknown weight dtype '{s}' (f32, bf16, f16, q8, q4)"),
+            )
+        }),
+    }
+}
+
 /// Parses a compute dtype for `device`: `auto` is [`default_dtype`], anything else as
 /// [`parse_dtype`].
 pub fn parse_dtype_for(s: &str, device: &Device) -> Result<DType> {
@@ -241,6 +269,18 @@ impl Checkpoint {
                 )));
             }
         }
+        if let Some(id) = config.image_token_id {
+            if id != ids.image {
+                return Err(Error::Config {
+                    file: "config.json".into(),
+                    reason: format!(
+                        "image_token_id {id} is not the tokenizer's id of {} ({})",
+                        prompt::IMAGE_TAG,
+                        ids.image
+                    ),
+                });
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -250,10 +290,12 @@ impl Checkpoint {
     }
 
     /// Parses the weight headers once; tensors are stored as
-    /// [`LoadOptions::resolve_weight_dtype`] of the checkpoint's dtype.
+    /// [`LoadOptions::resolve_weight_dtype`] of the checkpoint's dtype and asked for by their
+    /// DeepSeek names whatever the checkpoint's layout ([`layout::LayoutBackend`]).
     pub fn var_builder(&self, opts: &LoadOptions) -> Result<candle_nn::VarBuilder<'static>> {
         let index = self.weights.open()?;
         let dtype = opts.resolve_weight_dtype(index.dtype());
-        Ok(index.into_var_builder(dtype, &opts.device))
+        let backend = layout::LayoutBackend::new(index, self.config.layout);
+        Ok(backend.into_var_builder(dtype, &opts.device))
     }
 }

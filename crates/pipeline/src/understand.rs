@@ -286,8 +286,17 @@ impl UnderstandingModel {
         let llm = match llm {
             Some(llm) => llm,
             None => Arc::new(
-                Llm::load(vb.pp("language_model"), &cfg.llm, opts.dtype, true)
-                    .map_err(weights_err)?,
+                Llm::load_quantized(
+                    vb.pp("language_model"),
+                    &cfg.llm,
+                    opts.dtype,
+                    true,
+                    janus_llm::Quantize {
+                        layers: opts.quant,
+                        lm_head: opts.quant,
+                    },
+                )
+                .map_err(weights_err)?,
             ),
         };
         let pre = PreprocessorConfig::from_dir(&ck.dir)?;

@@ -5,6 +5,9 @@
 //! Janus-Pro-7B) and `pytorch_model.bin` (Janus-Pro-1B). Tensors are read lazily, so each service
 //! only touches the half of the checkpoint it builds.
 //!
+//! Names are the files' own; [`crate::layout`] serves them by DeepSeek name whatever the
+//! checkpoint's layout (DeepSeek's or transformers').
+//!
 //! Memory: nothing is memory-mapped. The headers (safetensors JSON, the pickle's `data.pkl` and
 //! the zip directory) are parsed once into a [`TensorIndex`]; each tensor is then read with
 //! positioned reads (`pread`) straight into a buffer of its destination dtype, so loading holds
@@ -143,7 +146,9 @@ impl WeightFiles {
         self.open().map(|i| i.dtype())
     }
 
-    /// A `VarBuilder` over these files storing tensors as `dtype` on `device`.
+    /// A `VarBuilder` over these files storing tensors as `dtype` on `device`, by the files' own
+    /// names (DeepSeek's layout; [`crate::layout::var_builder`] answers DeepSeek names in
+    /// either layout).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         Ok(self.open()?.into_var_builder(dtype, device))
     }
@@ -205,7 +210,11 @@ impl TensorIndex {
         let mut by_dtype: Vec<(DType, u64, u64)> = Vec::new(); // dtype, llm bytes, all bytes
         for (name, e) in &self.tensors {
             let n = e.shape.iter().product::<usize>() as u64;
-            let llm = if name.starts_with("language_model.") {
+            // The language model's tensors in DeepSeek's layout and in transformers'.
+            let llm = if name.starts_with("language_model.")
+                || name.starts_with("model.language_model.")
+                || name == "lm_head.weight"
+            {
                 n
             } else {
                 0
@@ -234,18 +243,43 @@ impl TensorIndex {
         &self.files[e.file].0
     }
 
+    /// The files, for messages (`a, b`).
+    pub fn files_display(&self) -> String {
+        let files: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        files.join(", ")
+    }
+
+    /// [`Self::read`] after checking that the stored shape is `dims`.
+    pub fn read_checked(
+        &self,
+        name: &str,
+        dims: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(e) = self.tensors.get(name) {
+            if e.shape.as_slice() != dims {
+                return Err(err(format!(
+                    "shape mismatch for {name} in {}: expected {dims:?}, found {:?}",
+                    self.path(e).display(),
+                    e.shape
+                )));
+            }
+        }
+        self.read(name, dtype, device)
+    }
+
     /// Reads `name` as a `dtype` tensor on `device`: positioned reads into a buffer of the
     /// destination dtype (converting chunk by chunk when the storage dtype differs).
     pub fn read(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let Some(e) = self.tensors.get(name) else {
-            let files: Vec<String> = self
-                .files
-                .iter()
-                .map(|(p, _)| p.display().to_string())
-                .collect();
             return Err(err(format!(
                 "cannot find tensor {name} in {}",
-                files.join(", ")
+                self.files_display()
             )));
         };
         let ctx = |x: candle_core::Error| err(format!("{name} in {}: {x}", self.path(e).display()));
@@ -275,17 +309,7 @@ impl SimpleBackend for TensorIndex {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        if let Some(e) = self.tensors.get(name) {
-            if e.shape.as_slice() != s.dims() {
-                return Err(err(format!(
-                    "shape mismatch for {name} in {}: expected {:?}, found {:?}",
-                    self.path(e).display(),
-                    s.dims(),
-                    e.shape
-                )));
-            }
-        }
-        self.read(name, dtype, dev)
+        self.read_checked(name, s.dims(), dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

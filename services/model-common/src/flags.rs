@@ -21,7 +21,9 @@ pub struct ModelFlags {
     /// Compute dtype: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
     #[arg(long, env = "JANUS_DTYPE", default_value = "auto")]
     pub dtype: String,
-    /// Weight storage dtype (default: the checkpoint's, bf16 for the hub checkpoints; the
+    /// Weight storage: f32, bf16, f16, or q8 / q4 (the language model's linear layers as 8-bit
+    /// or 4-bit blocks of 32, GGUF's Q8_0 / Q4_1, quantized at load; the other weights keep the
+    /// checkpoint's dtype). Default: the checkpoint's dtype, bf16 for the hub checkpoints (the
     /// compute dtype when the checkpoint is stored wider or in another 16-bit format).
     #[arg(long, env = "JANUS_WEIGHT_DTYPE")]
     pub weight_dtype: Option<String>,
@@ -40,14 +42,15 @@ impl ModelFlags {
     /// Load options for `device` (defaults to `--device`).
     pub fn load_options(&self, device: Option<&str>) -> anyhow::Result<LoadOptions> {
         let device = janus_pipeline::parse_device(device.unwrap_or(&self.device))?;
+        let (weight_dtype, quant) = match self.weight_dtype.as_deref() {
+            Some(w) => janus_pipeline::parse_weight_dtype(w)?,
+            None => (None, None),
+        };
         Ok(LoadOptions {
             dtype: janus_pipeline::parse_dtype_for(&self.dtype, &device)?,
             device,
-            weight_dtype: self
-                .weight_dtype
-                .as_deref()
-                .map(janus_pipeline::parse_dtype)
-                .transpose()?,
+            weight_dtype,
+            quant,
             max_context: self.max_context,
             special_tokens_in_text: self.special_tokens_in_text,
         })
@@ -71,10 +74,15 @@ impl ModelFlags {
         let weight = self
             .weight_dtype
             .as_deref()
-            .map(janus_pipeline::parse_dtype)
+            .map(janus_pipeline::parse_weight_dtype)
             .transpose();
         let (dtype, weight_dtype) = match (compute, weight) {
-            (Ok(dtype), Ok(weight_dtype)) => {
+            (Ok(dtype), Ok(Some((_, Some(quant))))) => (
+                janus_pipeline::dtype_name(dtype).to_string(),
+                quant.name().to_string(),
+            ),
+            (Ok(dtype), Ok(parsed)) => {
+                let weight_dtype = parsed.and_then(|(d, _)| d);
                 let opts = LoadOptions {
                     dtype,
                     weight_dtype,

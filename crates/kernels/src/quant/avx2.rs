@@ -46,26 +46,45 @@ fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
 /// The CPU has avx2, fma and f16c; every row of `xs` holds the blocks of `w`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
-    let nb = w.len() / Q8_0_BYTES;
-    let mut acc = [[_mm256_setzero_ps(); R]; 2];
-    for b in 0..nb {
-        // SAFETY: block b lies in `w`; the rows hold nb · 32 values and nb scales (contract).
+    /// Adds block `b`'s products to `acc`.
+    #[inline(always)]
+    unsafe fn block<const R: usize>(
+        w: *const u8,
+        xs: &[Row<'_>; R],
+        b: usize,
+        acc: &mut [__m256; R],
+    ) {
+        // SAFETY: block b lies in the weight row; the rows hold its values and scale.
         unsafe {
-            let blk = w.as_ptr().add(b * Q8_0_BYTES);
+            let blk = w.add(b * Q8_0_BYTES);
             let dw = f16_at(blk);
             let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
             let aw = _mm256_sign_epi8(qw, qw);
-            let set = &mut acc[b & 1];
-            for (a, x) in set.iter_mut().zip(&xs) {
+            for r in 0..R {
+                let x = &xs[r];
                 let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
                 let p = dot_u8_i8(aw, _mm256_sign_epi8(qx, qw));
-                *a = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *x.d.get_unchecked(b)), *a);
+                acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *x.d.get_unchecked(b)), acc[r]);
             }
         }
     }
+    let nb = w.len() / Q8_0_BYTES;
+    let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut b = 0;
+    // SAFETY: b, b + 1 < nb (contract as above).
+    unsafe {
+        while b + 1 < nb {
+            block(w.as_ptr(), &xs, b, &mut a0);
+            block(w.as_ptr(), &xs, b + 1, &mut a1);
+            b += 2;
+        }
+        if b < nb {
+            block(w.as_ptr(), &xs, b, &mut a0);
+        }
+    }
     let mut out = [0f32; R];
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
+    for r in 0..R {
+        out[r] = hsum(_mm256_add_ps(a0[r], a1[r]));
     }
     out
 }
@@ -76,32 +95,52 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
 /// As [`dots_q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dots_q4_1<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
-    let nb = w.len() / Q4_1_BYTES;
-    let low = _mm_set1_epi8(15);
-    let mut acc = [[_mm256_setzero_ps(); R]; 2];
-    let mut mins = [0f32; R];
-    for b in 0..nb {
+    /// Adds block `b`'s products to `acc` and its minimum's term to `mins`.
+    #[inline(always)]
+    unsafe fn block<const R: usize>(
+        w: *const u8,
+        xs: &[Row<'_>; R],
+        b: usize,
+        acc: &mut [__m256; R],
+        mins: &mut [f32; R],
+    ) {
         // SAFETY: as in `dots_q8_0`.
         unsafe {
-            let blk = w.as_ptr().add(b * Q4_1_BYTES);
+            let blk = w.add(b * Q4_1_BYTES);
             let (dw, mw) = (f16_at(blk), f16_at(blk.add(2)));
             let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+            let low = _mm_set1_epi8(15);
             let q = _mm256_set_m128i(
                 _mm_and_si128(_mm_srli_epi16(qs, 4), low),
                 _mm_and_si128(qs, low),
             );
-            let set = &mut acc[b & 1];
-            for ((a, m), x) in set.iter_mut().zip(&mut mins).zip(&xs) {
+            for r in 0..R {
+                let x = &xs[r];
                 let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
                 let p = dot_u8_i8(q, qx);
-                *a = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *x.d.get_unchecked(b)), *a);
-                *m += mw * *x.s.get_unchecked(b);
+                acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *x.d.get_unchecked(b)), acc[r]);
+                mins[r] += mw * *x.s.get_unchecked(b);
             }
         }
     }
+    let nb = w.len() / Q4_1_BYTES;
+    let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let (mut m0, mut m1) = ([0f32; R], [0f32; R]);
+    let mut b = 0;
+    // SAFETY: b, b + 1 < nb (contract as above).
+    unsafe {
+        while b + 1 < nb {
+            block(w.as_ptr(), &xs, b, &mut a0, &mut m0);
+            block(w.as_ptr(), &xs, b + 1, &mut a1, &mut m1);
+            b += 2;
+        }
+        if b < nb {
+            block(w.as_ptr(), &xs, b, &mut a0, &mut m0);
+        }
+    }
     let mut out = [0f32; R];
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[r];
+    for r in 0..R {
+        out[r] = hsum(_mm256_add_ps(a0[r], a1[r])) + m0[r] + m1[r];
     }
     out
 }

@@ -143,8 +143,17 @@ impl GenerationModel {
         let llm = match llm {
             Some(llm) => llm,
             None => Arc::new(
-                Llm::load(vb.pp("language_model"), &cfg.llm, opts.dtype, false)
-                    .map_err(weights_err)?,
+                Llm::load_quantized(
+                    vb.pp("language_model"),
+                    &cfg.llm,
+                    opts.dtype,
+                    false,
+                    janus_llm::Quantize {
+                        layers: opts.quant,
+                        lm_head: None,
+                    },
+                )
+                .map_err(weights_err)?,
             ),
         };
         let gh = &cfg.gen_head;
