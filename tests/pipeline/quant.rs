@@ -95,7 +95,7 @@ fn q4_generation_stays_within_its_tolerance() {
     }
 }
 
-/// `janus quantize`'s checkpoint (from either copy) loads its blocks directly, and answers
+/// `janus quantize`'s checkpoint (from any copy, either layout) loads its blocks directly, and answers
 /// exactly as the same checkpoint quantized at load does.
 #[test]
 fn a_quantized_checkpoint_loads_as_quantizing_at_load() {
@@ -116,7 +116,8 @@ fn a_quantized_checkpoint_loads_as_quantizing_at_load() {
     };
     for q in [QFormat::Q8_0, QFormat::Q4_1] {
         let at_load = logits(&fixture().join("model"), &quantized(q));
-        for src in copies() {
+        // Both DeepSeek copies and the transformers-layout copy.
+        for src in copies().into_iter().chain([fixture().join("model-hf")]) {
             let out = tempfile::tempdir().unwrap();
             let dir = out.path().join("q");
             let w = janus_pipeline::quantize::quantize_dir(&src, &dir, q).unwrap();

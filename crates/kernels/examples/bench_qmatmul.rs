@@ -109,7 +109,7 @@ fn main() -> candle_core::Result<()> {
             println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"bf16 linear_rows\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", s * 1e3, (n * k * 2) as f64 / s / 1e9);
             for q in &ours {
                 let s = time(runs, || linear_rows_q(&xv, m, q, None, &mut out));
-                println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"ours {}\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", q.format().name(), s * 1e3, q.bytes().len() as f64 / s / 1e9);
+                println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"ours {}\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", q.format().name(), s * 1e3, q.len_bytes() as f64 / s / 1e9);
             }
             let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu)?;
             for (name, q, bytes) in &qs {

@@ -159,11 +159,11 @@ impl Linear {
                 Default::default(),
                 DType::U8,
             )?;
-            let w = QuantWeight::from_bytes(
+            let w = QuantWeight::from_gguf_bytes(
                 stored,
                 out_dim,
                 in_dim,
-                bytes.flatten_all()?.to_vec1::<u8>()?,
+                &bytes.flatten_all()?.to_vec1::<u8>()?,
             )
             .expect("the shape was checked against the row bytes");
             let dense = Tensor::zeros(0, vb.dtype(), &device)?;
@@ -330,7 +330,7 @@ impl Quantized {
         }
         let (n, k, format) = (w.rows(), w.cols(), w.format());
         let mm = if k % q::QK == 0 {
-            let storage = QStorage::from_data(Cow::Borrowed(w.bytes()), device, ggml(format))?;
+            let storage = QStorage::from_data(Cow::Owned(w.gguf_bytes()), device, ggml(format))?;
             QMatMul::from_qtensor(QTensor::new(storage, (n, k))?)?
         } else {
             let mut v = vec![0f32; n * k];
@@ -365,8 +365,7 @@ impl Quantized {
                     let v = dense.flatten_all()?.to_vec1::<f32>()?;
                     return Ok(QuantWeight::quantize(Weights::F32(&v), *n, *k, *format));
                 };
-                let bytes = t.data()?.into_owned();
-                QuantWeight::from_bytes(*format, *n, *k, bytes)
+                QuantWeight::from_gguf_bytes(*format, *n, *k, &t.data()?)
                     .ok_or_else(|| candle_core::Error::msg("quantized weight of unexpected size"))
             }
         }

@@ -173,8 +173,9 @@ pub fn quantize_dir(src: &Path, out: &Path, format: QFormat) -> Result<Written> 
                     QuantWeight::quantize(Weights::F32(&v), n, k, format)
                 }
             };
-            debug_assert_eq!(q.bytes().len() as u64, bytes);
-            f.write_all(q.bytes()).map_err(fail)?;
+            let gguf = q.gguf_bytes();
+            debug_assert_eq!(gguf.len() as u64, bytes);
+            f.write_all(&gguf).map_err(fail)?;
             quantized += 1;
         } else {
             let t = index.read(&name, dtype, &Device::Cpu).map_err(werr)?;

@@ -1,8 +1,11 @@
 //! The AVX2 decode dots (also what AVX-512 machines run): 32 weights and 32 activation values
 //! per block meet in `vpmaddubsw` (u8 × i8 pairs → i16) and `vpmaddwd` (→ i32), converted
-//! to f32 and scaled by `d_w·d_x` in one FMA. As ggml's `ggml_vec_dot_q8_0_q8_0` /
-//! `_q4_1_q8_1`, with up to four activation rows per pass over a weight row and two
-//! accumulator sets (even and odd blocks) so consecutive FMAs do not wait on each other.
+//! to f32 and scaled by `d_w·d_x` in one FMA, as ggml's `ggml_vec_dot_q8_0_q8_0` /
+//! `_q4_1_q8_1`. On the split rows (see `blocks`) eight blocks' scales convert and multiply in
+//! one instruction each and each block picks its lane with `vpermps`; a `Q4_1` row's `m·s`
+//! terms are one FMA per eight blocks, and two blocks' nibbles are one load. Up to four
+//! activation rows per pass over a weight row; two accumulator sets (even and odd blocks) so
+//! consecutive FMAs do not wait on each other.
 
 use super::blocks::{Row, Q4_1_BYTES, Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
@@ -40,46 +43,70 @@ fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
     ))
 }
 
+/// Eight f16 at `p` as f32 lanes.
+///
+/// # Safety
+/// The CPU has f16c; `p` is valid for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    // SAFETY: forwarded contract.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+}
+
+/// Lane `j` of `v` in every lane.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn lane(v: __m256, j: i32) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j))
+}
+
 /// [`super::scalar::dots_q8_0`] on AVX2.
 ///
 /// # Safety
-/// The CPU has avx2, fma and f16c; every row of `xs` holds the blocks of `w`.
+/// The CPU has avx2, fma and f16c; `w` is a split `Q8_0` row and every row of `xs` holds its
+/// blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
-    /// Adds block `b`'s products to `acc`.
-    #[inline(always)]
-    unsafe fn block<const R: usize>(
-        w: *const u8,
-        xs: &[Row<'_>; R],
-        b: usize,
-        acc: &mut [__m256; R],
-    ) {
-        // SAFETY: block b lies in the weight row; the rows hold its values and scale.
-        unsafe {
-            let blk = w.add(b * Q8_0_BYTES);
-            let dw = f16_at(blk);
-            let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let aw = _mm256_sign_epi8(qw, qw);
+    let nb = w.len() / Q8_0_BYTES;
+    let zero = _mm256_setzero_ps();
+    let (mut a0, mut a1) = ([zero; R], [zero; R]);
+    // SAFETY: the scales are the row's first 2·nb bytes and block b's quants the 32 at
+    // 2·nb + 32·b; the activation rows hold nb·32 values and nb scales (contract).
+    unsafe {
+        let (ds, qs) = (w.as_ptr(), w.as_ptr().add(2 * nb));
+        for g in 0..nb / 8 {
+            let b0 = g * 8;
+            let dw = f16x8(ds.add(2 * b0));
+            let mut sc = [zero; R];
             for r in 0..R {
-                let x = &xs[r];
-                let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
-                let p = dot_u8_i8(aw, _mm256_sign_epi8(qx, qw));
-                acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *x.d.get_unchecked(b)), acc[r]);
+                sc[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[r].d.as_ptr().add(b0)));
+            }
+            for j in 0..8 {
+                let b = b0 + j;
+                let qw = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
+                let aw = _mm256_sign_epi8(qw, qw);
+                for r in 0..R {
+                    let qx = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);
+                    let p = dot_u8_i8(aw, _mm256_sign_epi8(qx, qw));
+                    let s = lane(sc[r], j as i32);
+                    if j % 2 == 0 {
+                        a0[r] = _mm256_fmadd_ps(p, s, a0[r]);
+                    } else {
+                        a1[r] = _mm256_fmadd_ps(p, s, a1[r]);
+                    }
+                }
             }
         }
-    }
-    let nb = w.len() / Q8_0_BYTES;
-    let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-    let mut b = 0;
-    // SAFETY: b, b + 1 < nb (contract as above).
-    unsafe {
-        while b + 1 < nb {
-            block(w.as_ptr(), &xs, b, &mut a0);
-            block(w.as_ptr(), &xs, b + 1, &mut a1);
-            b += 2;
-        }
-        if b < nb {
-            block(w.as_ptr(), &xs, b, &mut a0);
+        for b in nb / 8 * 8..nb {
+            let dw = f16_at(ds.add(2 * b));
+            let qw = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
+            let aw = _mm256_sign_epi8(qw, qw);
+            for r in 0..R {
+                let qx = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);
+                let p = dot_u8_i8(aw, _mm256_sign_epi8(qx, qw));
+                a0[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *xs[r].d.get_unchecked(b)), a0[r]);
+            }
         }
     }
     let mut out = [0f32; R];
@@ -92,55 +119,62 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
 /// [`super::scalar::dots_q4_1`] on AVX2.
 ///
 /// # Safety
-/// As [`dots_q8_0`].
+/// As [`dots_q8_0`], for a split `Q4_1` row.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dots_q4_1<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
-    /// Adds block `b`'s products to `acc` and its minimum's term to `mins`.
-    #[inline(always)]
-    unsafe fn block<const R: usize>(
-        w: *const u8,
-        xs: &[Row<'_>; R],
-        b: usize,
-        acc: &mut [__m256; R],
-        mins: &mut [f32; R],
-    ) {
-        // SAFETY: as in `dots_q8_0`.
-        unsafe {
-            let blk = w.add(b * Q4_1_BYTES);
-            let (dw, mw) = (f16_at(blk), f16_at(blk.add(2)));
-            let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
-            let low = _mm_set1_epi8(15);
-            let q = _mm256_set_m128i(
-                _mm_and_si128(_mm_srli_epi16(qs, 4), low),
-                _mm_and_si128(qs, low),
-            );
+    let nb = w.len() / Q4_1_BYTES;
+    let zero = _mm256_setzero_ps();
+    let (mut a0, mut a1, mut mv) = ([zero; R], [zero; R], [zero; R]);
+    let mut tail_mins = [0f32; R];
+    // SAFETY: the d fields are the row's first 2·nb bytes, the m fields the next 2·nb, and
+    // block b's nibbles the 16 at 4·nb + 16·b (so blocks b and b + 1 are 32 contiguous
+    // bytes); the activation rows hold nb·32 values, nb scales and nb sums (contract).
+    unsafe {
+        let (ds, ms, qs) = (w.as_ptr(), w.as_ptr().add(2 * nb), w.as_ptr().add(4 * nb));
+        let low = _mm256_set1_epi8(15);
+        for g in 0..nb / 8 {
+            let b0 = g * 8;
+            let (dw, mw) = (f16x8(ds.add(2 * b0)), f16x8(ms.add(2 * b0)));
+            let mut sc = [zero; R];
             for r in 0..R {
-                let x = &xs[r];
-                let qx = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
-                let p = dot_u8_i8(q, qx);
-                acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *x.d.get_unchecked(b)), acc[r]);
-                mins[r] += mw * *x.s.get_unchecked(b);
+                sc[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[r].d.as_ptr().add(b0)));
+                mv[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xs[r].s.as_ptr().add(b0)), mv[r]);
+            }
+            for j in 0..4 {
+                let b = b0 + 2 * j;
+                let v = _mm256_loadu_si256(qs.add(b * (QK / 2)) as *const __m256i);
+                let lo = _mm256_and_si256(v, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                let q0 = _mm256_permute2x128_si256(lo, hi, 0x20);
+                let q1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+                for r in 0..R {
+                    let x = xs[r].q.as_ptr().add(b * QK);
+                    let p0 = dot_u8_i8(q0, _mm256_loadu_si256(x as *const __m256i));
+                    let p1 = dot_u8_i8(q1, _mm256_loadu_si256(x.add(QK) as *const __m256i));
+                    a0[r] = _mm256_fmadd_ps(p0, lane(sc[r], 2 * j as i32), a0[r]);
+                    a1[r] = _mm256_fmadd_ps(p1, lane(sc[r], 2 * j as i32 + 1), a1[r]);
+                }
             }
         }
-    }
-    let nb = w.len() / Q4_1_BYTES;
-    let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-    let (mut m0, mut m1) = ([0f32; R], [0f32; R]);
-    let mut b = 0;
-    // SAFETY: b, b + 1 < nb (contract as above).
-    unsafe {
-        while b + 1 < nb {
-            block(w.as_ptr(), &xs, b, &mut a0, &mut m0);
-            block(w.as_ptr(), &xs, b + 1, &mut a1, &mut m1);
-            b += 2;
-        }
-        if b < nb {
-            block(w.as_ptr(), &xs, b, &mut a0, &mut m0);
+        let low = _mm_set1_epi8(15);
+        for b in nb / 8 * 8..nb {
+            let (dw, mw) = (f16_at(ds.add(2 * b)), f16_at(ms.add(2 * b)));
+            let v = _mm_loadu_si128(qs.add(b * (QK / 2)) as *const __m128i);
+            let q = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(v, 4), low),
+                _mm_and_si128(v, low),
+            );
+            for r in 0..R {
+                let qx = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);
+                let p = dot_u8_i8(q, qx);
+                a0[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * *xs[r].d.get_unchecked(b)), a0[r]);
+                tail_mins[r] += mw * *xs[r].s.get_unchecked(b);
+            }
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum(_mm256_add_ps(a0[r], a1[r])) + m0[r] + m1[r];
+        out[r] = hsum(_mm256_add_ps(a0[r], a1[r])) + hsum(mv[r]) + tail_mins[r];
     }
     out
 }

@@ -1,13 +1,18 @@
-//! The block formats, element by element: quantizing a weight row, dequantizing it, and the
-//! activation rows' 8-bit blocks the decode products multiply against.
+//! The block formats, element by element: quantizing a weight row, dequantizing it, the row
+//! layout the kernels read, and the activation rows' 8-bit blocks the decode products multiply
+//! against.
 //!
-//! Both weight formats are GGUF's, byte for byte (`ggml-common.h`), so the same bytes load
-//! into candle's `QTensor` on CUDA and a GGUF writer needs only a header:
+//! Both weight formats are GGUF's (`ggml-common.h`), so their bytes load into candle's
+//! `QTensor` on CUDA and a GGUF writer needs only a header:
 //! - `Q8_0`: 32 weights as `d: f16, q: [i8; 32]`, value `d·q` (34 bytes, 8.5 bits a weight);
 //! - `Q4_1`: 32 weights as `d: f16, m: f16, qs: [u8; 16]`, value `d·q + m`, with `q[i]` the
 //!   low nibble of `qs[i]` and `q[i + 16]` its high nibble (20 bytes, 5 bits a weight).
 //!
-//! A row whose length is not a multiple of 32 is padded with zeros to whole blocks.
+//! In memory a row keeps the same bytes with its fields gathered ("split"): every block's `d`
+//! (then, for `Q4_1`, every `m`), then every block's quants. The kernels then convert eight
+//! scales with one instruction and load two `Q4_1` blocks' quants with one, instead of
+//! picking fields out of 34- or 20-byte records. A row whose length is not a multiple of 32 is
+//! padded with zeros to whole blocks.
 
 use half::f16;
 
@@ -25,9 +30,9 @@ fn at(row: &[f32], i: usize) -> f32 {
     row.get(i).copied().unwrap_or(0.0)
 }
 
-/// Writes `row` (f32, `k` values) as `Q8_0` blocks into `out` (`⌈k/32⌉ · 34` bytes), as
+/// Writes `row` (f32, `k` values) as GGUF `Q8_0` blocks into `out` (`⌈k/32⌉ · 34` bytes), as
 /// ggml's `quantize_row_q8_0_ref`: `d = max|x| / 127`, `q = round(x / d)`.
-pub(crate) fn quantize_row_q8_0(row: &[f32], out: &mut [u8]) {
+fn quantize_row_q8_0_gguf(row: &[f32], out: &mut [u8]) {
     for (b, blk) in out.chunks_exact_mut(Q8_0_BYTES).enumerate() {
         let xs = |i: usize| at(row, b * QK + i);
         let amax = (0..QK).map(|i| xs(i).abs()).fold(0f32, f32::max);
@@ -40,9 +45,9 @@ pub(crate) fn quantize_row_q8_0(row: &[f32], out: &mut [u8]) {
     }
 }
 
-/// Writes `row` as `Q4_1` blocks into `out` (`⌈k/32⌉ · 20` bytes), as ggml's
+/// Writes `row` as GGUF `Q4_1` blocks into `out` (`⌈k/32⌉ · 20` bytes), as ggml's
 /// `quantize_row_q4_1_ref`: `m = min x`, `d = (max x − m) / 15`, `q = ⌊(x − m) / d + ½⌋ ≤ 15`.
-pub(crate) fn quantize_row_q4_1(row: &[f32], out: &mut [u8]) {
+fn quantize_row_q4_1_gguf(row: &[f32], out: &mut [u8]) {
     for (b, blk) in out.chunks_exact_mut(Q4_1_BYTES).enumerate() {
         let xs = |i: usize| at(row, b * QK + i);
         let (mut lo, mut hi) = (f32::MAX, f32::MIN);
@@ -67,13 +72,60 @@ pub(crate) fn f16_at(b: &[u8]) -> f32 {
     f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
-/// Dequantizes one `Q8_0` row into `out` (its `k` values; padding dropped).
-pub(crate) fn dequantize_row_q8_0(blocks: &[u8], out: &mut [f32]) {
+/// Quantizes `row` into one split `Q8_0` row (`out`: `⌈k/32⌉ · 34` bytes).
+pub(crate) fn quantize_row_q8_0(row: &[f32], out: &mut [u8]) {
+    let mut gguf = vec![0u8; out.len()];
+    quantize_row_q8_0_gguf(row, &mut gguf);
+    split_row(Q8_0_BYTES, 2, &gguf, out);
+}
+
+/// Quantizes `row` into one split `Q4_1` row (`out`: `⌈k/32⌉ · 20` bytes).
+pub(crate) fn quantize_row_q4_1(row: &[f32], out: &mut [u8]) {
+    let mut gguf = vec![0u8; out.len()];
+    quantize_row_q4_1_gguf(row, &mut gguf);
+    split_row(Q4_1_BYTES, 4, &gguf, out);
+}
+
+/// One row of GGUF blocks of `block` bytes, whose first `head` bytes are f16 fields, as the
+/// split row: each f16 field of every block (in field order), then every block's quants.
+pub(crate) fn split_row(block: usize, head: usize, gguf: &[u8], out: &mut [u8]) {
+    let nb = gguf.len() / block;
+    let quants = block - head;
+    for (b, blk) in gguf.chunks_exact(block).enumerate() {
+        for f in 0..head / 2 {
+            out[f * 2 * nb + 2 * b..][..2].copy_from_slice(&blk[2 * f..2 * f + 2]);
+        }
+        out[head * nb + b * quants..][..quants].copy_from_slice(&blk[head..]);
+    }
+}
+
+/// The inverse of [`split_row`].
+pub(crate) fn join_row(block: usize, head: usize, split: &[u8], out: &mut [u8]) {
+    let nb = split.len() / block;
+    let quants = block - head;
+    for (b, blk) in out.chunks_exact_mut(block).enumerate() {
+        for f in 0..head / 2 {
+            blk[2 * f..2 * f + 2].copy_from_slice(&split[f * 2 * nb + 2 * b..][..2]);
+        }
+        blk[head..].copy_from_slice(&split[head * nb + b * quants..][..quants]);
+    }
+}
+
+/// The f16 field `f` of block `b` in a split row of `nb` blocks.
+#[inline(always)]
+pub(crate) fn field(row: &[u8], nb: usize, f: usize, b: usize) -> f32 {
+    f16_at(&row[f * 2 * nb + 2 * b..])
+}
+
+/// Dequantizes one split `Q8_0` row into `out` (its `k` values; padding dropped).
+pub(crate) fn dequantize_row_q8_0(row: &[u8], out: &mut [f32]) {
+    let nb = row.len() / Q8_0_BYTES;
     let mut vals = [0f32; QK];
-    for (b, blk) in blocks.chunks_exact(Q8_0_BYTES).enumerate() {
-        let d = f16_at(blk);
+    for b in 0..nb {
+        let d = field(row, nb, 0, b);
+        let qs = &row[2 * nb + b * QK..][..QK];
         // Fixed-size loops the compiler vectorises.
-        for (v, &q) in vals.iter_mut().zip(&blk[2..2 + QK]) {
+        for (v, &q) in vals.iter_mut().zip(qs) {
             *v = d * (q as i8) as f32;
         }
         let dst = &mut out[b * QK..];
@@ -82,12 +134,13 @@ pub(crate) fn dequantize_row_q8_0(blocks: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Dequantizes one `Q4_1` row into `out` (its `k` values; padding dropped).
-pub(crate) fn dequantize_row_q4_1(blocks: &[u8], out: &mut [f32]) {
+/// Dequantizes one split `Q4_1` row into `out` (its `k` values; padding dropped).
+pub(crate) fn dequantize_row_q4_1(row: &[u8], out: &mut [f32]) {
+    let nb = row.len() / Q4_1_BYTES;
     let mut vals = [0f32; QK];
-    for (b, blk) in blocks.chunks_exact(Q4_1_BYTES).enumerate() {
-        let (d, m) = (f16_at(blk), f16_at(&blk[2..]));
-        let qs = &blk[4..4 + QK / 2];
+    for b in 0..nb {
+        let (d, m) = (field(row, nb, 0, b), field(row, nb, 1, b));
+        let qs = &row[4 * nb + b * (QK / 2)..][..QK / 2];
         let (lo, hi) = vals.split_at_mut(QK / 2);
         for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
             *l = d * (byte & 15) as f32 + m;

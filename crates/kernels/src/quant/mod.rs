@@ -62,13 +62,22 @@ impl QFormat {
             .find(|f| f.name() == name)
     }
 
+    /// (bytes per block, bytes of its leading f16 fields).
+    fn layout(self) -> (usize, usize) {
+        match self {
+            QFormat::Q8_0 => (blocks::Q8_0_BYTES, 2),
+            QFormat::Q4_1 => (blocks::Q4_1_BYTES, 4),
+        }
+    }
+
     /// Bytes of a row of `k` weights (whole blocks).
     pub fn row_bytes(self, k: usize) -> usize {
         k.div_ceil(QK) * self.block_bytes()
     }
 }
 
-/// A quantized `[n, k]` weight: row `j`'s blocks at `j · row_bytes(k)`.
+/// A quantized `[n, k]` weight: row `j` at `j · row_bytes(k)`, split as `blocks` describes
+/// ([`QuantWeight::gguf_bytes`] gives GGUF's layout).
 #[derive(Clone, Debug)]
 pub struct QuantWeight {
     format: QFormat,
@@ -98,10 +107,35 @@ impl QuantWeight {
         Self { format, n, k, data }
     }
 
-    /// A weight from its blocks as [`QuantWeight::bytes`] returns them; `None` when `data`
-    /// does not hold `n` rows of `k`.
-    pub fn from_bytes(format: QFormat, n: usize, k: usize, data: Vec<u8>) -> Option<Self> {
-        (data.len() == n.checked_mul(format.row_bytes(k))?).then_some(Self { format, n, k, data })
+    /// A weight from its rows of GGUF blocks (as [`QuantWeight::gguf_bytes`] returns them);
+    /// `None` when `gguf` does not hold `n` rows of `k`.
+    pub fn from_gguf_bytes(format: QFormat, n: usize, k: usize, gguf: &[u8]) -> Option<Self> {
+        let rb = format.row_bytes(k);
+        if gguf.len() != n.checked_mul(rb)? {
+            return None;
+        }
+        let (block, head) = format.layout();
+        let mut data = vec![0u8; gguf.len()];
+        data.par_chunks_mut(rb.max(1))
+            .zip(gguf.par_chunks(rb.max(1)))
+            .for_each(|(out, row)| blocks::split_row(block, head, row, out));
+        Some(Self { format, n, k, data })
+    }
+
+    /// The rows as GGUF lays out `Q8_0` / `Q4_1` blocks (a copy).
+    pub fn gguf_bytes(&self) -> Vec<u8> {
+        let rb = self.format.row_bytes(self.k);
+        let (block, head) = self.format.layout();
+        let mut out = vec![0u8; self.data.len()];
+        out.par_chunks_mut(rb.max(1))
+            .zip(self.data.par_chunks(rb.max(1)))
+            .for_each(|(o, row)| blocks::join_row(block, head, row, o));
+        out
+    }
+
+    /// Bytes held.
+    pub fn len_bytes(&self) -> usize {
+        self.data.len()
     }
 
     /// The rows of several weights of the same format and `k`, stacked (e.g. q, k and v).
@@ -139,11 +173,6 @@ impl QuantWeight {
     /// Input features (columns).
     pub fn cols(&self) -> usize {
         self.k
-    }
-
-    /// The blocks, row after row.
-    pub fn bytes(&self) -> &[u8] {
-        &self.data
     }
 
     /// Dequantizes rows `j0..j1` into `out` (`(j1 − j0) · k` values, row-major).

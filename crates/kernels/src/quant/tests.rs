@@ -61,7 +61,7 @@ fn dequantized_weights_are_within_half_a_step() {
     let w = weights(n, k, 1);
     for f in FORMATS {
         let q = QuantWeight::quantize(Weights::F32(&w), n, k, f);
-        assert_eq!(q.bytes().len(), n * 6 * f.block_bytes());
+        assert_eq!(q.len_bytes(), n * 6 * f.block_bytes());
         let mut d = vec![0f32; n * k];
         q.dequantize_rows(0, n, &mut d);
         for j in 0..n {
@@ -99,11 +99,11 @@ fn the_blocks_are_ggufs_bytes_as_candle_writes_them() {
     ] {
         let ours = QuantWeight::quantize(Weights::F32(&w), n, k, f);
         let theirs = QTensor::quantize(&t, g).unwrap();
-        assert_eq!(ours.bytes(), &theirs.data().unwrap()[..], "{f:?}");
+        assert_eq!(ours.gguf_bytes(), &theirs.data().unwrap()[..], "{f:?}");
         // And candle's dequantization of our bytes is ours.
         let back = QTensor::new(
             candle_core::quantized::QStorage::from_data(
-                std::borrow::Cow::Borrowed(ours.bytes()),
+                std::borrow::Cow::Owned(ours.gguf_bytes()),
                 &candle_core::Device::Cpu,
                 g,
             )
@@ -125,7 +125,14 @@ fn the_blocks_are_ggufs_bytes_as_candle_writes_them() {
 
 #[test]
 fn decode_dots_match_the_exact_sum_on_every_path_and_row_count() {
-    let (n, k) = (37, 176);
+    // 6 blocks (tail only), and 14 (one group of eight, then the tail), rows padded.
+    for k in [176, 432] {
+        dots_match_at(k);
+    }
+}
+
+fn dots_match_at(k: usize) {
+    let n = 37;
     let w = weights(n, k, 3);
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.2).collect();
@@ -253,9 +260,12 @@ fn stacking_and_bytes_round_trip() {
     let mut p1 = vec![0f32; 6 * k];
     parts[1].dequantize_rows(0, 6, &mut p1);
     assert_eq!(&d[5 * k..11 * k], &p1[..]);
-    let back = QuantWeight::from_bytes(QFormat::Q4_1, 18, k, s.bytes().to_vec()).unwrap();
-    assert_eq!(back.bytes(), s.bytes());
-    assert!(QuantWeight::from_bytes(QFormat::Q4_1, 19, k, s.bytes().to_vec()).is_none());
+    let back = QuantWeight::from_gguf_bytes(QFormat::Q4_1, 18, k, &s.gguf_bytes()).unwrap();
+    assert_eq!(back.gguf_bytes(), s.gguf_bytes());
+    let mut d2 = vec![0f32; 18 * k];
+    back.dequantize_rows(0, 18, &mut d2);
+    assert_eq!(d2, d);
+    assert!(QuantWeight::from_gguf_bytes(QFormat::Q4_1, 19, k, &s.gguf_bytes()).is_none());
     let q8 = QuantWeight::quantize(Weights::F32(&weights(2, k, 1)), 2, k, QFormat::Q8_0);
     assert!(QuantWeight::stack(&[s, q8]).is_none(), "formats differ");
     assert_eq!(QFormat::from_name("q8_0"), Some(QFormat::Q8_0));
