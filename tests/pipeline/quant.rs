@@ -56,7 +56,7 @@ fn gen(dir: &Path, q: QFormat) -> GenerationQuality {
 fn q8_understanding_stays_within_its_tolerance() {
     for dir in copies() {
         let r = und(&dir, QFormat::Q8_0);
-        // Measured: cosine 0.99995, all 24 greedy tokens equal.
+        // Measured: cosine 0.99994, all 24 greedy tokens equal.
         assert!(r.logits_cosine >= 0.9995, "{r:?}");
         assert!(r.greedy_common_prefix >= 20, "{r:?}");
     }
@@ -66,7 +66,7 @@ fn q8_understanding_stays_within_its_tolerance() {
 fn q4_understanding_stays_within_its_tolerance() {
     for dir in copies() {
         let r = und(&dir, QFormat::Q4_1);
-        // Measured: cosine 0.9925 (the random fixture's greedy answer, whose top-2 margins
+        // Measured: cosine 0.9905 (the random fixture's greedy answer, whose top-2 margins
         // are tiny, changes from the first token: not held).
         assert!(r.logits_cosine >= 0.98, "{r:?}");
     }
@@ -76,7 +76,7 @@ fn q4_understanding_stays_within_its_tolerance() {
 fn q8_generation_stays_within_its_tolerance() {
     for dir in copies() {
         let r = gen(&dir, QFormat::Q8_0);
-        // Measured: guided cosine min 0.99907 / mean 0.99967, argmax equal at 61 of 64 steps.
+        // Measured: guided cosine min 0.99888 / mean 0.99965, argmax equal at 61 of 64 steps.
         assert!(r.guided_cosine_min >= 0.998, "{r:?}");
         assert!(r.guided_cosine_mean >= 0.999, "{r:?}");
         assert!(r.argmax_equal >= 56, "{r:?}");
@@ -87,7 +87,7 @@ fn q8_generation_stays_within_its_tolerance() {
 fn q4_generation_stays_within_its_tolerance() {
     for dir in copies() {
         let r = gen(&dir, QFormat::Q4_1);
-        // Measured: guided cosine min 0.918 / mean 0.972, argmax equal at 41 of 64 steps:
+        // Measured: guided cosine min 0.906 / mean 0.969, argmax equal at 41 of 64 steps:
         // guidance amplifies 4-bit error; the README recommends q8 for generation.
         assert!(r.guided_cosine_min >= 0.88, "{r:?}");
         assert!(r.guided_cosine_mean >= 0.95, "{r:?}");
@@ -123,8 +123,8 @@ fn a_quantized_checkpoint_loads_as_quantizing_at_load() {
             let w = janus_pipeline::quantize::quantize_dir(&src, &dir, q).unwrap();
             assert_eq!(
                 w.quantized,
-                2 * 7 + 1,
-                "two layers of seven linears, and lm_head"
+                2 * 7 + 2,
+                "two layers of seven linears, lm_head and the embeddings"
             );
             assert!(w.written_bytes < w.source_bytes);
             assert_eq!(
@@ -134,7 +134,8 @@ fn a_quantized_checkpoint_loads_as_quantizing_at_load() {
                 src.display()
             );
             assert_eq!(logits(&dir, &quantized(q)), at_load);
-            // Asking for the other format is refused, naming the layer and both formats.
+            // Asking for the other format is refused, naming the tensor (the embeddings load
+            // first) and both formats.
             let other = if q == QFormat::Q8_0 {
                 QFormat::Q4_1
             } else {
@@ -144,7 +145,7 @@ fn a_quantized_checkpoint_loads_as_quantizing_at_load() {
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.contains("layers.0.self_attn.q_proj")
+                e.contains("embed_tokens.weight_")
                     && e.contains(q.name())
                     && e.contains(other.name()),
                 "{e}"

@@ -221,6 +221,35 @@ impl Linear {
         Ok(self)
     }
 
+    /// Rows `ids` of the weight (`[ids.len(), in]`, in `dtype`): the layer as an embedding
+    /// table, dense or quantized (rows dequantized as they are gathered). An id past the last
+    /// row is an error.
+    pub fn gather_rows(&self, ids: &[u32], dtype: DType) -> Result<Tensor> {
+        let (rows, width) = self.dims();
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+            candle_core::bail!("token id {bad} is outside the embedding table of {rows} rows");
+        }
+        let device = self.weight.device();
+        match &self.quant {
+            None if self.packed.is_none() => {
+                let idx = Tensor::from_vec(ids.to_vec(), ids.len(), device)?;
+                self.weight.index_select(&idx, 0)?.to_dtype(dtype)
+            }
+            None => candle_core::bail!("gather_rows of a packed layer"),
+            Some(Quantized::Device { mm, .. }) => {
+                let idx = Tensor::from_vec(ids.to_vec(), ids.len(), device)?;
+                mm.embedding(&idx)?.to_dtype(dtype)
+            }
+            Some(Quantized::Cpu(w)) => {
+                let mut out = vec![0f32; ids.len() * width];
+                for (o, &id) in out.chunks_mut(width.max(1)).zip(ids) {
+                    w.dequantize_rows(id as usize, id as usize + 1, o);
+                }
+                Tensor::from_vec(out, (ids.len(), width), &Device::Cpu)?.to_dtype(dtype)
+            }
+        }
+    }
+
     /// The weight's blocks in host memory, when the layer is quantized (what `janus quantize`
     /// writes).
     pub fn quantized(&self) -> Result<Option<QuantWeight>> {

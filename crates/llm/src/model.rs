@@ -16,7 +16,8 @@ const MASKED: f32 = -1e30;
 /// format (`None`: the checkpoint's dtype).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Quantize {
-    /// The decoder layers' q, k, v, o, gate, up and down projections.
+    /// The decoder layers' q, k, v, o, gate, up and down projections, and the token embedding
+    /// table (rows dequantized as they are gathered).
     pub layers: Option<QFormat>,
     /// `lm_head`.
     pub lm_head: Option<QFormat>,
@@ -25,7 +26,8 @@ pub struct Quantize {
 /// The language model: `model.*` plus an optional `lm_head` (only the understanding half needs it).
 #[derive(Debug, Clone)]
 pub struct Llm {
-    embed_tokens: Tensor,
+    /// `[vocab, hidden]`, gathered by row; as blocks when the layers are.
+    embed_tokens: Linear,
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Option<Linear>,
@@ -65,7 +67,12 @@ impl Llm {
         let m = vb.pp("model");
         // Kept in its storage dtype (bf16 for the hub checkpoints); `embed` widens only the rows
         // it gathers (exact), instead of a vocab × hidden f32 copy.
-        let embed_tokens = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let embed_tokens = Linear::load_as(
+            m.pp("embed_tokens"),
+            cfg.hidden_size,
+            cfg.vocab_size,
+            quant.layers,
+        )?;
         let cpu_bf16 = dtype == DType::BF16 && device.is_cpu();
         let act = if cpu_bf16 { DType::F32 } else { dtype };
         let layers = (0..cfg.num_hidden_layers)
@@ -125,11 +132,8 @@ impl Llm {
     /// Token embeddings `[.., hidden]` for ids of any shape.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let shape = ids.dims().to_vec();
-        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
-        let e = self
-            .embed_tokens
-            .index_select(&flat, 0)?
-            .to_dtype(self.dtype)?;
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let e = self.embed_tokens.gather_rows(&flat, self.dtype)?;
         let mut out = shape;
         out.push(self.cfg.hidden_size);
         e.reshape(out)

@@ -49,11 +49,12 @@ pub struct LoadOptions {
     /// see [`LoadOptions::resolve_weight_dtype`]. bf16 storage with f32 compute halves the memory
     /// held and read per decode step on the CPU (weights are widened on the fly).
     pub weight_dtype: Option<DType>,
-    /// The language model's linear layers held as 8- or 4-bit blocks (`--weight-dtype q8|q4`);
-    /// `None`: in the weight dtype. The understanding half quantizes the decoder layers and
-    /// `lm_head`; the generation half the decoder layers only (`gen_head`, the aligners, the
-    /// embeddings, the vision tower and the VQ decoder keep the weight dtype). A checkpoint
-    /// written by `janus quantize` loads its blocks whatever this says.
+    /// The language model's linear layers and token embeddings held as 8- or 4-bit blocks
+    /// (`--weight-dtype q8|q4`); `None`: in the weight dtype. The understanding half quantizes
+    /// the decoder layers, the embeddings and `lm_head`; the generation half the decoder layers
+    /// and the embeddings (`gen_head`, `gen_embed`, the aligners, the vision tower and the VQ
+    /// decoder keep the weight dtype; the vision tower is not packed to f32 at load). A
+    /// checkpoint written by `janus quantize` loads its blocks whatever this says.
     pub quant: Option<QFormat>,
     /// Context window in tokens; defaults to the config's `max_position_embeddings`.
     pub max_context: Option<usize>,

@@ -23,8 +23,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-/// Whether `name` is one of the language model's linear weights (DeepSeek's or transformers'
-/// layout): the decoder layers' projections and `lm_head`.
+/// Whether `name` is one of the language model's weights `janus quantize` stores as blocks
+/// (DeepSeek's or transformers' layout): the decoder layers' projections, `lm_head` and the
+/// token embedding table.
 pub fn is_llm_linear(name: &str) -> bool {
     let layer = name
         .strip_prefix("language_model.model.layers.")
@@ -45,7 +46,13 @@ pub fn is_llm_linear(name: &str) -> bool {
             ]
             .contains(&part);
     }
-    name == "language_model.lm_head.weight" || name == "lm_head.weight"
+    [
+        "language_model.lm_head.weight",
+        "lm_head.weight",
+        "language_model.model.embed_tokens.weight",
+        "model.language_model.embed_tokens.weight",
+    ]
+    .contains(&name)
 }
 
 /// What [`quantize_dir`] wrote.

@@ -274,8 +274,14 @@ impl UnderstandingModel {
         let ck = Checkpoint::open(dir)?;
         let vb = ck.var_builder(opts)?;
         let cfg = &ck.config;
-        let vision = VisionTower::load(vb.pp("vision_model.vision_tower"), &cfg.vision, opts.dtype)
-            .map_err(weights_err)?;
+        // Quantized weights ask for memory first: the tower keeps its stored dtype.
+        let vision = VisionTower::load_with(
+            vb.pp("vision_model.vision_tower"),
+            &cfg.vision,
+            opts.dtype,
+            opts.quant.is_some(),
+        )
+        .map_err(weights_err)?;
         let aligner = MlpAligner::load(
             vb.pp("aligner"),
             cfg.aligner.input_dim,

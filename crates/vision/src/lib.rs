@@ -69,14 +69,24 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &VisionConfig, dtype: DType, bf16_products: bool) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        cfg: &VisionConfig,
+        dtype: DType,
+        bf16_products: bool,
+        compact: bool,
+    ) -> Result<Self> {
         let w = cfg.width;
         // The tower only multiplies many rows (patches) at a time: on the CPU the weights are
-        // packed once for the GEMM, in place of the tensors.
+        // packed once for the GEMM, in place of the tensors (`compact`: only where packing
+        // takes no more memory than the stored weight).
         let lin = |name: &str, i: usize, o: usize| -> Result<Linear> {
-            Linear::load(vb.pp(name), i, o, true)?
-                .with_bf16_products(bf16_products)
-                .prepack()
+            let l = Linear::load(vb.pp(name), i, o, true)?.with_bf16_products(bf16_products);
+            if compact {
+                l.prepack_if_no_larger()
+            } else {
+                l.prepack()
+            }
         };
         Ok(Self {
             norm1: layer_norm(vb.pp("norm1"), w, dtype)?,
@@ -136,6 +146,18 @@ impl VisionTower {
     /// operands of the large matmuls to bf16 (products accumulated in f32, `vdpbf16ps` on
     /// AVX512-BF16); the features come out in bf16 as on other devices.
     pub fn load(vb: VarBuilder, cfg: &VisionConfig, dtype: DType) -> Result<Self> {
+        Self::load_with(vb, cfg, dtype, false)
+    }
+
+    /// [`VisionTower::load`]; `compact` keeps the blocks' weights in their stored dtype where
+    /// packing them for the GEMM would take more memory (bf16 weights under f32 products: the
+    /// GEMM then packs them per product, half the bytes held), as `--weight-dtype q8|q4` asks.
+    pub fn load_with(
+        vb: VarBuilder,
+        cfg: &VisionConfig,
+        dtype: DType,
+        compact: bool,
+    ) -> Result<Self> {
         let out_dtype = dtype;
         let cpu_bf16 = dtype == DType::BF16 && vb.device().is_cpu();
         let dtype = if cpu_bf16 { DType::F32 } else { dtype };
@@ -154,7 +176,7 @@ impl VisionTower {
             .to_dtype(dtype)?
             .squeeze(0)?;
         let blocks = (0..cfg.layers)
-            .map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg, dtype, cpu_bf16))
+            .map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg, dtype, cpu_bf16, compact))
             .collect::<Result<Vec<_>>>()?;
         let norm = layer_norm(vb.pp("norm"), w, dtype)?;
         Ok(Self {
