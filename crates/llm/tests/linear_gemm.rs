@@ -181,3 +181,98 @@ fn fuse_prepacked_equals_fuse_then_prepack() {
         }
     }
 }
+
+/// A quantized layer used as an embedding table gathers the dequantized rows, and an id past
+/// the table is an error naming it (not a panic).
+#[test]
+fn quantized_rows_gather_and_refuse_ids_past_the_table() {
+    use janus_llm::QFormat;
+    let (rows, width) = (10, 64);
+    let w: Vec<f32> = (0..rows * width)
+        .map(|i| ((i % 17) as f32 - 8.0) * 0.05)
+        .collect();
+    let dense = Linear::new(
+        Tensor::from_vec(w, (rows, width), &Device::Cpu).unwrap(),
+        None,
+    );
+    let q = dense.clone().quantize(QFormat::Q8_0).unwrap();
+    let got = q.gather_rows(&[3, 0, 9], DType::F32).unwrap();
+    let want = dense.gather_rows(&[3, 0, 9], DType::F32).unwrap();
+    assert_eq!(got.dims(), &[3, width]);
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= 0.4 / 127.0 + 1e-6,
+        "within half a step of the row's largest weight: {diff}"
+    );
+    let e = q.gather_rows(&[10], DType::F32).unwrap_err().to_string();
+    assert!(e.contains("token id 10") && e.contains("10 rows"), "{e}");
+}
+
+/// A quantized layer's two CPU paths (integer dots for few rows, the dequantizing GEMM for
+/// many) compute the same product within the activations' 8-bit rounding, with bias, GELU and
+/// a residual, for both formats.
+#[test]
+fn quantized_layers_agree_across_row_counts() {
+    use janus_llm::QFormat;
+    let (out, inp) = (48, 96);
+    let w: Vec<f32> = (0..out * inp)
+        .map(|i| (((i * 37) % 101) as f32 - 50.0) * 0.01)
+        .collect();
+    let b: Vec<f32> = (0..out).map(|i| i as f32 * 0.01).collect();
+    let layer = Linear::new(
+        Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(),
+        Some(Tensor::from_vec(b, out, &Device::Cpu).unwrap()),
+    );
+    let rows = SMALL_M + 8;
+    let x: Vec<f32> = (0..rows * inp)
+        .map(|i| ((i % 23) as f32 - 11.0) * 0.1)
+        .collect();
+    let x = Tensor::from_vec(x, (rows, inp), &Device::Cpu).unwrap();
+    let res = Tensor::ones((rows, out), DType::F32, &Device::Cpu).unwrap();
+    for f in [QFormat::Q8_0, QFormat::Q4_1] {
+        let q = layer.clone().quantize(f).unwrap();
+        for (name, all, few) in [
+            (
+                "plain",
+                q.forward(&x).unwrap(),
+                q.forward(&x.narrow(0, 0, 2).unwrap()).unwrap(),
+            ),
+            (
+                "gelu",
+                q.forward_gelu(&x).unwrap(),
+                q.forward_gelu(&x.narrow(0, 0, 2).unwrap()).unwrap(),
+            ),
+            (
+                "residual",
+                q.forward_residual(&x, &res).unwrap(),
+                q.forward_residual(&x.narrow(0, 0, 2).unwrap(), &res.narrow(0, 0, 2).unwrap())
+                    .unwrap(),
+            ),
+        ] {
+            let head = all.narrow(0, 0, 2).unwrap();
+            let scale = head
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (head - few)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= 0.02 * scale, "{f:?} {name}: {diff} of {scale}");
+        }
+    }
+}
