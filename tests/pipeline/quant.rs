@@ -127,6 +127,13 @@ fn a_quantized_checkpoint_loads_as_quantizing_at_load() {
                 "two layers of seven linears, lm_head and the embeddings"
             );
             assert!(w.written_bytes < w.source_bytes);
+            // The blocks are named as such, and the rest keeps the source's dtype (the u8
+            // blocks do not count as the checkpoint's dtype).
+            assert_eq!(janus_pipeline::checkpoint_quant(&dir).unwrap(), Some(q));
+            assert_eq!(
+                janus_pipeline::checkpoint_dtype(&dir).unwrap(),
+                janus_pipeline::checkpoint_dtype(&src).unwrap()
+            );
             assert_eq!(
                 logits(&dir, &LoadOptions::default()),
                 at_load,

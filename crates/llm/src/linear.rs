@@ -159,13 +159,22 @@ impl Linear {
                 Default::default(),
                 DType::U8,
             )?;
-            let w = QuantWeight::from_gguf_bytes(
-                stored,
-                out_dim,
-                in_dim,
-                &bytes.flatten_all()?.to_vec1::<u8>()?,
-            )
-            .expect("the shape was checked against the row bytes");
+            // Split straight from the tensor's storage (no intermediate copy of the bytes).
+            let w = {
+                let (st, layout) = bytes.storage_and_layout();
+                let candle_core::Storage::Cpu(candle_core::CpuStorage::U8(v)) = &*st else {
+                    candle_core::bail!("{}.{name}: not u8 bytes in host memory", vb.prefix());
+                };
+                let start = layout.start_offset();
+                QuantWeight::from_gguf_bytes(
+                    stored,
+                    out_dim,
+                    in_dim,
+                    &v[start..start + out_dim * stored.row_bytes(in_dim)],
+                )
+                .expect("the shape was checked against the row bytes")
+            };
+            drop(bytes);
             let dense = Tensor::zeros(0, vb.dtype(), &device)?;
             return Self::new(dense, None).holding_quant(w);
         }

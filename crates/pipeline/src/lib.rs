@@ -115,6 +115,11 @@ pub fn checkpoint_dtype(dir: &Path) -> Result<DType> {
     weights::WeightFiles::find(dir)?.dtype()
 }
 
+/// The block format a `janus quantize` checkpoint stores its language model in, if any.
+pub fn checkpoint_quant(dir: &Path) -> Result<Option<QFormat>> {
+    Ok(weights::WeightFiles::find(dir)?.open()?.stored_blocks())
+}
+
 /// Loads both halves of one checkpoint. When they run on the same device with the same dtypes,
 /// the LLM (the bulk of the weights) is built once and shared read-only by both halves (each
 /// keeps its own KV caches); otherwise each half loads its own copy, in parallel.
@@ -293,6 +298,11 @@ impl Checkpoint {
     /// Parses the weight headers once; tensors are stored as
     /// [`LoadOptions::resolve_weight_dtype`] of the checkpoint's dtype and asked for by their
     /// DeepSeek names whatever the checkpoint's layout ([`layout::LayoutBackend`]).
+    /// Whether the language model will be held as blocks: asked for, or stored so.
+    pub fn quantized(&self, opts: &LoadOptions) -> Result<bool> {
+        Ok(opts.quant.is_some() || self.weights.open()?.stored_blocks().is_some())
+    }
+
     pub fn var_builder(&self, opts: &LoadOptions) -> Result<candle_nn::VarBuilder<'static>> {
         let index = self.weights.open()?;
         let dtype = opts.resolve_weight_dtype(index.dtype());

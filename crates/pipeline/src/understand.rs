@@ -279,7 +279,7 @@ impl UnderstandingModel {
             vb.pp("vision_model.vision_tower"),
             &cfg.vision,
             opts.dtype,
-            opts.quant.is_some(),
+            ck.quantized(opts)?,
         )
         .map_err(weights_err)?;
         let aligner = MlpAligner::load(

@@ -209,6 +209,10 @@ impl TensorIndex {
     pub fn dtype(&self) -> DType {
         let mut by_dtype: Vec<(DType, u64, u64)> = Vec::new(); // dtype, llm bytes, all bytes
         for (name, e) in &self.tensors {
+            // Floating-point tensors only: quantized blocks (`janus quantize`) are u8 bytes.
+            if !e.dtype.is_float() {
+                continue;
+            }
             let n = e.shape.iter().product::<usize>() as u64;
             // The language model's tensors in DeepSeek's layout and in transformers'.
             let llm = if name.starts_with("language_model.")
@@ -232,6 +236,17 @@ impl TensorIndex {
             .max_by_key(|&(_, llm, all)| (llm, all))
             .map(|(d, _, _)| d)
             .unwrap_or(DType::F32)
+    }
+
+    /// The block format of the layers a `janus quantize` checkpoint stores as blocks
+    /// (`…weight_q8_0` / `…weight_q4_1` tensors), if any.
+    pub fn stored_blocks(&self) -> Option<janus_llm::QFormat> {
+        [janus_llm::QFormat::Q8_0, janus_llm::QFormat::Q4_1]
+            .into_iter()
+            .find(|f| {
+                let suffix = janus_llm::linear::stored_name(*f);
+                self.tensors.keys().any(|n| n.ends_with(&suffix))
+            })
     }
 
     /// A `VarBuilder` reading from these files, storing tensors as `dtype` on `device`.

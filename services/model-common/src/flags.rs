@@ -81,6 +81,10 @@ impl ModelFlags {
                 janus_pipeline::dtype_name(dtype).to_string(),
                 quant.name().to_string(),
             ),
+            (Ok(dtype), Ok(None)) if stored_blocks(path).is_some() => (
+                janus_pipeline::dtype_name(dtype).to_string(),
+                stored_blocks(path).map_or("", |q| q.name()).to_string(),
+            ),
             (Ok(dtype), Ok(parsed)) => {
                 let weight_dtype = parsed.and_then(|(d, _)| d);
                 let opts = LoadOptions {
@@ -116,6 +120,11 @@ impl ModelFlags {
     pub fn resolve(&self) -> anyhow::Result<crate::model_source::ResolvedModel> {
         crate::model_source::resolve(&self.model).context("resolving --model")
     }
+}
+
+/// The block format a `janus quantize` checkpoint in `path` stores, if any (unreadable: none).
+fn stored_blocks(path: &std::path::Path) -> Option<janus_pipeline::QFormat> {
+    janus_pipeline::checkpoint_quant(path).ok().flatten()
 }
 
 /// Understanding engine settings.
