@@ -22,6 +22,12 @@ pub struct ServeArgs {
     /// Device of the generation half (default: --device).
     #[arg(long, env = "JANUS_GENERATION_DEVICE")]
     pub generation_device: Option<String>,
+    /// Weight storage of the generation half (default: --weight-dtype). E.g. `--weight-dtype q4
+    /// --generation-weight-dtype q8`: 4-bit understanding, 8-bit images (guidance amplifies
+    /// 4-bit error; README "Quantized weights"). Halves stored differently each load their own
+    /// language model.
+    #[arg(long, env = "JANUS_GENERATION_WEIGHT_DTYPE")]
+    pub generation_weight_dtype: Option<String>,
     #[command(flatten)]
     pub server: ServerFlags,
     #[command(flatten)]
@@ -62,7 +68,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let und_dev = args.understanding_device.clone();
     let gen_dev = args.generation_device.clone();
     let und_opts = args.model.load_options(und_dev.as_deref())?;
-    let gen_opts = args.model.load_options(gen_dev.as_deref())?;
+    let gen_model = janus_model_service::flags::ModelFlags {
+        weight_dtype: args
+            .generation_weight_dtype
+            .clone()
+            .or_else(|| args.model.weight_dtype.clone()),
+        ..args.model.clone()
+    };
+    let gen_opts = gen_model.load_options(gen_dev.as_deref())?;
     // One process, one registry and one /metrics: the RPC counters see each request twice, at
     // the public gateway and at the internal service (docs/metrics.md).
     let opts = args.server.options("janus");
@@ -114,7 +127,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     .await?;
     let gen_srv = janus_generation::serve(
         gen,
-        args.model.info(&resolved.path, gen_dev.as_deref()),
+        gen_model.info(&resolved.path, gen_dev.as_deref()),
         opts.clone(),
         server::bind("127.0.0.1:0").await?,
         life.child(),

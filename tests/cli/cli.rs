@@ -708,6 +708,30 @@ fn serve_with_quantized_weights_answers_both_halves() {
         let img = image::open(dir.path().join("image_0.png")).unwrap();
         assert_eq!((img.width(), img.height()), (384, 384));
     }
+    // Each half its own: 4-bit understanding, 8-bit generation (two language models).
+    let server = Server::start_with(&["--weight-dtype", "q4", "--generation-weight-dtype", "q8"]);
+    let s = server.url.as_str();
+    let out = janus(&["info", "--json", "--server", s], &[]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["understanding"]["weight_dtype"], "q4_1", "{}", out.stdout);
+    assert_eq!(v["generation"]["weight_dtype"], "q8_0", "{}", out.stdout);
+    let dir = tempfile::tempdir().unwrap();
+    let out = janus(
+        &[
+            "generate",
+            "--server",
+            s,
+            "-n",
+            "1",
+            "--quiet",
+            "-o",
+            dir.path().to_str().unwrap(),
+            "a cat",
+        ],
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    drop(server);
     // An unknown weight dtype fails before serving, naming the flag's values.
     let out = janus(
         &[
