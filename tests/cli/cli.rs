@@ -51,6 +51,22 @@ fn janus(args: &[&str], env: &[(&str, &str)]) -> Out {
     }
 }
 
+/// `janus generate -n 1 --quiet "a cat"` against `server` (with `extra` flags); asserts it
+/// succeeds and writes one 384 × 384 image.
+fn generate_one(server: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let mut args = vec![
+        "generate", "--server", server, "-n", "1", "--quiet", "-o", out_dir,
+    ];
+    args.extend_from_slice(extra);
+    args.push("a cat");
+    let out = janus(&args, &[]);
+    assert_eq!(out.code, Some(0), "{args:?}: {}", out.stderr);
+    let img = image::open(dir.path().join("image_0.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (384, 384));
+}
+
 /// `janus serve` on 127.0.0.1:0; killed on drop if still running.
 struct Server {
     child: Child,
@@ -191,26 +207,8 @@ fn serve_and_the_client_commands() {
     assert!(!out.stdout.trim().is_empty());
     assert!(out.stderr.contains("finish: length"), "{}", out.stderr);
 
+    generate_one(s, &["--temperature", "0"]);
     let dir = tempfile::tempdir().unwrap();
-    let out = janus(
-        &[
-            "generate",
-            "--server",
-            s,
-            "-n",
-            "1",
-            "--temperature",
-            "0",
-            "--quiet",
-            "-o",
-            dir.path().to_str().unwrap(),
-            "a cat",
-        ],
-        &[],
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    let img = image::open(dir.path().join("image_0.png")).unwrap();
-    assert_eq!((img.width(), img.height()), (384, 384));
 
     // Exit codes: invalid request 2 (from the server, and a local file problem).
     let out = janus(&["generate", "--server", s, "-n", "17", "x"], &[]);
@@ -689,24 +687,7 @@ fn serve_with_quantized_weights_answers_both_halves() {
         );
         assert_eq!(out.code, Some(0), "{flag}: {}", out.stderr);
         assert!(out.stderr.contains("finish: length"), "{}", out.stderr);
-        let dir = tempfile::tempdir().unwrap();
-        let out = janus(
-            &[
-                "generate",
-                "--server",
-                s,
-                "-n",
-                "1",
-                "--quiet",
-                "-o",
-                dir.path().to_str().unwrap(),
-                "a cat",
-            ],
-            &[],
-        );
-        assert_eq!(out.code, Some(0), "{flag}: {}", out.stderr);
-        let img = image::open(dir.path().join("image_0.png")).unwrap();
-        assert_eq!((img.width(), img.height()), (384, 384));
+        generate_one(s, &[]);
     }
     // Each half its own: 4-bit understanding, 8-bit generation (two language models).
     let server = Server::start_with(&["--weight-dtype", "q4", "--generation-weight-dtype", "q8"]);
@@ -715,22 +696,7 @@ fn serve_with_quantized_weights_answers_both_halves() {
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["understanding"]["weight_dtype"], "q4_1", "{}", out.stdout);
     assert_eq!(v["generation"]["weight_dtype"], "q8_0", "{}", out.stdout);
-    let dir = tempfile::tempdir().unwrap();
-    let out = janus(
-        &[
-            "generate",
-            "--server",
-            s,
-            "-n",
-            "1",
-            "--quiet",
-            "-o",
-            dir.path().to_str().unwrap(),
-            "a cat",
-        ],
-        &[],
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    generate_one(s, &[]);
     drop(server);
     // An unknown weight dtype fails before serving, naming the flag's values.
     let out = janus(

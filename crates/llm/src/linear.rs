@@ -606,45 +606,50 @@ impl Linear {
                 };
             }
         };
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // Few rows: the integer dots (GELU and residual as separate passes); many: the
+        // dequantizing GEMM with both fused.
+        let small = rows <= SMALL_M;
+        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
         let bias = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
-        if rows <= SMALL_M {
-            let mut y = vec![0f32; rows * out_dim];
-            q::linear_rows_q(&xs, rows, w, bias.as_deref(), &mut y);
-            let mut y = Tensor::from_vec(y, out_shape, &Device::Cpu)?;
-            if act == Act::GeluErf {
-                y = y.gelu_erf()?;
+        let fused_residual = residual.filter(|r| !small && r.elem_count() == rows * out_dim);
+        let out = self.with_cpu_slices(&x32, bias.as_ref(), rows, |xs, bias, _| {
+            if small {
+                let mut y = vec![0f32; rows * out_dim];
+                q::linear_rows_q(xs, rows, w, bias, &mut y);
+                return Ok(y);
             }
-            let y = y.to_dtype(x.dtype())?;
-            return match residual {
-                Some(r) => r + y,
-                None => Ok(y),
+            let mut out = match fused_residual {
+                Some(r) => r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                None => vec![0f32; rows * out_dim],
             };
+            let opts = GemmOpts {
+                bias_n: bias,
+                act,
+                precision: Precision::bf16_if(self.bf16_products),
+                accumulate: fused_residual.is_some(),
+                ..Default::default()
+            };
+            q::gemm_q(
+                MatRef::row_major(xs, rows, in_dim),
+                w,
+                &mut out,
+                out_dim,
+                &opts,
+            )
+            .map_err(candle_core::Error::wrap)?;
+            Ok(out)
+        })?;
+        let Some(out) = out else {
+            candle_core::bail!("quantized linear layer: operands not in host memory");
+        };
+        let mut y = Tensor::from_vec(out, out_shape, &Device::Cpu)?;
+        if small && act == Act::GeluErf {
+            y = y.gelu_erf()?;
         }
-        let fused_residual = residual.filter(|r| r.elem_count() == rows * out_dim);
-        let mut out = match fused_residual {
-            Some(r) => r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0f32; rows * out_dim],
-        };
-        let opts = GemmOpts {
-            bias_n: bias.as_deref(),
-            act,
-            precision: Precision::bf16_if(self.bf16_products),
-            accumulate: fused_residual.is_some(),
-            ..Default::default()
-        };
-        q::gemm_q(
-            MatRef::row_major(&xs, rows, in_dim),
-            w,
-            &mut out,
-            out_dim,
-            &opts,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        let y = Tensor::from_vec(out, out_shape, &Device::Cpu)?.to_dtype(x.dtype())?;
+        let y = y.to_dtype(x.dtype())?;
         match (residual, fused_residual) {
             (Some(r), None) => r + y,
             _ => Ok(y),
@@ -738,7 +743,8 @@ impl Linear {
     }
 
     /// Runs `f` on the CPU slices of `x` (f32, contiguous, `rows × in_dim`), of `bias` (f32,
-    /// contiguous) and of the weight (f32 or bf16, contiguous; `None` when prepacked); `None`
+    /// contiguous) and of the weight (f32 or bf16, contiguous; `None` when prepacked or
+    /// quantized); `None`
     /// when one of them is not in CPU memory in such a dtype.
     fn with_cpu_slices<R>(
         &self,
@@ -764,7 +770,7 @@ impl Linear {
             },
             None => None,
         };
-        if self.packed.is_some() {
+        if self.packed.is_some() || self.quant.is_some() {
             return f(xs, bias_slice, None).map(Some);
         }
         self.with_weight(|w| f(xs, bias_slice, Some(w)))?

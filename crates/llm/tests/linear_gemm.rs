@@ -199,14 +199,7 @@ fn quantized_rows_gather_and_refuse_ids_past_the_table() {
     let got = q.gather_rows(&[3, 0, 9], DType::F32).unwrap();
     let want = dense.gather_rows(&[3, 0, 9], DType::F32).unwrap();
     assert_eq!(got.dims(), &[3, width]);
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_diff(&got, &want);
     assert!(
         diff <= 0.4 / 127.0 + 1e-6,
         "within half a step of the row's largest weight: {diff}"
@@ -257,21 +250,8 @@ fn quantized_layers_agree_across_row_counts() {
             ),
         ] {
             let head = all.narrow(0, 0, 2).unwrap();
-            let scale = head
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (head - few)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_diff(&head, &head.zeros_like().unwrap());
+            let diff = max_diff(&head, &few);
             assert!(diff <= 0.02 * scale, "{f:?} {name}: {diff} of {scale}");
         }
     }

@@ -298,15 +298,20 @@ impl Checkpoint {
     /// Parses the weight headers once; tensors are stored as
     /// [`LoadOptions::resolve_weight_dtype`] of the checkpoint's dtype and asked for by their
     /// DeepSeek names whatever the checkpoint's layout ([`layout::LayoutBackend`]).
-    /// Whether the language model will be held as blocks: asked for, or stored so.
-    pub fn quantized(&self, opts: &LoadOptions) -> Result<bool> {
-        Ok(opts.quant.is_some() || self.weights.open()?.stored_blocks().is_some())
+    pub fn var_builder(&self, opts: &LoadOptions) -> Result<candle_nn::VarBuilder<'static>> {
+        Ok(self.open_weights(opts)?.0)
     }
 
-    pub fn var_builder(&self, opts: &LoadOptions) -> Result<candle_nn::VarBuilder<'static>> {
+    /// [`Checkpoint::var_builder`], and whether the language model will be held as blocks
+    /// (asked for, or stored so by `janus quantize`), from one read of the headers.
+    pub fn open_weights(
+        &self,
+        opts: &LoadOptions,
+    ) -> Result<(candle_nn::VarBuilder<'static>, bool)> {
         let index = self.weights.open()?;
+        let quantized = opts.quant.is_some() || index.stored_blocks().is_some();
         let dtype = opts.resolve_weight_dtype(index.dtype());
         let backend = layout::LayoutBackend::new(index, self.config.layout);
-        Ok(backend.into_var_builder(dtype, &opts.device))
+        Ok((backend.into_var_builder(dtype, &opts.device), quantized))
     }
 }

@@ -272,14 +272,14 @@ impl UnderstandingModel {
     /// for both halves.
     pub fn load_sharing(dir: &Path, opts: &LoadOptions, llm: Option<Arc<Llm>>) -> Result<Self> {
         let ck = Checkpoint::open(dir)?;
-        let vb = ck.var_builder(opts)?;
+        let (vb, quantized) = ck.open_weights(opts)?;
         let cfg = &ck.config;
         // Quantized weights ask for memory first: the tower keeps its stored dtype.
         let vision = VisionTower::load_with(
             vb.pp("vision_model.vision_tower"),
             &cfg.vision,
             opts.dtype,
-            ck.quantized(opts)?,
+            quantized,
         )
         .map_err(weights_err)?;
         let aligner = MlpAligner::load(

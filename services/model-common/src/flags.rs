@@ -77,29 +77,32 @@ impl ModelFlags {
             .map(janus_pipeline::parse_weight_dtype)
             .transpose();
         let (dtype, weight_dtype) = match (compute, weight) {
-            (Ok(dtype), Ok(Some((_, Some(quant))))) => (
-                janus_pipeline::dtype_name(dtype).to_string(),
-                quant.name().to_string(),
-            ),
-            (Ok(dtype), Ok(None)) if stored_blocks(path).is_some() => (
-                janus_pipeline::dtype_name(dtype).to_string(),
-                stored_blocks(path).map_or("", |q| q.name()).to_string(),
-            ),
             (Ok(dtype), Ok(parsed)) => {
-                let weight_dtype = parsed.and_then(|(d, _)| d);
-                let opts = LoadOptions {
-                    dtype,
-                    weight_dtype,
-                    ..LoadOptions::default()
+                // Blocks asked for, or (nothing asked) stored by `janus quantize`.
+                let blocks = match parsed {
+                    Some((_, q)) => q,
+                    None => janus_pipeline::checkpoint_quant(path).ok().flatten(),
                 };
-                let weight = janus_pipeline::checkpoint_dtype(path)
-                    .map(|c| opts.resolve_weight_dtype(c))
-                    .ok()
-                    .or(weight_dtype)
-                    .unwrap_or(dtype);
+                let weight = match blocks {
+                    Some(q) => q.name(),
+                    None => {
+                        let weight_dtype = parsed.and_then(|(d, _)| d);
+                        let opts = LoadOptions {
+                            dtype,
+                            weight_dtype,
+                            ..LoadOptions::default()
+                        };
+                        let weight = janus_pipeline::checkpoint_dtype(path)
+                            .map(|c| opts.resolve_weight_dtype(c))
+                            .ok()
+                            .or(weight_dtype)
+                            .unwrap_or(dtype);
+                        janus_pipeline::dtype_name(weight)
+                    }
+                };
                 (
                     janus_pipeline::dtype_name(dtype).to_string(),
-                    janus_pipeline::dtype_name(weight).to_string(),
+                    weight.to_string(),
                 )
             }
             _ => (
@@ -120,11 +123,6 @@ impl ModelFlags {
     pub fn resolve(&self) -> anyhow::Result<crate::model_source::ResolvedModel> {
         crate::model_source::resolve(&self.model).context("resolving --model")
     }
-}
-
-/// The block format a `janus quantize` checkpoint in `path` stores, if any (unreadable: none).
-fn stored_blocks(path: &std::path::Path) -> Option<janus_pipeline::QFormat> {
-    janus_pipeline::checkpoint_quant(path).ok().flatten()
 }
 
 /// Understanding engine settings.
