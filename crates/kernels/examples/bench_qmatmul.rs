@@ -1,5 +1,5 @@
 //! Times the quantized decode products (`quant::linear_rows_q`, Q8_0 and Q4_1) against
-//! `linear_rows` on bf16 weights and candle's CPU `QMatMul` on the same GGUF block types, at
+//! `linear_rows` on bf16 weights (each SIMD path of ours this CPU runs) and candle's CPU `QMatMul` on the same GGUF block types, at
 //! the Janus-Pro-1B decode shapes; one JSON line per case.
 //!
 //! Run: `cargo run --release -p janus-kernels --example bench_qmatmul`
@@ -8,7 +8,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use half::bf16;
-use janus_kernels::quant::{linear_rows_q, QFormat, QuantWeight};
+use janus_kernels::quant::{linear_rows_q_on, quant_paths, QFormat, QuantWeight};
 use janus_kernels::{linear_rows, Weights};
 use std::time::Instant;
 
@@ -108,8 +108,10 @@ fn main() -> candle_core::Result<()> {
             });
             println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"bf16 linear_rows\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", s * 1e3, (n * k * 2) as f64 / s / 1e9);
             for q in &ours {
-                let s = time(runs, || linear_rows_q(&xv, m, q, None, &mut out));
-                println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"ours {}\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", q.format().name(), s * 1e3, q.len_bytes() as f64 / s / 1e9);
+                for path in quant_paths().into_iter().filter(|p| *p != "scalar") {
+                    let s = time(runs, || linear_rows_q_on(path, &xv, m, q, None, &mut out));
+                    println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"ours {} {path}\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", q.format().name(), s * 1e3, q.len_bytes() as f64 / s / 1e9);
+                }
             }
             let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu)?;
             for (name, q, bytes) in &qs {

@@ -49,6 +49,9 @@ struct Cpu {
     avx512bf16: bool,
     /// avx2, fma and f16c (the quantized decode dots read f16 block scales).
     avx2_f16c: bool,
+    /// avx512f, avx512bw, avx512vl and avx512vnni (`vpdpbusd`), with f16c: the quantized
+    /// decode dots on 512-bit registers.
+    avx512vnni: bool,
 }
 
 fn cpu() -> &'static Cpu {
@@ -62,6 +65,11 @@ fn detect() -> Cpu {
     let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     let avx512bf16 = avx512f && is_x86_feature_detected!("avx512bf16");
     let avx2_f16c = avx2_fma && is_x86_feature_detected!("f16c");
+    let avx512vnni = avx512f
+        && avx2_f16c
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni");
     let level = if avx512f {
         Level::Avx512
     } else if avx2_fma {
@@ -75,6 +83,7 @@ fn detect() -> Cpu {
         avx2_fma,
         avx512bf16,
         avx2_f16c,
+        avx512vnni,
     }
 }
 
@@ -86,6 +95,7 @@ fn detect() -> Cpu {
         avx2_fma: false,
         avx512bf16: false,
         avx2_f16c: false,
+        avx512vnni: false,
     }
 }
 
@@ -111,6 +121,12 @@ pub(crate) fn has_avx512bf16() -> bool {
 /// Whether this CPU has avx2, fma and f16c (the quantized decode dots).
 pub(crate) fn has_avx2_f16c() -> bool {
     cpu().avx2_f16c
+}
+
+/// Whether this CPU has avx512f/bw/vl, avx512vnni and f16c (the quantized decode dots on
+/// 512-bit registers).
+pub(crate) fn has_avx512vnni() -> bool {
+    cpu().avx512vnni
 }
 
 /// Instantiates `$body` (a `fn(&mut [f32])`-like inline function) once per SIMD level and

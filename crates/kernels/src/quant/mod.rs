@@ -2,8 +2,9 @@
 //! dimension, GGUF's layouts byte for byte ([`blocks`]), and the two products on them:
 //! - decode ([`linear_rows_q`], a few activation rows): the activation rows are quantized to
 //!   8-bit blocks of the same 32 values, and each weight row streams once through integer dot
-//!   products (AVX2 `vpmaddubsw`, [`avx2`]; portable, [`scalar`]) for up to four rows at a
-//!   time, split across the rayon pool by output feature as `linear_rows` is;
+//!   products (AVX-512 VNNI `vpdpbusd`, [`avx512`]; AVX2 `vpmaddubsw`, [`avx2`]; portable,
+//!   [`scalar`]; picked at run time) for up to four rows at a time, split across the rayon
+//!   pool by output feature as `linear_rows` is;
 //! - large M ([`gemm_q`], prefill): the weight is dequantized to f32 a slice of output
 //!   features at a time and multiplied on the packed GEMM with A packed once, so there is one
 //!   GEMM micro-kernel and the transient copy is bounded ([`DEQUANT_CHUNK_BYTES`]).
@@ -16,6 +17,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod blocks;
 mod scalar;
 #[cfg(test)]
@@ -189,13 +192,52 @@ impl QuantWeight {
     }
 }
 
-/// Which path the decode dots take ("avx2" or "scalar").
-pub fn quant_level() -> &'static str {
-    if crate::cpu::has_avx2_f16c() {
-        "avx2"
-    } else {
-        "scalar"
+/// A path of the decode dots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Avx512Vnni,
+    Avx2,
+    Scalar,
+}
+
+impl Path {
+    const ALL: [Path; 3] = [Path::Avx512Vnni, Path::Avx2, Path::Scalar];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Avx512Vnni => "avx512vnni",
+            Path::Avx2 => "avx2",
+            Path::Scalar => "scalar",
+        }
     }
+
+    fn supported(self) -> bool {
+        match self {
+            Path::Avx512Vnni => crate::cpu::has_avx512vnni(),
+            Path::Avx2 => crate::cpu::has_avx2_f16c(),
+            Path::Scalar => true,
+        }
+    }
+
+    /// The best path this CPU supports.
+    fn best() -> Path {
+        Path::ALL.into_iter().find(|p| p.supported()).unwrap_or(Path::Scalar)
+    }
+}
+
+/// Which path the decode dots take ("avx512vnni", "avx2" or "scalar").
+pub fn quant_level() -> &'static str {
+    Path::best().name()
+}
+
+/// The decode dots' paths this CPU runs, best first (for tests and benchmarks).
+#[doc(hidden)]
+pub fn quant_paths() -> Vec<&'static str> {
+    Path::ALL
+        .into_iter()
+        .filter(|p| p.supported())
+        .map(Path::name)
+        .collect()
 }
 
 /// `out[r·n + j] = Σ_i x[r·k + i] · w(j, i) (+ bias[j])` for `r < m`, with `x` rounded to
@@ -221,14 +263,11 @@ pub fn linear_rows_q_on(
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear_rows_q: bias.len() != n");
     }
-    let simd = match path {
-        "avx2" => {
-            assert!(crate::cpu::has_avx2_f16c(), "this CPU lacks avx2/fma/f16c");
-            true
-        }
-        "scalar" => false,
-        p => panic!("linear_rows_q_on: unknown path {p:?}"),
-    };
+    let path = Path::ALL
+        .into_iter()
+        .find(|p| p.name() == path)
+        .unwrap_or_else(|| panic!("linear_rows_q_on: unknown path {path:?}"));
+    assert!(path.supported(), "this CPU lacks the {} path", path.name());
     if m == 0 || n == 0 {
         return;
     }
@@ -243,22 +282,22 @@ pub fn linear_rows_q_on(
                 let take = (m - r0).min(4);
                 let mut vals = [0f32; 4];
                 match take {
-                    1 => vals[..1].copy_from_slice(&dots(simd, w.format, wr, [xq.row(r0)])),
+                    1 => vals[..1].copy_from_slice(&dots(path, w.format, wr, [xq.row(r0)])),
                     2 => vals[..2].copy_from_slice(&dots(
-                        simd,
+                        path,
                         w.format,
                         wr,
                         [xq.row(r0), xq.row(r0 + 1)],
                     )),
                     3 => vals[..3].copy_from_slice(&dots(
-                        simd,
+                        path,
                         w.format,
                         wr,
                         [xq.row(r0), xq.row(r0 + 1), xq.row(r0 + 2)],
                     )),
                     _ => {
                         vals = dots(
-                            simd,
+                            path,
                             w.format,
                             wr,
                             [xq.row(r0), xq.row(r0 + 1), xq.row(r0 + 2), xq.row(r0 + 3)],
@@ -280,19 +319,32 @@ pub fn linear_rows_q_on(
 
 /// One weight row's dots with `R` activation rows on the chosen path.
 #[inline]
-fn dots<const R: usize>(simd: bool, format: QFormat, w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
+fn dots<const R: usize>(path: Path, format: QFormat, w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` only when avx2, fma and f16c were detected; the rows were quantized
-        // with the weight's k, so they hold its blocks.
-        return unsafe {
-            match format {
-                QFormat::Q8_0 => avx2::dots_q8_0(w, xs),
-                QFormat::Q4_1 => avx2::dots_q4_1(w, xs),
+    match path {
+        // SAFETY: a path is only taken when the CPU has its features (`Path::supported`,
+        // checked by the callers); the rows were quantized with the weight's k, so they hold
+        // its blocks.
+        Path::Avx512Vnni => {
+            return unsafe {
+                match format {
+                    QFormat::Q8_0 => avx512::dots_q8_0(w, xs),
+                    QFormat::Q4_1 => avx512::dots_q4_1(w, xs),
+                }
             }
-        };
+        }
+        // SAFETY: as above.
+        Path::Avx2 => {
+            return unsafe {
+                match format {
+                    QFormat::Q8_0 => avx2::dots_q8_0(w, xs),
+                    QFormat::Q4_1 => avx2::dots_q4_1(w, xs),
+                }
+            }
+        }
+        Path::Scalar => {}
     }
-    let _ = simd;
+    let _ = path;
     match format {
         QFormat::Q8_0 => scalar::dots_q8_0(w, xs),
         QFormat::Q4_1 => scalar::dots_q4_1(w, xs),

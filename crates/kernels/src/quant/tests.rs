@@ -125,8 +125,9 @@ fn the_blocks_are_ggufs_bytes_as_candle_writes_them() {
 
 #[test]
 fn decode_dots_match_the_exact_sum_on_every_path_and_row_count() {
-    // 6 blocks (tail only), and 14 (one group of eight, then the tail), rows padded.
-    for k in [176, 432] {
+    // 6 blocks (tail only); 14 (AVX2: one group of eight, then the tail; AVX-512: tail
+    // only); 37 (two groups of sixteen and a tail of five; four of eight and five). Rows padded.
+    for k in [176, 432, 1184] {
         dots_match_at(k);
     }
 }
@@ -141,10 +142,7 @@ fn dots_match_at(k: usize) {
         for m in 1..=9 {
             let x = weights(m, k, 10 + m as u64);
             let want = reference(&x, m, &q, Some(&bias));
-            for path in ["scalar", "avx2"] {
-                if path == "avx2" && !crate::cpu::has_avx2_f16c() {
-                    continue;
-                }
+            for path in super::quant_paths() {
                 let mut out = vec![f32::NAN; m * n];
                 linear_rows_q_on(path, &x, m, &q, Some(&bias), &mut out);
                 close(&out, &want, 1e-5);
