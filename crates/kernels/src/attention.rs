@@ -70,6 +70,7 @@ impl<'a> Kv<'a> {
     }
 
     /// `Σ q[d] · self[at + d]` in f32.
+    #[inline(always)]
     fn dot(self, q: &[f32], at: usize) -> f32 {
         match self {
             Kv::F32(x) => dot(q, &x[at..at + q.len()]),
@@ -78,6 +79,7 @@ impl<'a> Kv<'a> {
     }
 
     /// `acc[d] += p · self[at + d]`.
+    #[inline(always)]
     fn axpy(self, p: f32, at: usize, acc: &mut [f32]) {
         let n = acc.len();
         match self {
@@ -225,12 +227,7 @@ pub fn attention(
             // work). They multiply in f32 whatever the precision.
             let small = q_len <= SMALL_Q;
             if small {
-                for (i, srow) in scores.chunks_mut(kv_len).enumerate() {
-                    let qi = &qh[i * qs.row..i * qs.row + dim];
-                    for (j, s) in srow.iter_mut().enumerate() {
-                        *s = kh.dot(qi, j * kvs.row);
-                    }
-                }
+                decode_scores(qh, qs.row, kh, kvs.row, dim, kv_len, scores);
             } else {
                 // Q·Kᵀ on the packed GEMM: K's rows are Kᵀ's columns.
                 let kt = kh.mat(dim, kv_len, 1, kvs.row);
@@ -242,12 +239,7 @@ pub fn attention(
                 softmax_row(row, scale, mrow);
             }
             if small {
-                o.fill(0.0);
-                for (i, orow) in o.chunks_mut(dim).enumerate() {
-                    for (j, &p) in scores[i * kv_len..(i + 1) * kv_len].iter().enumerate() {
-                        vh.axpy(p, j * kvs.row, orow);
-                    }
-                }
+                decode_values(scores, kv_len, vh, kvs.row, o);
             } else {
                 // P·V on the packed GEMM (V read in place).
                 gemm(
@@ -272,6 +264,59 @@ pub fn attention(
     });
 }
 
+/// The decode path's scores: `scores[i · kv_len + j] = q_i · k_j` for the queries in `qh`
+/// (rows `q_row` apart, `dim` wide) and the `kv_len` keys in `kh` (rows `kv_row` apart), as
+/// many queries as `scores` holds rows of `kv_len`.
+#[inline(always)]
+fn decode_scores_body(
+    qh: &[f32],
+    q_row: usize,
+    kh: Kv<'_>,
+    kv_row: usize,
+    dim: usize,
+    kv_len: usize,
+    scores: &mut [f32],
+) {
+    for (i, srow) in scores.chunks_mut(kv_len).enumerate() {
+        let qi = &qh[i * q_row..i * q_row + dim];
+        for (j, s) in srow.iter_mut().enumerate() {
+            *s = kh.dot(qi, j * kv_row);
+        }
+    }
+}
+
+multiversion!(
+    /// [`decode_scores_body`] compiled for the best SIMD level of this CPU.
+    fn decode_scores(
+        qh: &[f32],
+        q_row: usize,
+        kh: Kv<'_>,
+        kv_row: usize,
+        dim: usize,
+        kv_len: usize,
+        scores: &mut [f32]
+    ) => decode_scores_body
+);
+
+/// The decode path's output: `o_i = Σ_j p[i · kv_len + j] · v_j` for each `dim`-wide row of
+/// `o`, the values in `vh` rows `kv_row` apart.
+#[inline(always)]
+fn decode_values_body(p: &[f32], kv_len: usize, vh: Kv<'_>, kv_row: usize, o: &mut [f32]) {
+    o.fill(0.0);
+    // One row of `o` per query (`attention` returns before this when there are none).
+    let dim = o.len() / (p.len() / kv_len);
+    for (i, orow) in o.chunks_mut(dim).enumerate() {
+        for (j, &pj) in p[i * kv_len..(i + 1) * kv_len].iter().enumerate() {
+            vh.axpy(pj, j * kv_row, orow);
+        }
+    }
+}
+
+multiversion!(
+    /// [`decode_values_body`] compiled for the best SIMD level of this CPU.
+    fn decode_values(p: &[f32], kv_len: usize, vh: Kv<'_>, kv_row: usize, o: &mut [f32]) => decode_values_body
+);
+
 /// `rows × cols` with rows `rs` apart and contiguous columns.
 fn strided(data: &[f32], rows: usize, cols: usize, rs: usize) -> MatRef<'_, f32> {
     MatRef {
@@ -286,28 +331,52 @@ fn strided(data: &[f32], rows: usize, cols: usize, rs: usize) -> MatRef<'_, f32>
 /// Queries per head up to which the decode-shaped path is used.
 const SMALL_Q: usize = 4;
 
+/// A cache element widened to f32 without a branch, so the loops below vectorise (`half`'s
+/// conversion tests for NaN per element; a NaN stays a NaN here too).
+trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// Dot product with 16 independent lanes (vectorises; one running sum would not); `b` f32 or
 /// bf16 (widened exactly).
-fn dot<T: Copy + Into<f32>>(a: &[f32], b: &[T]) -> f32 {
+#[inline(always)]
+fn dot<T: Widen>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(&x, &y)| x * y.into())
+        .map(|(&x, &y)| x * y.widen())
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..16 {
-            lanes[l] += x[l] * y[l].into();
+            lanes[l] += x[l] * y[l].widen();
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
 /// `acc[d] += p · x[d]`, `x` f32 or bf16 (widened exactly).
-fn axpy<T: Copy + Into<f32>>(p: f32, x: &[T], acc: &mut [f32]) {
-    acc.iter_mut().zip(x).for_each(|(a, &x)| *a += p * x.into());
+#[inline(always)]
+fn axpy<T: Widen>(p: f32, x: &[T], acc: &mut [f32]) {
+    acc.iter_mut()
+        .zip(x)
+        .for_each(|(a, &x)| *a += p * x.widen());
 }
 
 /// In-place `softmax(row · scale + mask)`. Reductions use 16 independent lanes so the compiler

@@ -339,11 +339,20 @@ fn stacked_parts_pack_like_the_stacked_matrix() {
 
 /// A weight packed once as B (f32 or bf16 storage, `[n, k]` read transposed, as a linear
 /// layer's) gives the product `gemm` gives packing it per call, bit for bit, with bias,
-/// GELU or accumulation, across several k-blocks and stripes and ragged edges.
+/// GELU or accumulation, across several k-blocks and stripes and ragged edges; few rows
+/// (up to three A panels) walk the prepacked B micro-panel by micro-panel, more k-block by
+/// k-block, and both orders sum the k-blocks in the same order.
 #[test]
 fn prepacked_b_gives_the_same_product() {
     let mut s = 5u64;
-    for (m, k, n) in [(1, 1, 1), (13, 7, 33), (40, 1100, 70), (30, 64, 600)] {
+    for (m, k, n) in [
+        (1, 1, 1),
+        (13, 7, 33),
+        (40, 1100, 70),
+        (30, 64, 600),
+        (2, 1100, 70),
+        (36, 1300, 300),
+    ] {
         let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
         let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();

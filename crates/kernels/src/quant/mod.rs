@@ -221,7 +221,10 @@ impl Path {
 
     /// The best path this CPU supports.
     fn best() -> Path {
-        Path::ALL.into_iter().find(|p| p.supported()).unwrap_or(Path::Scalar)
+        Path::ALL
+            .into_iter()
+            .find(|p| p.supported())
+            .unwrap_or(Path::Scalar)
     }
 }
 
