@@ -219,25 +219,66 @@ unsafe fn k512bf16<const R: usize>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let pf = steps.saturating_sub(C_PREFETCH_STEPS);
-    for s in 0..steps {
-        if s.wrapping_sub(pf) < R {
-            // SAFETY: row s − pf < R of the C tile (valid memory, per the contract).
-            unsafe { prefetch_row(c.add((s - pf) * ldc)) };
-        }
-        // SAFETY: s < steps: within the packed micro-panels. The transmutes reinterpret
-        // 512 bits of bf16 pairs as the bf16 vector type (same size, any bits valid).
-        unsafe {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32) as *const _));
-            let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(b.add(s * 32 + 16) as *const _));
-            let ar = a.add(s * 12);
-            for (r, accr) in acc.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
-                accr[0] = _mm512_dpbf16_ps(accr[0], av, b0);
-                accr[1] = _mm512_dpbf16_ps(accr[1], av, b1);
+    let mut s = 0;
+    if R <= SPLIT_ROWS {
+        // Few rows: 2·R dependent `vdpbf16ps` chains would wait on their latency (a decode
+        // step is one row), so odd steps accumulate apart and the two sets add at the end.
+        let mut odd = [[_mm512_setzero_ps(); 2]; R];
+        while s + 1 < steps {
+            // SAFETY: s + 1 < steps (forwarded contract).
+            unsafe {
+                bf16_step(s, pf, a, b, c, ldc, &mut acc);
+                bf16_step(s + 1, pf, a, b, c, ldc, &mut odd);
             }
+            s += 2;
         }
+        for (accr, oddr) in acc.iter_mut().zip(&odd) {
+            accr[0] = _mm512_add_ps(accr[0], oddr[0]);
+            accr[1] = _mm512_add_ps(accr[1], oddr[1]);
+        }
+    }
+    while s < steps {
+        // SAFETY: s < steps (forwarded contract).
+        unsafe { bf16_step(s, pf, a, b, c, ldc, &mut acc) };
+        s += 1;
     }
     // SAFETY: forwarded contract (`c` valid for 12 rows of 32 floats `ldc` apart).
     unsafe { store_tile512(&acc, c, ldc, add) }
+}
+
+/// Row counts up to which [`k512bf16`] keeps two accumulator sets.
+const SPLIT_ROWS: usize = 4;
+
+/// Step `s` of [`k512bf16`]: the R × 32 tile's products with pair s of A and B, and the
+/// prefetch of C row s − `pf` when it is one of the tile's.
+///
+/// # Safety
+/// As [`k512bf16`], and s < steps.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_step<const R: usize>(
+    s: usize,
+    pf: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    acc: &mut [[__m512; 2]; R],
+) {
+    if s.wrapping_sub(pf) < R {
+        // SAFETY: row s − pf < R of the C tile (valid memory, per the contract).
+        unsafe { prefetch_row(c.add((s - pf) * ldc)) };
+    }
+    // SAFETY: s < steps: within the packed micro-panels. The transmutes reinterpret 512 bits
+    // of bf16 pairs as the bf16 vector type (same size, any bits valid).
+    unsafe {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(s * 32 + 16) as *const _));
+        let ar = a.add(s * 12);
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+            accr[0] = _mm512_dpbf16_ps(accr[0], av, b0);
+            accr[1] = _mm512_dpbf16_ps(accr[1], av, b1);
+        }
+    }
 }
