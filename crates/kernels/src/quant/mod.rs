@@ -277,48 +277,62 @@ pub fn linear_rows_q_on(
     let xq = QRows::new(x, m, k);
     let rb = w.format.row_bytes(k);
     let ptr = SendPtr::new(out);
+    // More than four rows: the weight rows go in chunks of ≤ CHUNK_BYTES that stay in L2
+    // while each group of four activation rows (in L1) passes over them, rather than every
+    // weight row pulling all m activation rows through L2.
+    let jb = if m > 4 {
+        (CHUNK_BYTES / rb.max(1)).max(4)
+    } else {
+        usize::MAX
+    };
     for_each_stripe(m, n, k, |j0, j1| {
-        for j in j0..j1 {
-            let wr = &w.data[j * rb..(j + 1) * rb];
+        for c0 in (j0..j1).step_by(jb) {
+            let c1 = c0.saturating_add(jb).min(j1);
             let mut r0 = 0;
             while r0 < m {
                 let take = (m - r0).min(4);
-                let mut vals = [0f32; 4];
-                match take {
-                    1 => vals[..1].copy_from_slice(&dots(path, w.format, wr, [xq.row(r0)])),
-                    2 => vals[..2].copy_from_slice(&dots(
-                        path,
-                        w.format,
-                        wr,
-                        [xq.row(r0), xq.row(r0 + 1)],
-                    )),
-                    3 => vals[..3].copy_from_slice(&dots(
-                        path,
-                        w.format,
-                        wr,
-                        [xq.row(r0), xq.row(r0 + 1), xq.row(r0 + 2)],
-                    )),
-                    _ => {
-                        vals = dots(
+                for j in c0..c1 {
+                    let wr = &w.data[j * rb..(j + 1) * rb];
+                    let mut vals = [0f32; 4];
+                    match take {
+                        1 => vals[..1].copy_from_slice(&dots(path, w.format, wr, [xq.row(r0)])),
+                        2 => vals[..2].copy_from_slice(&dots(
                             path,
                             w.format,
                             wr,
-                            [xq.row(r0), xq.row(r0 + 1), xq.row(r0 + 2), xq.row(r0 + 3)],
-                        )
+                            [xq.row(r0), xq.row(r0 + 1)],
+                        )),
+                        3 => vals[..3].copy_from_slice(&dots(
+                            path,
+                            w.format,
+                            wr,
+                            [xq.row(r0), xq.row(r0 + 1), xq.row(r0 + 2)],
+                        )),
+                        _ => {
+                            vals = dots(
+                                path,
+                                w.format,
+                                wr,
+                                [xq.row(r0), xq.row(r0 + 1), xq.row(r0 + 2), xq.row(r0 + 3)],
+                            )
+                        }
                     }
-                }
-                let b = bias.map_or(0.0, |b| b[j]);
-                for (i, v) in vals[..take].iter().enumerate() {
-                    // SAFETY: column j lies in this task's stripe j0..j1 and r0 + i < m, so
-                    // the element is in `out` and written by this task alone (see
-                    // `for_each_stripe`).
-                    unsafe { *ptr.ptr().add((r0 + i) * n + j) = v + b };
+                    let b = bias.map_or(0.0, |b| b[j]);
+                    for (i, v) in vals[..take].iter().enumerate() {
+                        // SAFETY: column j lies in this task's stripe j0..j1 and r0 + i < m, so
+                        // the element is in `out` and written by this task alone (see
+                        // `for_each_stripe`).
+                        unsafe { *ptr.ptr().add((r0 + i) * n + j) = v + b };
+                    }
                 }
                 r0 += take;
             }
         }
     });
 }
+
+/// Bytes of weight rows [`linear_rows_q`] keeps in L2 while the activation rows pass.
+const CHUNK_BYTES: usize = 96 << 10;
 
 /// One weight row's dots with `R` activation rows on the chosen path.
 #[inline]
