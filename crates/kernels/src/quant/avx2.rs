@@ -7,7 +7,7 @@
 //! activation rows per pass over a weight row; two accumulator sets (even and odd blocks) so
 //! consecutive FMAs do not wait on each other.
 
-use super::blocks::{Row, Q4_1_BYTES, Q8_0_BYTES, QK};
+use super::blocks::{Row, Q4_1_BYTES, Q8_0_BYTES, Q8_0_FLIP, QK};
 use std::arch::x86_64::*;
 
 /// The f16 at `p` as f32.
@@ -71,6 +71,8 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
     let nb = w.len() / Q8_0_BYTES;
     let zero = _mm256_setzero_ps();
     let (mut a0, mut a1) = ([zero; R], [zero; R]);
+    // The stored quants are offset by 128 (see `blocks`): one XOR gives the signed value back.
+    let flip = _mm256_set1_epi8(Q8_0_FLIP as i8);
     // SAFETY: the scales are the row's first 2·nb bytes and block b's quants the 32 at
     // 2·nb + 32·b; the activation rows hold nb·32 values and nb scales (contract).
     unsafe {
@@ -84,7 +86,8 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
             }
             for j in 0..8 {
                 let b = b0 + j;
-                let qw = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
+                let qw =
+                    _mm256_xor_si256(_mm256_loadu_si256(qs.add(b * QK) as *const __m256i), flip);
                 let aw = _mm256_sign_epi8(qw, qw);
                 for r in 0..R {
                     let qx = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);
@@ -100,7 +103,7 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
         }
         for b in nb / 8 * 8..nb {
             let dw = f16_at(ds.add(2 * b));
-            let qw = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
+            let qw = _mm256_xor_si256(_mm256_loadu_si256(qs.add(b * QK) as *const __m256i), flip);
             let aw = _mm256_sign_epi8(qw, qw);
             for r in 0..R {
                 let qx = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);

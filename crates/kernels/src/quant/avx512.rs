@@ -2,9 +2,10 @@
 //! register, their 64 byte products summed into sixteen i32 lanes by one `vpdpbusd` (u8 × i8,
 //! no intermediate i16 saturation), eight lanes per block; then converted to f32 and scaled by
 //! `d_w·d_x` in one FMA, the pair's two scales spread over the halves by `vpermps`. Sixteen
-//! blocks' scales convert and multiply in one instruction each. `Q8_0`'s signed weights take
-//! the sign trick in mask form (`|w|` once per weight, `x` negated where `w < 0` by one masked
-//! subtract per row); `Q4_1`'s nibbles are unsigned already, four blocks per load, and its
+//! blocks' scales convert and multiply in one instruction each. `Q8_0`'s weights are held
+//! offset by 128 (unsigned), so a block is one `vpdpbusd` with no sign handling, and the
+//! `128·Σx` the offset adds is one FMA per sixteen blocks from the activations' block sums (as
+//! `Q4_1`'s `m·s` terms); `Q4_1`'s nibbles are unsigned already, four blocks per load, and its
 //! `m·s` terms are one FMA per sixteen blocks. Leftover blocks (a `k` that is not a multiple
 //! of 512) take the 256-bit `vpdpbusd` one block at a time. Up to four activation rows per pass
 //! over a weight row, as on AVX2.
@@ -77,11 +78,14 @@ fn hsum256(v: __m256) -> f32 {
 pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
     let nb = w.len() / Q8_0_BYTES;
     let (z, zi) = (_mm512_setzero_ps(), _mm512_setzero_si512());
-    let (mut a0, mut a1) = ([z; R], [z; R]);
+    let (mut a0, mut a1, mut off) = ([z; R], [z; R], [z; R]);
     let mut tail = [_mm256_setzero_ps(); R];
-    // SAFETY: the scales are the row's first 2·nb bytes and block b's quants the 32 at
-    // 2·nb + 32·b (so blocks b and b + 1 are 64 contiguous bytes); the activation rows hold
-    // nb·32 values and nb scales (contract).
+    let mut tail_off = [0f32; R];
+    // SAFETY: the scales are the row's first 2·nb bytes and block b's quants (offset by 128,
+    // see `blocks`) the 32 at 2·nb + 32·b, so blocks b and b + 1 are 64 contiguous bytes; the
+    // activation rows hold nb·32 values, nb scales and nb sums (contract). A block's
+    // `vpdpbusd` sums Σ(w + 128)·x; the 128·d_w·d_x·Σx it adds is gathered in `off` (one FMA
+    // per sixteen blocks, from the rows' block sums) and taken off at the end.
     unsafe {
         let (ds, qs) = (w.as_ptr(), w.as_ptr().add(2 * nb));
         for g in 0..nb / G {
@@ -90,15 +94,14 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
             let mut sc = [z; R];
             for r in 0..R {
                 sc[r] = _mm512_mul_ps(dw, _mm512_loadu_ps(xs[r].d.as_ptr().add(b0)));
+                off[r] = _mm512_fmadd_ps(dw, _mm512_loadu_ps(xs[r].s.as_ptr().add(b0)), off[r]);
             }
             for j in 0..G / 2 {
                 let b = b0 + 2 * j;
                 let qw = _mm512_loadu_si512(qs.add(b * QK) as *const __m512i);
-                let (aw, neg) = (_mm512_abs_epi8(qw), _mm512_movepi8_mask(qw));
                 for r in 0..R {
                     let qx = _mm512_loadu_si512(xs[r].q.as_ptr().add(b * QK) as *const __m512i);
-                    let sx = _mm512_mask_sub_epi8(qx, neg, zi, qx);
-                    let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zi, aw, sx));
+                    let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zi, qw, qx));
                     let s = pair_scale(sc[r], j);
                     if j % 2 == 0 {
                         a0[r] = _mm512_fmadd_ps(p, s, a0[r]);
@@ -111,18 +114,19 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
         for b in nb / G * G..nb {
             let dw = f16_at(ds.add(2 * b));
             let qw = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
-            let aw = _mm256_sign_epi8(qw, qw);
             for r in 0..R {
                 let qx = _mm256_loadu_si256(xs[r].q.as_ptr().add(b * QK) as *const __m256i);
-                let p = dot256(aw, _mm256_sign_epi8(qx, qw));
                 let s = _mm256_set1_ps(dw * *xs[r].d.get_unchecked(b));
-                tail[r] = _mm256_fmadd_ps(p, s, tail[r]);
+                tail[r] = _mm256_fmadd_ps(dot256(qw, qx), s, tail[r]);
+                tail_off[r] += dw * *xs[r].s.get_unchecked(b);
             }
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) + hsum256(tail[r]);
+        let offset = _mm512_reduce_add_ps(off[r]) + tail_off[r];
+        out[r] =
+            _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) + hsum256(tail[r]) - 128.0 * offset;
     }
     out
 }

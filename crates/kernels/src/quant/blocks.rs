@@ -11,8 +11,11 @@
 //! In memory a row keeps the same bytes with its fields gathered ("split"): every block's `d`
 //! (then, for `Q4_1`, every `m`), then every block's quants. The kernels then convert eight
 //! scales with one instruction and load two `Q4_1` blocks' quants with one, instead of
-//! picking fields out of 34- or 20-byte records. A row whose length is not a multiple of 32 is
-//! padded with zeros to whole blocks.
+//! picking fields out of 34- or 20-byte records. `Q8_0`'s quants are held offset by 128 (`q ^
+//! 0x80`, i.e. `q + 128` as a u8), so AVX-512 VNNI multiplies them as the unsigned operand of
+//! `vpdpbusd` with no sign handling (the `128·Σx` the offset adds is taken off once per row
+//! from [`QRows`]' block sums).
+//! A row whose length is not a multiple of 32 is padded with zeros to whole blocks.
 
 use half::f16;
 
@@ -76,38 +79,48 @@ pub(crate) fn f16_at(b: &[u8]) -> f32 {
 pub(crate) fn quantize_row_q8_0(row: &[f32], out: &mut [u8]) {
     let mut gguf = vec![0u8; out.len()];
     quantize_row_q8_0_gguf(row, &mut gguf);
-    split_row(Q8_0_BYTES, 2, &gguf, out);
+    split_row(Q8_0_BYTES, 2, Q8_0_FLIP, &gguf, out);
 }
 
 /// Quantizes `row` into one split `Q4_1` row (`out`: `⌈k/32⌉ · 20` bytes).
 pub(crate) fn quantize_row_q4_1(row: &[f32], out: &mut [u8]) {
     let mut gguf = vec![0u8; out.len()];
     quantize_row_q4_1_gguf(row, &mut gguf);
-    split_row(Q4_1_BYTES, 4, &gguf, out);
+    split_row(Q4_1_BYTES, 4, 0, &gguf, out);
 }
 
+/// What `Q8_0`'s quants are XORed with in memory: `q + 128` as a u8 (see the module doc).
+pub(crate) const Q8_0_FLIP: u8 = 0x80;
+
 /// One row of GGUF blocks of `block` bytes, whose first `head` bytes are f16 fields, as the
-/// split row: each f16 field of every block (in field order), then every block's quants.
-pub(crate) fn split_row(block: usize, head: usize, gguf: &[u8], out: &mut [u8]) {
+/// split row: each f16 field of every block (in field order), then every block's quants, each
+/// XORed with `flip`.
+pub(crate) fn split_row(block: usize, head: usize, flip: u8, gguf: &[u8], out: &mut [u8]) {
     let nb = gguf.len() / block;
     let quants = block - head;
     for (b, blk) in gguf.chunks_exact(block).enumerate() {
         for f in 0..head / 2 {
             out[f * 2 * nb + 2 * b..][..2].copy_from_slice(&blk[2 * f..2 * f + 2]);
         }
-        out[head * nb + b * quants..][..quants].copy_from_slice(&blk[head..]);
+        let dst = &mut out[head * nb + b * quants..][..quants];
+        for (d, &q) in dst.iter_mut().zip(&blk[head..]) {
+            *d = q ^ flip;
+        }
     }
 }
 
 /// The inverse of [`split_row`].
-pub(crate) fn join_row(block: usize, head: usize, split: &[u8], out: &mut [u8]) {
+pub(crate) fn join_row(block: usize, head: usize, flip: u8, split: &[u8], out: &mut [u8]) {
     let nb = split.len() / block;
     let quants = block - head;
     for (b, blk) in out.chunks_exact_mut(block).enumerate() {
         for f in 0..head / 2 {
             blk[2 * f..2 * f + 2].copy_from_slice(&split[f * 2 * nb + 2 * b..][..2]);
         }
-        blk[head..].copy_from_slice(&split[head * nb + b * quants..][..quants]);
+        let src = &split[head * nb + b * quants..][..quants];
+        for (d, &q) in blk[head..].iter_mut().zip(src) {
+            *d = q ^ flip;
+        }
     }
 }
 
@@ -126,7 +139,7 @@ pub(crate) fn dequantize_row_q8_0(row: &[u8], out: &mut [f32]) {
         let qs = &row[2 * nb + b * QK..][..QK];
         // Fixed-size loops the compiler vectorises.
         for (v, &q) in vals.iter_mut().zip(qs) {
-            *v = d * (q as i8) as f32;
+            *v = d * ((q ^ Q8_0_FLIP) as i8) as f32;
         }
         let dst = &mut out[b * QK..];
         let n = dst.len().min(QK);
@@ -154,7 +167,8 @@ pub(crate) fn dequantize_row_q4_1(row: &[u8], out: &mut [f32]) {
 
 /// Activation rows as 8-bit blocks (ggml's `Q8_1` without its packing): per row and block of
 /// 32, `d = max|x| / 127`, `q = round(x / d)`, and `s = d · Σq` (the block's sum, for the `m`
-/// term of `Q4_1`). Rows are padded with zeros to whole blocks.
+/// term of `Q4_1` and the offset of `Q8_0`'s quants). Rows are padded with zeros to whole
+/// blocks.
 #[derive(Debug, Default)]
 pub(crate) struct QRows {
     /// `m × nb · 32` quantized values.

@@ -65,11 +65,12 @@ impl QFormat {
             .find(|f| f.name() == name)
     }
 
-    /// (bytes per block, bytes of its leading f16 fields).
-    fn layout(self) -> (usize, usize) {
+    /// (bytes per block, bytes of its leading f16 fields, what its quants are XORed with in
+    /// memory).
+    fn layout(self) -> (usize, usize, u8) {
         match self {
-            QFormat::Q8_0 => (blocks::Q8_0_BYTES, 2),
-            QFormat::Q4_1 => (blocks::Q4_1_BYTES, 4),
+            QFormat::Q8_0 => (blocks::Q8_0_BYTES, 2, blocks::Q8_0_FLIP),
+            QFormat::Q4_1 => (blocks::Q4_1_BYTES, 4, 0),
         }
     }
 
@@ -117,22 +118,22 @@ impl QuantWeight {
         if gguf.len() != n.checked_mul(rb)? {
             return None;
         }
-        let (block, head) = format.layout();
+        let (block, head, flip) = format.layout();
         let mut data = vec![0u8; gguf.len()];
         data.par_chunks_mut(rb.max(1))
             .zip(gguf.par_chunks(rb.max(1)))
-            .for_each(|(out, row)| blocks::split_row(block, head, row, out));
+            .for_each(|(out, row)| blocks::split_row(block, head, flip, row, out));
         Some(Self { format, n, k, data })
     }
 
     /// The rows as GGUF lays out `Q8_0` / `Q4_1` blocks (a copy).
     pub fn gguf_bytes(&self) -> Vec<u8> {
         let rb = self.format.row_bytes(self.k);
-        let (block, head) = self.format.layout();
+        let (block, head, flip) = self.format.layout();
         let mut out = vec![0u8; self.data.len()];
         out.par_chunks_mut(rb.max(1))
             .zip(self.data.par_chunks(rb.max(1)))
-            .for_each(|(o, row)| blocks::join_row(block, head, row, o));
+            .for_each(|(o, row)| blocks::join_row(block, head, flip, row, o));
         out
     }
 

@@ -1,7 +1,7 @@
 //! The portable decode dots: one split weight row (see `blocks`) against up to four quantized
 //! activation rows, integer products per block, scaled and summed in f32.
 
-use super::blocks::{field, Row, Q4_1_BYTES, Q8_0_BYTES, QK};
+use super::blocks::{field, Row, Q4_1_BYTES, Q8_0_BYTES, Q8_0_FLIP, QK};
 
 /// `Σ_b d_w·d_x·Σ q_w·q_x` of a `Q8_0` row against each of `xs`.
 pub(super) fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f32; R] {
@@ -12,7 +12,9 @@ pub(super) fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f32; R] 
         let qw = &w[2 * nb + b * QK..][..QK];
         for (a, x) in acc.iter_mut().zip(&xs) {
             let qx = &x.q[b * QK..(b + 1) * QK];
-            let sum: i32 = (0..QK).map(|i| (qw[i] as i8) as i32 * qx[i] as i32).sum();
+            let sum: i32 = (0..QK)
+                .map(|i| ((qw[i] ^ Q8_0_FLIP) as i8) as i32 * qx[i] as i32)
+                .sum();
             *a += dw * x.d[b] * sum as f32;
         }
     }
