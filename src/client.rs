@@ -239,7 +239,8 @@ pub struct LocalArgs {
     /// Device of a local run: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute dtype of a local run: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
+    /// Compute dtype of a local run: auto (bf16 on CUDA and on CPUs with AVX512-BF16, f32 on
+    /// other CPUs), f32 or bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Weight storage dtype of a local run (default: the checkpoint's).

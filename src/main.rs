@@ -48,7 +48,8 @@ struct ModelArgs {
     /// Device: cpu, cuda:N (needs the `cuda` feature) or metal:N.
     #[arg(long, default_value = "cpu", env = "JANUS_DEVICE")]
     device: String,
-    /// Compute dtype: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
+    /// Compute dtype: auto (bf16 on CUDA and on CPUs with AVX512-BF16, f32 on other CPUs), f32
+    /// (the reference's numerics) or bf16.
     #[arg(long, default_value = "auto", env = "JANUS_DTYPE")]
     dtype: String,
     /// Weight storage: f32, bf16, f16, or q8 / q4 (the language model's linear layers as 8-bit
@@ -115,8 +116,8 @@ enum Command {
     /// Write a copy of a checkpoint with the language model's linear layers stored as 8- or
     /// 4-bit blocks (loads directly, no quantization at load); prints JSON.
     Quantize(quant::QuantizeArgs),
-    /// Measure how far quantized weights land from the checkpoint's own (logits cosine, greedy
-    /// tokens, guided image logits, images); prints JSON.
+    /// Measure how far quantized weights, or bf16 compute, land from the checkpoint's own
+    /// weights in f32 (logits cosine, greedy tokens, guided image logits, images); prints JSON.
     Quality(quant::QualityArgs),
 }
 

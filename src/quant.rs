@@ -1,6 +1,6 @@
 //! `janus quantize` (write a checkpoint whose language model is stored as 8- or 4-bit blocks)
-//! and `janus quality` (how far quantized weights land from the checkpoint's own), both on a
-//! checkpoint directory, in this process.
+//! and `janus quality` (how far quantized weights, or another compute dtype, land from the
+//! checkpoint's own weights in f32), both on a checkpoint directory, in this process.
 
 use anyhow::{Context, Result};
 use janus_pipeline::{quality, LoadOptions, QFormat};
@@ -57,12 +57,18 @@ pub struct QualityArgs {
     /// Checkpoint directory.
     #[arg(long, env = "JANUS_MODEL")]
     pub model: PathBuf,
-    /// The quantization measured: q8 or q4 (against the checkpoint's own weights).
-    #[arg(long, default_value = "q8")]
-    pub weight_dtype: String,
-    /// Compute dtype of both runs: auto (f32 on the CPU), f32 or bf16.
-    #[arg(long, default_value = "auto")]
+    /// The quantization measured: q8 or q4 (against the checkpoint's own weights). Default:
+    /// q8, unless `--test-dtype` names what is measured instead.
+    #[arg(long)]
+    pub weight_dtype: Option<String>,
+    /// Compute dtype of the baseline (and of the measured run unless `--test-dtype` is given):
+    /// auto (as `janus serve` picks it for each half), f32 or bf16.
+    #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Compute dtype of the measured run, e.g. bf16 against the f32 baseline: the precision
+    /// decision `--dtype auto` makes on CPUs with AVX512-BF16 (see the README).
+    #[arg(long)]
+    pub test_dtype: Option<String>,
     /// Image asked about (default: a generated gradient).
     #[arg(long)]
     pub image: Option<PathBuf>,
@@ -84,16 +90,29 @@ pub struct QualityArgs {
 }
 
 pub fn quality(args: QualityArgs) -> Result<()> {
-    let f = format(&args.weight_dtype)?;
+    let f = match (&args.weight_dtype, &args.test_dtype) {
+        (Some(w), _) => Some(format(w)?),
+        (None, Some(_)) => None,
+        (None, None) => Some(QFormat::Q8_0),
+    };
     let device = janus_pipeline::Device::Cpu;
     let base = LoadOptions {
         dtype: janus_pipeline::parse_dtype_for(&args.dtype, &device)?,
-        ..LoadOptions::for_device(device)
+        ..LoadOptions::for_device(device.clone())
     };
     let test = LoadOptions {
-        quant: Some(f),
+        quant: f,
+        dtype: match &args.test_dtype {
+            Some(d) => janus_pipeline::parse_dtype_for(d, &device)?,
+            None => base.dtype,
+        },
         ..base.clone()
     };
+    anyhow::ensure!(
+        test.quant.is_some() || test.dtype != base.dtype,
+        "nothing to compare: --test-dtype {} is the baseline's dtype",
+        janus_pipeline::dtype_name(test.dtype)
+    );
     let image = match &args.image {
         Some(p) => janus_pipeline::decode_rgb(
             &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
@@ -109,8 +128,9 @@ pub fn quality(args: QualityArgs) -> Result<()> {
     };
     let mut out = json!({
         "model": args.model.display().to_string(),
-        "format": f.name(),
+        "format": f.map(QFormat::name),
         "dtype": janus_pipeline::dtype_name(base.dtype),
+        "test_dtype": janus_pipeline::dtype_name(test.dtype),
     });
     if !args.skip_understanding {
         let r = quality::understanding(

@@ -140,10 +140,14 @@ fn weights_default_to_the_checkpoint_dtype() {
     assert_eq!(bf16.resolve_weight_dtype(DType::F32), DType::BF16);
     assert_eq!(o.resolve_weight_dtype(DType::F16), DType::F32);
     let cpu = janus_pipeline::Device::Cpu;
+    // `auto`: bf16 where the CPU multiplies bf16 natively, f32 elsewhere; the library's
+    // default stays f32 (the reference's numerics).
+    let native = janus_kernels::gemm::has_bf16_dot();
     assert_eq!(
         janus_pipeline::parse_dtype_for("auto", &cpu).unwrap(),
-        DType::F32
+        if native { DType::BF16 } else { DType::F32 }
     );
+    assert_eq!(janus_pipeline::default_dtype(&cpu), DType::F32);
     assert_eq!(
         janus_pipeline::parse_dtype_for("bf16", &cpu).unwrap(),
         DType::BF16
@@ -166,12 +170,24 @@ fn info_reports_resolved_dtypes() {
         let opts = f.model.load_options(None).unwrap();
         (f.model.info(&dir, None), opts)
     };
-    // Defaults: `auto` resolves to f32 on the CPU, weights in the checkpoint's bf16.
+    // Defaults: `auto` resolves to bf16 on CPUs with native bf16 products, else f32; weights
+    // in the checkpoint's bf16.
+    let auto = if janus_kernels::gemm::has_bf16_dot() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
     let (i, opts) = info(&[]);
-    assert_eq!((i.dtype.as_str(), i.weight_dtype.as_str()), ("f32", "bf16"));
-    assert_eq!((opts.dtype, opts.weight_dtype), (DType::F32, None));
+    assert_eq!(
+        (i.dtype.as_str(), i.weight_dtype.as_str()),
+        (janus_pipeline::dtype_name(auto), "bf16")
+    );
+    assert_eq!((opts.dtype, opts.weight_dtype), (auto, None));
     let (i, _) = info(&["--weight-dtype", "f32"]);
-    assert_eq!((i.dtype.as_str(), i.weight_dtype.as_str()), ("f32", "f32"));
+    assert_eq!(
+        (i.dtype.as_str(), i.weight_dtype.as_str()),
+        (janus_pipeline::dtype_name(auto), "f32")
+    );
     let (i, opts) = info(&["--dtype", "bf16"]);
     assert_eq!(
         (i.dtype.as_str(), i.weight_dtype.as_str()),

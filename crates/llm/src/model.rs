@@ -89,12 +89,19 @@ impl Llm {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps, act)?;
         let lm_head = if with_lm_head {
-            Some(Linear::load_as(
+            // Under CPU bf16 compute, packed once as bf16 pairs like the layers (no extra
+            // memory), so batched decode steps multiply it with bf16 products too.
+            let head = Linear::load_as(
                 vb.pp("lm_head"),
                 cfg.hidden_size,
                 cfg.vocab_size,
                 quant.lm_head,
-            )?)
+            )?;
+            Some(if cpu_bf16 {
+                head.with_bf16_products(true).prepack_if_no_larger()?
+            } else {
+                head
+            })
         } else {
             None
         };

@@ -18,7 +18,9 @@ pub struct ModelFlags {
     /// Device: cpu or cuda:N (needs a build with `--features cuda`).
     #[arg(long, env = "JANUS_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype: auto (f32 on the CPU, bf16 on CUDA), f32 or bf16.
+    /// Compute dtype: auto (bf16 on CUDA and on CPUs with AVX512-BF16, f32 on other CPUs), f32
+    /// or bf16. CPU bf16 rounds the operands of the large products to bf16 (f32 accumulation,
+    /// norms and softmax in f32); f32 is the reference's numerics.
     #[arg(long, env = "JANUS_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Weight storage: f32, bf16, f16, or q8 / q4 (the language model's linear layers as 8-bit
@@ -63,11 +65,9 @@ impl ModelFlags {
         let device_name = device.unwrap_or(&self.device).to_string();
         // Resolved by name: building a device here would open another GPU context.
         let compute = if self.dtype == "auto" {
-            Ok(if device_name.starts_with("cuda") {
-                janus_pipeline::DType::BF16
-            } else {
-                janus_pipeline::DType::F32
-            })
+            Ok(janus_pipeline::auto_dtype_for(
+                device_name.starts_with("cuda"),
+            ))
         } else {
             janus_pipeline::parse_dtype(&self.dtype)
         };
