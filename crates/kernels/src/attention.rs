@@ -7,6 +7,7 @@
 
 use crate::cpu::multiversion;
 use crate::gemm::{gemm, BRef, GemmOpts, MatRef, Precision};
+use crate::gemv::Elem;
 use crate::sync::{with_f32_scratch, SendPtr};
 use half::bf16;
 use rayon::prelude::*;
@@ -239,7 +240,7 @@ pub fn attention(
                 softmax_row(row, scale, mrow);
             }
             if small {
-                decode_values(scores, kv_len, vh, kvs.row, o);
+                decode_values(scores, kv_len, vh, kvs.row, dim, o);
             } else {
                 // P·V on the packed GEMM (V read in place).
                 gemm(
@@ -301,10 +302,15 @@ multiversion!(
 /// The decode path's output: `o_i = Σ_j p[i · kv_len + j] · v_j` for each `dim`-wide row of
 /// `o`, the values in `vh` rows `kv_row` apart.
 #[inline(always)]
-fn decode_values_body(p: &[f32], kv_len: usize, vh: Kv<'_>, kv_row: usize, o: &mut [f32]) {
+fn decode_values_body(
+    p: &[f32],
+    kv_len: usize,
+    vh: Kv<'_>,
+    kv_row: usize,
+    dim: usize,
+    o: &mut [f32],
+) {
     o.fill(0.0);
-    // One row of `o` per query (`attention` returns before this when there are none).
-    let dim = o.len() / (p.len() / kv_len);
     for (i, orow) in o.chunks_mut(dim).enumerate() {
         for (j, &pj) in p[i * kv_len..(i + 1) * kv_len].iter().enumerate() {
             vh.axpy(pj, j * kv_row, orow);
@@ -314,7 +320,14 @@ fn decode_values_body(p: &[f32], kv_len: usize, vh: Kv<'_>, kv_row: usize, o: &m
 
 multiversion!(
     /// [`decode_values_body`] compiled for the best SIMD level of this CPU.
-    fn decode_values(p: &[f32], kv_len: usize, vh: Kv<'_>, kv_row: usize, o: &mut [f32]) => decode_values_body
+    fn decode_values(
+        p: &[f32],
+        kv_len: usize,
+        vh: Kv<'_>,
+        kv_row: usize,
+        dim: usize,
+        o: &mut [f32]
+    ) => decode_values_body
 );
 
 /// `rows × cols` with rows `rs` apart and contiguous columns.
@@ -331,41 +344,21 @@ fn strided(data: &[f32], rows: usize, cols: usize, rs: usize) -> MatRef<'_, f32>
 /// Queries per head up to which the decode-shaped path is used.
 const SMALL_Q: usize = 4;
 
-/// A cache element widened to f32 without a branch, so the loops below vectorise (`half`'s
-/// conversion tests for NaN per element; a NaN stays a NaN here too).
-trait Widen: Copy {
-    fn widen(self) -> f32;
-}
-
-impl Widen for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
-impl Widen for half::bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-}
-
 /// Dot product with 16 independent lanes (vectorises; one running sum would not); `b` f32 or
 /// bf16 (widened exactly).
 #[inline(always)]
-fn dot<T: Widen>(a: &[f32], b: &[T]) -> f32 {
+fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(&x, &y)| x * y.widen())
+        .map(|(&x, &y)| x * y.to_f32())
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..16 {
-            lanes[l] += x[l] * y[l].widen();
+            lanes[l] += x[l] * y[l].to_f32();
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -373,10 +366,10 @@ fn dot<T: Widen>(a: &[f32], b: &[T]) -> f32 {
 
 /// `acc[d] += p · x[d]`, `x` f32 or bf16 (widened exactly).
 #[inline(always)]
-fn axpy<T: Widen>(p: f32, x: &[T], acc: &mut [f32]) {
+fn axpy<T: Elem>(p: f32, x: &[T], acc: &mut [f32]) {
     acc.iter_mut()
         .zip(x)
-        .for_each(|(a, &x)| *a += p * x.widen());
+        .for_each(|(a, &x)| *a += p * x.to_f32());
 }
 
 /// In-place `softmax(row · scale + mask)`. Reductions use 16 independent lanes so the compiler

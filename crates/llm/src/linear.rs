@@ -117,6 +117,18 @@ impl Linear {
         self
     }
 
+    /// When `on` (CPU bf16 compute): every product with bf16 operands, the weight packed once
+    /// as bf16 pairs ([`Linear::prepack`], no more memory than a bf16 weight), so few-row
+    /// steps use bf16 products too; otherwise the layer as it is. For heads that, unlike the
+    /// decoder layers, keep an f32 weight unpacked under f32 compute.
+    pub fn packed_for_bf16_compute(self, on: bool) -> Result<Self> {
+        if on {
+            self.with_bf16_products(true).prepack()
+        } else {
+            Ok(self)
+        }
+    }
+
     /// Loads `weight` (and `bias` when `with_bias`) under `vb`, checking shapes.
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;

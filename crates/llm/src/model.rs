@@ -91,17 +91,15 @@ impl Llm {
         let lm_head = if with_lm_head {
             // Under CPU bf16 compute, packed once as bf16 pairs like the layers (no extra
             // memory), so batched decode steps multiply it with bf16 products too.
-            let head = Linear::load_as(
-                vb.pp("lm_head"),
-                cfg.hidden_size,
-                cfg.vocab_size,
-                quant.lm_head,
-            )?;
-            Some(if cpu_bf16 {
-                head.with_bf16_products(true).prepack_if_no_larger()?
-            } else {
-                head
-            })
+            Some(
+                Linear::load_as(
+                    vb.pp("lm_head"),
+                    cfg.hidden_size,
+                    cfg.vocab_size,
+                    quant.lm_head,
+                )?
+                .packed_for_bf16_compute(cpu_bf16)?,
+            )
         } else {
             None
         };

@@ -103,6 +103,8 @@ pub(super) unsafe fn run_packed<K: Kernel>(
     let ksteps = k.div_ceil(kp);
     let kcs = KC / kp;
     let panels = m.div_ceil(mr);
+    // Few rows on a prepacked B: walked micro-panel by micro-panel (see below).
+    let sequential = matches!(b, BSrc::Packed(_)) && panels <= SMALL_PANELS;
     // Stripes: at most NC_MAX columns, at least 2 per thread when n allows, multiples of NR.
     let threads = rayon::current_num_threads().max(1);
     let nc = n
@@ -126,34 +128,16 @@ pub(super) unsafe fn run_packed<K: Kernel>(
         // micro-panel order, once the stripe's few rows are done). k = 0 has no k-block: C is
         // set here.
         let zero_start = !opts.accumulate && ksteps > 0;
-        let biased = opts.bias_m.is_some() || opts.bias_n.is_some();
-        for i in (0..m).filter(|_| ksteps == 0) {
-            let row = &mut c[i * ldc + j0..i * ldc + j0 + ncs];
+        let finish = opts.bias_m.is_some() || opts.bias_n.is_some() || opts.act != Act::None;
+        if ksteps == 0 {
+            // k = 0: C is the bias (or its old value plus the bias) alone, still activated.
             if !opts.accumulate {
-                let bm = opts.bias_m.map_or(0.0, |v| v[i]);
-                match opts.bias_n {
-                    Some(bn) => row
-                        .iter_mut()
-                        .zip(&bn[j0..j0 + ncs])
-                        .for_each(|(o, &v)| *o = v + bm),
-                    None => row.fill(bm),
-                }
-            } else {
-                let bm = opts.bias_m.map_or(0.0, |v| v[i]);
-                match opts.bias_n {
-                    Some(bn) => row
-                        .iter_mut()
-                        .zip(&bn[j0..j0 + ncs])
-                        .for_each(|(o, &v)| *o += v + bm),
-                    None if bm != 0.0 => row.iter_mut().for_each(|o| *o += bm),
-                    None => {}
+                for i in 0..m {
+                    c[i * ldc + j0..i * ldc + j0 + ncs].fill(0.0);
                 }
             }
-        }
-        if ksteps == 0 && opts.act != Act::None {
-            // k = 0: C is the bias (or its old value) alone, still activated.
-            for i in 0..m {
-                K::act(opts.act, &mut c[i * ldc + j0..i * ldc + j0 + ncs]);
+            if finish {
+                finish_rows::<K>(c, ldc, 0..m, j0, ncs, opts);
             }
         }
         let scratch_len = match b {
@@ -211,7 +195,7 @@ pub(super) unsafe fn run_packed<K: Kernel>(
                 // the weight from memory in one sequential pass; each B block serves the
                 // (at most SMALL_PANELS) A panels from L1 while it is hot, and the C tiles
                 // stay in L1 across the k-blocks.
-                BSrc::Packed(pb) if panels <= SMALL_PANELS => {
+                BSrc::Packed(pb) if sequential => {
                     for u in 0..micro {
                         for kb in 0..nkb {
                             // SAFETY: micro-panel j0/NR + u holds ksteps·NR elements from
@@ -256,7 +240,7 @@ pub(super) unsafe fn run_packed<K: Kernel>(
                             }
                             // The panel's rows are complete: bias and activation while they
                             // are in cache.
-                            if kb + 1 == nkb && (biased || opts.act != Act::None) {
+                            if kb + 1 == nkb && finish {
                                 finish_rows::<K>(c, ldc, q * mr..m.min(q * mr + mr), j0, ncs, opts);
                             }
                         }
@@ -264,11 +248,7 @@ pub(super) unsafe fn run_packed<K: Kernel>(
                 }
             }
         });
-        if matches!(b, BSrc::Packed(_))
-            && panels <= SMALL_PANELS
-            && ksteps > 0
-            && (biased || opts.act != Act::None)
-        {
+        if sequential && ksteps > 0 && finish {
             finish_rows::<K>(c, ldc, 0..m, j0, ncs, opts);
         }
     };

@@ -163,8 +163,9 @@ pub(crate) fn for_each_stripe(m: usize, n: usize, k: usize, f: impl Fn(usize, us
     }
 }
 
-/// A weight element type: f32 or bf16.
-trait Elem: Copy + Send + Sync + 'static {
+/// A weight (or cached key/value) element type: f32 or bf16, widened to f32 without a branch
+/// so the loops reading it vectorise.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// The element as f32 (exact for both types).
     fn to_f32(self) -> f32;
 }

@@ -10,25 +10,12 @@
 //! of 512) take the 256-bit `vpdpbusd` one block at a time. Up to four activation rows per pass
 //! over a weight row, as on AVX2.
 
+use super::avx2::{f16_at, hsum};
 use super::blocks::{Row, Q4_1_BYTES, Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
 
 /// Blocks per scale group: one 512-bit register of f32 scales.
 const G: usize = 16;
-
-/// The f16 at `p` as f32.
-///
-/// # Safety
-/// The CPU has avx512f; `p` is valid for 2 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: forwarded contract.
-    unsafe {
-        let bits = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-}
 
 /// Sixteen f16 at `p` as f32 lanes.
 ///
@@ -58,15 +45,6 @@ fn pair_scale(sc: __m512, j: usize) -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 fn dot256(u: __m256i, s: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s))
-}
-
-/// Sum of the 8 lanes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-fn hsum256(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
 /// [`super::scalar::dots_q8_0`] on AVX-512 VNNI.
@@ -125,8 +103,7 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
     let mut out = [0f32; R];
     for r in 0..R {
         let offset = _mm512_reduce_add_ps(off[r]) + tail_off[r];
-        out[r] =
-            _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) + hsum256(tail[r]) - 128.0 * offset;
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) + hsum(tail[r]) - 128.0 * offset;
     }
     out
 }
@@ -198,7 +175,7 @@ pub(super) unsafe fn dots_q4_1<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
     for r in 0..R {
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]))
             + _mm512_reduce_add_ps(mv[r])
-            + hsum256(tail[r])
+            + hsum(tail[r])
             + tail_mins[r];
     }
     out

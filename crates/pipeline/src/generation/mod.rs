@@ -170,12 +170,8 @@ impl GenerationModel {
         // guided images) a step is compute-bound.
         let cpu_bf16 = opts.dtype == DType::BF16 && opts.device.is_cpu();
         let head_layer = |name: &str, in_dim: usize, out_dim: usize| -> Result<Linear> {
-            let l = Linear::load(vb.pp(name), in_dim, out_dim, true).map_err(weights_err)?;
-            if !cpu_bf16 {
-                return Ok(l);
-            }
-            l.with_bf16_products(true)
-                .prepack_if_no_larger()
+            Linear::load(vb.pp(name), in_dim, out_dim, true)
+                .and_then(|l| l.packed_for_bf16_compute(cpu_bf16))
                 .map_err(weights_err)
         };
         let gen_head = GenHead {
