@@ -3,7 +3,7 @@
 //! the Janus-Pro-1B decode shapes; one JSON line per case.
 //!
 //! Run: `cargo run --release -p janus-kernels --example bench_qmatmul`
-//! (BENCH_RUNS samples, BENCH_M=1,2 row counts).
+//! (BENCH_RUNS samples, BENCH_M=1,2 row counts, BENCH_N=102400 one shape).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -83,7 +83,10 @@ fn main() -> candle_core::Result<()> {
         }
         return Ok(());
     }
-    for &(n, k) in &shapes {
+    // BENCH_N=102400: only the shapes with that many output features (the lm_head shape is
+    // the one too large for the last-level cache, so it measures DRAM streaming).
+    let only_n: Option<usize> = std::env::var("BENCH_N").ok().and_then(|s| s.parse().ok());
+    for &(n, k) in shapes.iter().filter(|s| only_n.is_none_or(|o| o == s.0)) {
         let w32: Vec<f32> = (0..n * k)
             .map(|i| (((i * 7919) % 997) as f32 - 498.0) * 1e-4)
             .collect();

@@ -24,6 +24,21 @@ pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     }
 }
 
+/// How far ahead of the quants being multiplied [`prefetch_ahead`] asks for the row's bytes.
+/// The rows of a stripe are contiguous, so the address runs on into the next row. Measured
+/// on the lm_head shape (too large for the last-level cache): 2 KiB took the 8-bit dots from
+/// 35 to 50 GB/s at one and two activation rows; 1 KiB and 4 KiB were slower.
+const PREFETCH_BYTES: usize = 2048;
+
+/// Asks for the cache line [`PREFETCH_BYTES`] past `p` (a hint: it never faults, and an
+/// address past the weight's end is harmless).
+#[inline(always)]
+pub(super) fn prefetch_ahead(p: *const u8) {
+    // SAFETY: a prefetch does not access memory architecturally; the address is only
+    // computed (wrapping), never dereferenced.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8) }
+}
+
 /// Sum of the 8 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -86,6 +101,9 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
             }
             for j in 0..8 {
                 let b = b0 + j;
+                if j % 2 == 0 {
+                    prefetch_ahead(qs.add(b * QK));
+                }
                 let qw =
                     _mm256_xor_si256(_mm256_loadu_si256(qs.add(b * QK) as *const __m256i), flip);
                 let aw = _mm256_sign_epi8(qw, qw);
@@ -145,6 +163,9 @@ pub(super) unsafe fn dots_q4_1<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
             }
             for j in 0..4 {
                 let b = b0 + 2 * j;
+                if j % 2 == 0 {
+                    prefetch_ahead(qs.add(b * (QK / 2)));
+                }
                 let v = _mm256_loadu_si256(qs.add(b * (QK / 2)) as *const __m256i);
                 let lo = _mm256_and_si256(v, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);

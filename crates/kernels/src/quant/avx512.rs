@@ -8,9 +8,9 @@
 //! `Q4_1`'s `m·s` terms); `Q4_1`'s nibbles are unsigned already, four blocks per load, and its
 //! `m·s` terms are one FMA per sixteen blocks. Leftover blocks (a `k` that is not a multiple
 //! of 512) take the 256-bit `vpdpbusd` one block at a time. Up to four activation rows per pass
-//! over a weight row, as on AVX2.
+//! over a weight row, and each cache line prefetched ahead, as on AVX2.
 
-use super::avx2::{f16_at, hsum};
+use super::avx2::{f16_at, hsum, prefetch_ahead};
 use super::blocks::{Row, Q4_1_BYTES, Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
 
@@ -76,6 +76,7 @@ pub(super) unsafe fn dots_q8_0<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
             }
             for j in 0..G / 2 {
                 let b = b0 + 2 * j;
+                prefetch_ahead(qs.add(b * QK));
                 let qw = _mm512_loadu_si512(qs.add(b * QK) as *const __m512i);
                 for r in 0..R {
                     let qx = _mm512_loadu_si512(xs[r].q.as_ptr().add(b * QK) as *const __m512i);
@@ -139,6 +140,7 @@ pub(super) unsafe fn dots_q4_1<const R: usize>(w: &[u8], xs: [Row<'_>; R]) -> [f
             }
             for j in 0..G / 4 {
                 let b = b0 + 4 * j;
+                prefetch_ahead(qs.add(b * (QK / 2)));
                 let v = _mm512_loadu_si512(qs.add(b * (QK / 2)) as *const __m512i);
                 let lo = _mm512_and_si512(v, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
