@@ -8,6 +8,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use half::bf16;
+use janus_kernels::gemm::{gemm_packed_b, BRef, GemmOpts, MatRef, PackedB, Precision};
 use janus_kernels::quant::{linear_rows_q_on, quant_paths, QFormat, QuantWeight};
 use janus_kernels::{linear_rows, Weights};
 use std::time::Instant;
@@ -53,7 +54,7 @@ fn main() -> candle_core::Result<()> {
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
     {
-        use janus_kernels::gemm::{gemm, BRef, GemmOpts, MatRef};
+        use janus_kernels::gemm::gemm;
         use janus_kernels::quant::gemm_q;
         for &(n, k) in &shapes[..3] {
             let w32: Vec<f32> = (0..n * k)
@@ -91,6 +92,12 @@ fn main() -> candle_core::Result<()> {
             .map(|i| (((i * 7919) % 997) as f32 - 498.0) * 1e-4)
             .collect();
         let wbf: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+        let bf16_opts = GemmOpts {
+            precision: Precision::Bf16,
+            ..Default::default()
+        };
+        let packed =
+            PackedB::new(BRef::Bf16(MatRef::transposed(&wbf, k, n)), Precision::Bf16).unwrap();
         let wt = Tensor::from_vec(w32, (n, k), &Device::Cpu)?;
         let mut qs = Vec::new();
         let ours: Vec<QuantWeight> = [QFormat::Q8_0, QFormat::Q4_1]
@@ -110,6 +117,18 @@ fn main() -> candle_core::Result<()> {
                 linear_rows(&xv, m, k, Weights::Bf16(&wbf), n, None, &mut out)
             });
             println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"bf16 linear_rows\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", s * 1e3, (n * k * 2) as f64 / s / 1e9);
+            // What a bf16-compute decode step runs: the weight prepacked as bf16 pairs.
+            let s = time(runs, || {
+                gemm_packed_b(
+                    MatRef::row_major(&xv, m, k),
+                    &packed,
+                    &mut out,
+                    n,
+                    &bf16_opts,
+                )
+                .unwrap()
+            });
+            println!("{{\"m\":{m},\"n\":{n},\"k\":{k},\"kind\":\"bf16 prepacked gemm\",\"ms\":{:.3},\"weight_gbps\":{:.1}}}", s * 1e3, packed.bytes() as f64 / s / 1e9);
             for q in &ours {
                 for path in quant_paths().into_iter().filter(|p| *p != "scalar") {
                     let s = time(runs, || linear_rows_q_on(path, &xv, m, q, None, &mut out));
