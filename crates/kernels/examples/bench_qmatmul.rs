@@ -47,6 +47,7 @@ fn main() -> candle_core::Result<()> {
         (11264, 2048),
         (2048, 5632),
         (102400, 2048),
+        (16384, 2048),
     ];
     // BENCH_PREFILL=128: large-M products (the GEMM on bf16 weights against the dequantizing
     // GEMM on blocks) at that many rows, instead of the decode products.

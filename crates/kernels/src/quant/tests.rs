@@ -269,3 +269,40 @@ fn stacking_and_bytes_round_trip() {
     assert_eq!(QFormat::from_name("q8_0"), Some(QFormat::Q8_0));
     assert_eq!(QFormat::from_name("q5"), None);
 }
+
+#[test]
+fn activation_blocks_are_within_half_a_step_and_keep_their_sums() {
+    // Three whole blocks and a short one, two rows.
+    let (m, k) = (2, 100);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+        .collect();
+    let xq = QRows::new(&x, m, k);
+    for r in 0..m {
+        let row = xq.row(r);
+        for b in 0..k.div_ceil(QK) {
+            let (d, q) = (row.d[b], &row.q[b * QK..(b + 1) * QK]);
+            for (i, &qi) in q.iter().enumerate() {
+                let xi = if b * QK + i < k {
+                    x[r * k + b * QK + i]
+                } else {
+                    0.0
+                };
+                assert!(
+                    (qi as f32 * d - xi).abs() <= d / 2.0 * 1.0001,
+                    "row {r} block {b} value {i}"
+                );
+            }
+            assert!(
+                q.iter().any(|&v| v.unsigned_abs() == 127),
+                "the largest maps to ±127"
+            );
+            let sum: i32 = q.iter().map(|&v| v as i32).sum();
+            assert_eq!(row.s[b], d * sum as f32);
+        }
+    }
+    // d = 1: halves round to the even neighbour.
+    let t = QRows::new(&[127.0, 2.5, -0.5, 1.5, 3.5, -2.5], 1, 6);
+    assert_eq!(t.row(0).d[0], 1.0);
+    assert_eq!(&t.row(0).q[..6], &[127, 2, 0, 2, 4, -2]);
+}
