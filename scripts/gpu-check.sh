@@ -12,6 +12,8 @@
 #            (cpu --quick: pro-1b with 2 LLM layers)
 #   bench    `janus bench --device DEV --dtype bf16 --gen-n 1,4,16` (cpu: f32, --quick 1,4),
 #            JSON out; GPU memory sampled
+#   bench_q8 optional: the same with `--weight-dtype q8` (on CUDA candle's QMatMul on GGUF
+#            Q8_0 blocks), `--gen-n 1,16`, at most 96 steps; JSON in summary.json's "bench_q8"
 #   torch    optional: torch version and CUDA availability, when python3 has torch
 #   reference  optional, when python3 has torch: DeepSeek's generation loop in PyTorch
 #            (torch_reference.py: transformers' LlamaModel if installed) on the same config,
@@ -21,7 +23,7 @@
 #
 # Env overrides: JANUS_BIN (default ./janus), PARITY_BIN (default ./parity), JANUS_FIXTURE_DIR
 # (default ./fixtures/janus-tiny, else ../tests/fixtures/janus-tiny), OUT, PRESET, LLM_LAYERS,
-# DTYPE, GEN_STEPS, GEN_N, DECODE_TOKENS, JANUS_THREADS, KEEP_MODEL=1 (keep the synthetic checkpoint),
+# DTYPE, GEN_STEPS, GEN_N, Q8_GEN_N, DECODE_TOKENS, JANUS_THREADS, KEEP_MODEL=1 (keep the synthetic checkpoint),
 # WORK_DIR (where the checkpoint goes, default $TMPDIR or /tmp), T_<STEP> (timeout in s per step).
 set -euo pipefail
 
@@ -74,6 +76,7 @@ else
   if [ "$QUICK" = 1 ]; then GEN_N="${GEN_N:-1,4}"; else GEN_N="${GEN_N:-1,4,16}"; fi
 fi
 LLM_LAYERS="${LLM_LAYERS:-}"
+Q8_GEN_N="${Q8_GEN_N:-1,16}"
 
 WORK_DIR="${WORK_DIR:-${TMPDIR:-/tmp}}"
 MODEL_DIR="$(mktemp -d "$WORK_DIR/janus-gpu-check.XXXXXX")"
@@ -206,6 +209,16 @@ if [ -f "$MODEL_DIR/model/config.json" ]; then
   if [ -n "$SAMPLER_PID" ]; then kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""; fi
   # bench prints one JSON document on stdout.
   cp "$OUT/bench.out" "$OUT/bench.json"
+  # The language model's layers as 8-bit blocks: on CUDA they go through candle's QMatMul
+  # (GGUF Q8_0, the bytes `janus quantize` writes), a path the CPU-only CI never runs.
+  qbench_cmd=("$JANUS_BIN")
+  if [ -n "${JANUS_THREADS:-}" ]; then qbench_cmd+=(--threads "$JANUS_THREADS"); fi
+  qbench_cmd+=(bench --model "$MODEL_DIR/model" --device "$DEVICE" --dtype "$DTYPE" --weight-dtype q8
+    --decode-tokens "$DECODE_TOKENS" --gen-steps "$(( GEN_STEPS < 96 ? GEN_STEPS : 96 ))" --gen-n "$Q8_GEN_N")
+  step bench_q8 420 0 "${qbench_cmd[@]}"
+  if python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$OUT/bench_q8.out" 2>/dev/null; then
+    cp "$OUT/bench_q8.out" "$OUT/bench_q8.json"
+  fi
 else
   printf 'bench\t-1\t0\tskipped: no checkpoint\n' >>"$STEPS_TSV"
   FAILED+=(bench)
@@ -266,6 +279,8 @@ if command -v python3 >/dev/null && ! python3 -c 'import json,sys; json.loads(sy
   bench_json="null"
 fi
 [ -n "$bench_json" ] || bench_json="null"
+bench_q8_json="null"
+if [ -s "$OUT/bench_q8.json" ]; then bench_q8_json="$(tr -d '\n' <"$OUT/bench_q8.json")"; fi
 {
   printf '{\n'
   printf '  "device": %s, "quick": %s, "preset": %s, "llm_layers": %s, "dtype": %s,\n' \
@@ -282,6 +297,7 @@ fi
   printf '\n  ],\n'
   printf '  "parity": %s, "parity_bf16": %s,\n' "$(json_str "${PARITY_RESULT:-}")" "$(json_str "${PARITY_BF16_RESULT:-}")"
   printf '  "bench": %s,\n' "$bench_json"
+  printf '  "bench_q8": %s,\n' "$bench_q8_json"
   printf '  "bench_peak_rss_kb": %s, "gpu_mem_peak_mib": %s,\n' "${PEAK_RSS_KB:-null}" "${GPU_MEM_PEAK_MIB:-null}"
   printf '  "torch": %s,\n' "$(json_str "$TORCH")"
   printf '  "reference": %s,\n' "$REF_JSON"
@@ -296,6 +312,7 @@ echo "================ gpu-check summary ($DEVICE, quick=$QUICK) ===============
 column -t -s $'\t' "$STEPS_TSV" 2>/dev/null || cat "$STEPS_TSV"
 echo "parity: f32 ${PARITY_RESULT:-none}; bf16 ${PARITY_BF16_RESULT:-none}"
 echo "bench:  $bench_json"
+echo "bench_q8: $bench_q8_json"
 echo "bench peak RSS: ${PEAK_RSS_KB:-?} kB; GPU memory peak: ${GPU_MEM_PEAK_MIB:-n/a} MiB"
 echo "torch:  $TORCH"
 echo "reference: $REF_JSON"
