@@ -178,14 +178,23 @@ cat "$OUT/ldd.out"
 # the build machine's path), its device from JANUS_PARITY_DEVICE and its compute dtype from
 # JANUS_PARITY_DTYPE: f32 with the fixture's tolerances, then bf16 with Tol::BF16.
 parity_threads="$(nproc)"
+# A run that matched no test (PARITY_BIN not the `pipeline` harness) must not pass as one that held.
+parity_ran() {
+  if ! grep -qE '^test result: ok\. [1-9][0-9]* passed' <<<"$2"; then
+    note "$1: no parity test passed (${2:-no test result line}): is PARITY_BIN the pipeline test harness?"
+    FAILED+=("$1: no test ran")
+  fi
+}
 step parity 300 1 env JANUS_FIXTURE_DIR="$FIXTURE" JANUS_PARITY_DEVICE="$DEVICE" JANUS_PARITY_DTYPE=f32 \
   "$PARITY_BIN" parity:: --test-threads="$parity_threads"
 PARITY_RESULT="$(grep -h '^test result:' "$OUT/parity.out" | tail -n1 || true)"
 note "parity f32: ${PARITY_RESULT:-no test result line}"
+parity_ran parity "$PARITY_RESULT"
 step parity_bf16 420 1 env JANUS_FIXTURE_DIR="$FIXTURE" JANUS_PARITY_DEVICE="$DEVICE" JANUS_PARITY_DTYPE=bf16 \
   "$PARITY_BIN" parity:: --test-threads="$parity_threads"
 PARITY_BF16_RESULT="$(grep -h '^test result:' "$OUT/parity_bf16.out" | tail -n1 || true)"
 note "parity bf16: ${PARITY_BF16_RESULT:-no test result line}"
+parity_ran parity_bf16 "$PARITY_BF16_RESULT"
 
 # ---------------------------------------------------------------- synth
 synth_args=(synth --preset "$PRESET" --tokenizer "$FIXTURE/model/tokenizer.json" --out "$MODEL_DIR/model")
