@@ -141,7 +141,7 @@ fn float_cases() -> Vec<Case> {
     let ok_temperature = |v: f32| v.is_finite() && v >= 0.0;
     let ok_top_p = |v: f32| v > 0.0 && v <= 1.0;
     let ok_penalty = |v: f32| v.is_finite() && v > 0.0;
-    let ok_cfg = |v: f32| v.is_finite() && v >= 0.0 && v <= 1000.0;
+    let ok_cfg = |v: f32| v.is_finite() && (0.0..=1000.0).contains(&v);
     for (label, v) in FLOATS {
         let expect = |ok: bool, field: &str, contains: &'static str| {
             if ok {

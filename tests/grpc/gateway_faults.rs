@@ -4,6 +4,9 @@
 //! 127.0.0.2 / 127.0.0.3 with the tiny checkpoint; the gateway runs in-process. Every wait is
 //! bounded; nothing asserts on wall-clock thresholds (the measured times are printed).
 
+// Every test holds `serial()`'s guard across its awaits on purpose (see `serial`).
+#![allow(clippy::await_holding_lock)]
+
 use crate::common::*;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -29,6 +32,8 @@ const ENDLESS: u32 = 16_000;
 /// The tests of this file share the two loopback addresses and the CPU: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Each caller holds the guard for its whole body, awaits included: that is the point (the
+/// tests share loopback addresses), hence this file's `await_holding_lock` allowance.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -497,7 +497,7 @@ fn generation_matches_reference() {
                 "{case}: {disagreements} argmax disagreements (all within the {} margin rule)",
                 tol.margin
             );
-            let decoded = model.decode_raw(&[tokens.clone()]).unwrap();
+            let decoded = model.decode_raw(std::slice::from_ref(&tokens)).unwrap();
             assert_close(
                 &format!("{case}.decoded"),
                 &decoded,

@@ -355,9 +355,9 @@ impl Encoder {
         in_mult.extend(&cfg.ch_mult);
         let mut levels = Vec::with_capacity(n);
         let mut block_in = cfg.ch;
-        for i in 0..n {
+        for (i, &mult_in) in in_mult.iter().enumerate().take(n) {
             let lvb = vb.pp(format!("conv_blocks.{i}"));
-            block_in = cfg.ch * in_mult[i];
+            block_in = cfg.ch * mult_in;
             let block_out = cfg.ch * cfg.ch_mult[i];
             let mut res = Vec::new();
             let mut attn = Vec::new();

@@ -136,9 +136,12 @@ pub struct TlsFiles {
     pub client_ca: Option<std::path::PathBuf>,
 }
 
+/// PEM bytes of a certificate chain, its private key and an optional client CA.
+pub type Pems = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+
 impl TlsFiles {
     /// The certificate chain, key and client CA as PEM bytes (checked to be PEM).
-    pub fn read(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)> {
+    pub fn read(&self) -> anyhow::Result<Pems> {
         Ok((
             read(&self.cert, "certificate")?,
             read(&self.key, "private key")?,

@@ -271,8 +271,8 @@ fn vq_specs(c: &JanusConfig, out: &mut Vec<(String, Vec<usize>, Fill)>) {
     let mut in_mult = vec![1];
     in_mult.extend(&q.ch_mult);
     let mut block_in = q.ch;
-    for lvl in 0..n {
-        block_in = q.ch * in_mult[lvl];
+    for (lvl, &mult_in) in in_mult.iter().enumerate().take(n) {
+        block_in = q.ch * mult_in;
         let block_out = q.ch * q.ch_mult[lvl];
         for j in 0..q.num_res_blocks {
             res(
