@@ -166,7 +166,7 @@ pub(crate) fn dequantize_row_q4_1(row: &[u8], out: &mut [f32]) {
 }
 
 /// Activation rows as 8-bit blocks (ggml's `Q8_1` without its packing): per row and block of
-/// 32, `d = max|x| / 127`, `q = round(x / d)`, and `s = d · Σq` (the block's sum, for the `m`
+/// 32, `d = max|x| / 127`, `q = x / d` rounded (ties to even), and `s = d · Σq` (the block's sum, for the `m`
 /// term of `Q4_1` and the offset of `Q8_0`'s quants). Rows are padded with zeros to whole
 /// blocks.
 #[derive(Debug, Default)]
