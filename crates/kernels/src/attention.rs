@@ -8,6 +8,7 @@
 use crate::cpu::multiversion;
 use crate::gemm::{gemm, BRef, GemmOpts, MatRef, Precision};
 use crate::gemv::Elem;
+use crate::stream;
 use crate::sync::{with_f32_scratch, SendPtr};
 use half::bf16;
 use rayon::prelude::*;
@@ -79,28 +80,18 @@ impl<'a> Kv<'a> {
         }
     }
 
-    /// Asks for the `n` elements [`PREFETCH_BYTES`] past element `at` to be brought into the
-    /// cache, so a pass over rows one after another finds them there (a hint: nothing is read,
-    /// and nothing is asked for past the slice's end).
+    /// Asks for the `n` elements [`stream::AHEAD`] bytes past element `at` to be brought into
+    /// the cache, so a pass over rows one after another finds them there (a hint).
     #[inline(always)]
     fn prefetch_ahead(self, at: usize, n: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let (p, size, len) = match self {
-                Kv::F32(x) => (x.as_ptr() as *const u8, 4, x.len()),
-                Kv::Bf16(x) => (x.as_ptr() as *const u8, 2, x.len()),
-            };
-            let start = at * size + PREFETCH_BYTES;
-            if start + n * size <= len * size {
-                for line in (0..n * size).step_by(64) {
-                    // SAFETY: inside the slice (checked above); a prefetch reads nothing.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(start + line) as *const i8) };
-                }
-            }
+        let (p, size) = match self {
+            Kv::F32(x) => (x.as_ptr() as *const u8, 4),
+            Kv::Bf16(x) => (x.as_ptr() as *const u8, 2),
+        };
+        let row = p.wrapping_add(at * size);
+        for line in (0..n * size).step_by(64) {
+            stream::prefetch_ahead(row.wrapping_add(line));
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (at, n);
     }
 
     /// `acc[d] += p · self[at + d]`.
@@ -366,12 +357,6 @@ fn strided(data: &[f32], rows: usize, cols: usize, rs: usize) -> MatRef<'_, f32>
         cs: 1,
     }
 }
-
-/// How far ahead of the key or value row being read the decode path asks for the cache's
-/// bytes: a decode step's cache comes from memory, and the hardware prefetcher alone left the
-/// pass at 27–35 GB/s; 2 KiB ahead measured 37–50 (`bench_attention`, 24 layers of 16 heads
-/// of 128 at 700 and 2048 positions), as it did for the quantized weights.
-const PREFETCH_BYTES: usize = 2048;
 
 /// Queries per head up to which the decode-shaped path is used.
 const SMALL_Q: usize = 4;

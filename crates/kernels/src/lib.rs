@@ -25,6 +25,7 @@ pub mod gemm;
 mod gemv;
 mod math;
 pub mod quant;
+mod stream;
 mod sync;
 #[cfg(test)]
 mod test_util;

@@ -8,6 +8,7 @@
 //! consecutive FMAs do not wait on each other.
 
 use super::blocks::{Row, Q4_1_BYTES, Q8_0_BYTES, Q8_0_FLIP, QK};
+use crate::stream::prefetch_ahead;
 use std::arch::x86_64::*;
 
 /// The f16 at `p` as f32.
@@ -22,21 +23,6 @@ pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
         let bits = (p as *const u16).read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
-}
-
-/// How far ahead of the quants being multiplied [`prefetch_ahead`] asks for the row's bytes.
-/// The rows of a stripe are contiguous, so the address runs on into the next row. Measured
-/// on the lm_head shape (too large for the last-level cache): 2 KiB took the 8-bit dots from
-/// 35 to 50 GB/s at one and two activation rows; 1 KiB and 4 KiB were slower.
-const PREFETCH_BYTES: usize = 2048;
-
-/// Asks for the cache line [`PREFETCH_BYTES`] past `p` (a hint: it never faults, and an
-/// address past the weight's end is harmless).
-#[inline(always)]
-pub(super) fn prefetch_ahead(p: *const u8) {
-    // SAFETY: a prefetch does not access memory architecturally; the address is only
-    // computed (wrapping), never dereferenced.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8) }
 }
 
 /// Sum of the 8 lanes.

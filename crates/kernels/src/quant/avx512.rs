@@ -10,8 +10,9 @@
 //! of 512) take the 256-bit `vpdpbusd` one block at a time. Up to four activation rows per pass
 //! over a weight row, and each cache line prefetched ahead, as on AVX2.
 
-use super::avx2::{f16_at, hsum, prefetch_ahead};
+use super::avx2::{f16_at, hsum};
 use super::blocks::{Row, Q4_1_BYTES, Q8_0_BYTES, QK};
+use crate::stream::prefetch_ahead;
 use std::arch::x86_64::*;
 
 /// Blocks per scale group: one 512-bit register of f32 scales.

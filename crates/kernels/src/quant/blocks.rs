@@ -166,9 +166,9 @@ pub(crate) fn dequantize_row_q4_1(row: &[u8], out: &mut [f32]) {
 }
 
 /// Activation rows as 8-bit blocks (ggml's `Q8_1` without its packing): per row and block of
-/// 32, `d = max|x| / 127`, `q = x / d` rounded (ties to even), and `s = d · Σq` (the block's sum, for the `m`
-/// term of `Q4_1` and the offset of `Q8_0`'s quants). Rows are padded with zeros to whole
-/// blocks.
+/// 32, `d = max|x| / 127`, `q = x / d` rounded (ties to even), and `s = d · Σq` (the block's
+/// sum, for the `m` term of `Q4_1` and the offset of `Q8_0`'s quants). Rows are padded with
+/// zeros to whole blocks.
 #[derive(Debug, Default)]
 pub(crate) struct QRows {
     /// `m × nb · 32` quantized values.
@@ -240,9 +240,9 @@ fn quantize_x_row_body(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
         const ROUND: f32 = 12_582_912.0;
         let mut sum = 0i32;
         for (v, &xv) in qb.iter_mut().zip(xb) {
-            let r = (xv * id + ROUND) - ROUND;
-            *v = r as i32 as i8;
-            sum += r as i32;
+            let qi = ((xv * id + ROUND) - ROUND) as i32;
+            *v = qi as i8;
+            sum += qi;
         }
         *db = dv;
         *sb = dv * sum as f32;
