@@ -294,6 +294,39 @@ async fn generation_steps_continue_while_pixels_are_made() {
     assert!(previews > 0 && previews <= 4 * side, "{previews} previews");
 }
 
+/// The decode worker decodes a final image beside the model's steps on its own one-thread pool,
+/// and one whose decode starts while the model thread is idle on the model's whole pool: the
+/// pixels do not depend on which. A and B ask for the same greedy image; A finishes while B is
+/// still stepping (beside), B finishes last (the engine idle), and their PNGs are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_images_are_the_same_beside_the_steps_and_on_the_idle_pool() {
+    let engine = gen_engine(GenerationConfig::default());
+    let input = || gen_input("a red apple", 1, OutputFormat::Png, 0);
+    async fn image(mut rx: mpsc::Receiver<janus_engine::Result<GenerateEvent>>) -> Vec<u8> {
+        let mut png = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            if let GenerateEvent::Image { data, .. } = ev.unwrap() {
+                png = data;
+            }
+        }
+        png
+    }
+    let mut a_rx = submit_g(&engine, input());
+    // B starts when A is a third of the way through, so it is still stepping when A finishes.
+    let mut a_steps = 0;
+    while a_steps < engine.model().image_tokens() / 3 {
+        if let GenerateEvent::Progress { .. } = a_rx.recv().await.unwrap().unwrap() {
+            a_steps += 1;
+        }
+    }
+    let b = tokio::spawn(image(submit_g(&engine, input())));
+    let a = image(a_rx).await;
+    let b = b.await.unwrap();
+    assert!(!a.is_empty());
+    assert!(a == b, "the image decoded on the idle pool differs from the one beside the steps");
+    assert_eq!(engine.stats().completed, 2);
+}
+
 /// A client that goes away while its images are being decoded: the decode stops (the request is
 /// counted cancelled, not completed) and the worker is free for the next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,7 +33,9 @@ pub struct GenerationConfig {
     /// Finished requests whose images may wait for the decode worker; while this many wait, no
     /// new request is admitted (their pixels are decoded one request at a time).
     pub max_decode_queue: usize,
-    /// Threads of the decode worker's own pool (it runs beside the model thread).
+    /// Threads of the decode worker's own pool, for previews and final images decoded beside
+    /// the model's steps; a final image decoded while the model thread has nothing to run uses
+    /// the model's pool instead.
     pub decode_threads: usize,
     /// Told the rows of every batched forward (prefill, step; a CFG pair counts as two).
     pub step_observer: Option<StepObserver>,

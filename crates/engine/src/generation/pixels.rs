@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use janus_pipeline::generation::GenerationModel;
 use janus_vq::image_buf::Rgb8;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -40,39 +40,43 @@ pub(super) struct PixelQueue {
     ready: Condvar,
     /// Finished requests queued or being decoded.
     finals: AtomicUsize,
+    /// Whether the model thread has requests to run (set by it before it hands over finals).
+    model_busy: AtomicBool,
 }
 
 impl PixelQueue {
-    /// Starts the decode worker thread (with its own rayon pool of `decode_threads`) and
-    /// returns the queue the engine thread fills. Without a thread the queue is closed.
+    /// Starts the decode worker thread (with its own rayon pool of `decode_threads` for work
+    /// beside the model's steps) and returns the queue the engine thread fills. Without a
+    /// thread the queue is closed.
     pub(super) fn spawn_worker(
         model: &Arc<GenerationModel>,
         control: &Arc<Control<Work>>,
         config: &GenerationConfig,
     ) -> Arc<Self> {
         let pixels = Arc::new(PixelQueue::default());
-        let worker = PixelWorker {
-            model: model.clone(),
-            control: control.clone(),
-            queue: pixels.clone(),
-            config: config.clone(),
-            preview_spent: HashMap::new(),
-        };
+        let (model, control, queue, config) =
+            (model.clone(), control.clone(), pixels.clone(), config.clone());
         let threads = config.decode_threads.max(1);
         let spawned = std::thread::Builder::new()
             .name("janus-pixels".into())
             .spawn(move || {
-                match rayon::ThreadPoolBuilder::new()
+                let beside = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .thread_name(|i| format!("janus-pixels-{i}"))
                     .build()
-                {
-                    Ok(pool) => pool.install(|| worker.run()),
-                    Err(e) => {
-                        tracing::warn!("decode worker pool: {e}; using the global pool");
-                        worker.run()
-                    }
+                    .inspect_err(|e| {
+                        tracing::warn!("decode worker pool: {e}; using the global pool")
+                    })
+                    .ok();
+                PixelWorker {
+                    model,
+                    control,
+                    queue,
+                    config,
+                    beside,
+                    preview_spent: HashMap::new(),
                 }
+                .run()
             });
         if let Err(e) = spawned {
             tracing::error!("cannot spawn the decode worker: {e}");
@@ -87,6 +91,13 @@ impl PixelQueue {
 
     pub(super) fn finals(&self) -> usize {
         self.finals.load(Ordering::Relaxed)
+    }
+
+    /// Tells the decode worker whether the model thread has requests to run (running or being
+    /// prefilled): while it has none, final images are decoded on the model's pool, with all
+    /// of its threads, instead of beside the steps.
+    pub(super) fn set_model_busy(&self, busy: bool) {
+        self.model_busy.store(busy, Ordering::Relaxed);
     }
 
     pub(super) fn preview(&self, id: u64, task: PreviewTask) {
@@ -121,11 +132,22 @@ enum PixelWork {
 /// Turns tokens into pixels off the model thread: cheap previews first (latest wins), then
 /// finished requests one at a time, their decode stopped between decoder blocks when the
 /// client leaves or the deadline passes.
+///
+/// Beside the model's steps the worker runs on its own small pool (`decode_threads`), so a
+/// decode takes what the steps leave of the cores rather than queueing its tasks among theirs.
+/// A final image whose decode starts while the model thread has nothing to run (the last
+/// requests of a burst finish together, or a lone request) runs on the model's pool instead,
+/// with every core: at the end of a burst of eight the decodes then no longer run one thread
+/// wide while the other cores wait. A request admitted meanwhile shares the pool for at most
+/// the rest of that image's decode.
 struct PixelWorker {
     model: Arc<GenerationModel>,
     control: Arc<Control<Work>>,
     queue: Arc<PixelQueue>,
     config: GenerationConfig,
+    /// The pool for work beside the model's steps (`None`: the pool could not be built, and
+    /// everything runs on the model's pool).
+    beside: Option<rayon::ThreadPool>,
     /// Time spent on each request's previews, reported in its final timings.
     preview_spent: HashMap<u64, Duration>,
 }
@@ -154,10 +176,21 @@ impl PixelWorker {
         }
     }
 
+    /// Runs `f` on the worker's own pool, or with `shared` on the model's (global) pool.
+    fn on_pool<R: Send>(&self, shared: bool, f: impl FnOnce() -> R + Send) -> R {
+        match &self.beside {
+            Some(pool) if !shared => pool.install(f),
+            _ => f(),
+        }
+    }
+
     fn run(mut self) {
         // Ready for the first preview before any request asks for one.
         let model = self.model.clone();
-        if let Err(e) = guarded("preview calibration", || model.calibrate_previews()) {
+        let calibrated = self.on_pool(false, || {
+            guarded("preview calibration", || model.calibrate_previews())
+        });
+        if let Err(e) = calibrated {
             tracing::warn!("preview calibration failed: {e}");
         }
         while let Some(work) = self.next() {
@@ -180,7 +213,8 @@ impl PixelWorker {
         let size = self.config.preview_size;
         for (index, tokens) in task.tokens.iter().enumerate() {
             let model = self.model.clone();
-            let png = guarded("preview", || model.preview(tokens, size))
+            let png = self
+                .on_pool(false, || guarded("preview", || model.preview(tokens, size)))
                 .and_then(|img| encode::png(img.width, img.height, &img.data));
             match png {
                 Ok(png) => {
@@ -224,7 +258,10 @@ impl PixelWorker {
             // Stops between decoder blocks: client gone, deadline passed (the error is sent)
             // or shutdown.
             let stop = || control.aborted() || out.check(Instant::now()).is_some();
-            let decoded = guarded("VQ decode", || model.decode_until(&tokens, &stop));
+            let shared = !self.queue.model_busy.load(Ordering::Relaxed);
+            let decoded = self.on_pool(shared, || {
+                guarded("VQ decode", || model.decode_until(&tokens, &stop))
+            });
             job.timings.vq_decode = t.elapsed();
             job.out.end_phase(None);
             match decoded {

@@ -68,6 +68,12 @@ impl Runner {
         &self.control.stats
     }
 
+    /// Tells the decode worker whether this thread has requests to run.
+    fn tell_busy(&self) {
+        self.pixels
+            .set_model_busy(!self.jobs.is_empty() || !self.waiting.is_empty());
+    }
+
     /// One job left the running set (before its last event is sent).
     fn leave(&self) {
         self.stats().active.fetch_sub(1, Ordering::Relaxed);
@@ -130,8 +136,10 @@ impl Runner {
             for w in items {
                 self.admit(w);
             }
+            self.tell_busy();
             self.step();
             self.prefill_some();
+            self.tell_busy();
             if live == 0 && free == 0 {
                 // Only the decode worker has work: do not spin.
                 std::thread::sleep(Duration::from_millis(5));
@@ -330,11 +338,16 @@ impl Runner {
                 }
             }
         }
-        // Requests that finished in this step go to the decode worker.
-        for f in self.batch.take_finished() {
-            let Some(mut j) = self.jobs.remove(&f.id) else {
-                continue;
-            };
+        // Requests that finished in this step go to the decode worker, told first whether
+        // this thread still has requests (all of a burst may finish in the same step).
+        let finished: Vec<_> = self
+            .batch
+            .take_finished()
+            .into_iter()
+            .filter_map(|f| self.jobs.remove(&f.id).map(|j| (f, j)))
+            .collect();
+        self.tell_busy();
+        for (f, mut j) in finished {
             j.timings.decode = j.decode_started.elapsed();
             // `generate_steps` ends; the VQ decode is the request's next span.
             let images = f.tokens.len();
