@@ -179,6 +179,7 @@ fn main() {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
     }
+    janus_model_service::threads::name_math_threads();
     if let Err(e) = run(cli.command) {
         eprintln!("error: {e:#}");
         std::process::exit(exit_code(&e));

@@ -210,6 +210,18 @@ fn serve_and_the_client_commands() {
     generate_one(s, &["--temperature", "0"]);
     let dir = tempfile::tempdir().unwrap();
 
+    // The tensor-math threads carry their own name, not the async runtime's (`top -H`, `perf`).
+    let tasks = format!("/proc/{}/task", server.child.id());
+    let names: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("janus-math-")),
+        "no janus-math-N thread among {names:?}"
+    );
+
     // Exit codes: invalid request 2 (from the server, and a local file problem).
     let out = janus(&["generate", "--server", s, "-n", "17", "x"], &[]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);

@@ -15,6 +15,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() {
+    janus_model_service::threads::name_math_threads();
     // Inside the runtime (`#[tokio::main]`): the OTLP exporter is a tonic client.
     let _telemetry = janus_service::init_telemetry("janus-generation");
     if let Err(e) = janus_generation::run(Cli::parse().args).await {
