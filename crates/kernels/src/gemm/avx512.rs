@@ -118,11 +118,12 @@ const C_PREFETCH_STEPS: usize = 96;
 /// Bytes ahead of the B step being multiplied at which the kernels ask for B's lines (the
 /// step's two lines each step). With few rows on a prepacked weight (a batched generation
 /// step: 16–32 rows) B streams from memory while the kernel is busy with its products, and
-/// the hardware prefetcher alone leaves that pass at half the memory's rate: on a Zen 5 pair
-/// of cores at the Janus-Pro-1B layer shapes (`bench_rows`, distances interleaved in one
-/// process, medians of 15), bf16 products at 16 rows went from 381–400 to 646–685 GFLOP/s
-/// with 8 KiB (512 B: 467–502; 4 KiB: 572–617; 16 KiB: 602–719), f32 at 16 rows from 251–260
-/// to 362–381; 1–4 rows and the 698-row prefill were unchanged within the noise.
+/// the hardware prefetcher alone leaves that pass at half the memory's rate. On a Zen 5 pair
+/// of cores at the Janus-Pro-1B layer shapes (distances interleaved in one process by a
+/// temporary build, medians of 15; docs/benchmarks.md, "Batched generation steps"), bf16
+/// products at 16 rows went from 381–400 to 646–685 GFLOP/s with 8 KiB (512 B: 467–502;
+/// 4 KiB: 572–617; 16 KiB: 602–719), f32 at 16 rows from 251–260 to 362–381; 1–4 rows and
+/// the 698-row prefill were unchanged within the noise.
 const B_AHEAD: usize = 8192;
 
 /// Asks for the two lines of the 128-byte B step [`B_AHEAD`] bytes past `b`.
