@@ -323,7 +323,10 @@ async fn final_images_are_the_same_beside_the_steps_and_on_the_idle_pool() {
     let a = image(a_rx).await;
     let b = b.await.unwrap();
     assert!(!a.is_empty());
-    assert!(a == b, "the image decoded on the idle pool differs from the one beside the steps");
+    assert!(
+        a == b,
+        "the image decoded on the idle pool differs from the one beside the steps"
+    );
     assert_eq!(engine.stats().completed, 2);
 }
 

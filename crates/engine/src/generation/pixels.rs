@@ -54,8 +54,12 @@ impl PixelQueue {
         config: &GenerationConfig,
     ) -> Arc<Self> {
         let pixels = Arc::new(PixelQueue::default());
-        let (model, control, queue, config) =
-            (model.clone(), control.clone(), pixels.clone(), config.clone());
+        let (model, control, queue, config) = (
+            model.clone(),
+            control.clone(),
+            pixels.clone(),
+            config.clone(),
+        );
         let threads = config.decode_threads.max(1);
         let spawned = std::thread::Builder::new()
             .name("janus-pixels".into())
