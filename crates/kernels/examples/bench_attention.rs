@@ -9,19 +9,15 @@ use half::bf16;
 use janus_kernels::attention::{attention, AttnShape, Kv};
 use std::time::Instant;
 
+mod common;
+
 const HEADS: usize = 16;
 const DIM: usize = 128;
 const LAYERS: usize = 24;
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
-    let lens: Vec<usize> = std::env::var("BENCH_KV")
-        .ok()
-        .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![100, 700, 2048]);
+    let runs = common::env_usize("BENCH_RUNS").unwrap_or(15);
+    let lens = common::env_list("BENCH_KV", &[100, 700, 2048]);
     for &t in &lens {
         let n = HEADS * t * DIM;
         let gen = |seed: usize| -> Vec<f32> {
@@ -60,8 +56,7 @@ fn main() {
                     samples.push(start.elapsed().as_secs_f64());
                 }
             }
-            samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let s = samples[samples.len() / 2];
+            let s = common::median(samples);
             println!(
                 "{{\"kv_len\":{t},\"cache\":\"{name}\",\"layers\":{LAYERS},\"ms\":{:.3},\"cache_gbps\":{:.1}}}",
                 s * 1e3,

@@ -9,10 +9,8 @@ use half::bf16;
 use janus_kernels::{linear_rows, linear_rows_on, simd_level, Weights};
 use std::time::Instant;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+mod common;
+use common::median;
 
 /// `linear_rows` without bias, or the forced path when one is named.
 fn lin(
@@ -34,15 +32,9 @@ fn lin(
 }
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let runs = common::env_usize("BENCH_RUNS").unwrap_or(20);
     // BENCH_M="1,2" narrows the row counts while iterating on one case.
-    let ms: Vec<usize> = std::env::var("BENCH_M")
-        .ok()
-        .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 2, 8, 16, 32]);
+    let ms = common::env_list("BENCH_M", &[1, 2, 8, 16, 32]);
     let shapes = [
         (2048usize, 2048usize),
         (5632, 2048),

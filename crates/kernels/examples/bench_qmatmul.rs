@@ -13,10 +13,8 @@ use janus_kernels::quant::{linear_rows_q_on, quant_paths, QFormat, QuantWeight};
 use janus_kernels::{linear_rows, Weights};
 use std::time::Instant;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+mod common;
+use common::median;
 
 fn time(runs: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..3 {
@@ -34,14 +32,8 @@ fn time(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    let ms: Vec<usize> = std::env::var("BENCH_M")
-        .ok()
-        .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 2, 16]);
+    let runs = common::env_usize("BENCH_RUNS").unwrap_or(20);
+    let ms = common::env_list("BENCH_M", &[1, 2, 16]);
     let shapes = [
         (6144usize, 2048usize),
         (11264, 2048),
@@ -51,10 +43,7 @@ fn main() -> candle_core::Result<()> {
     ];
     // BENCH_PREFILL=128: large-M products (the GEMM on bf16 weights against the dequantizing
     // GEMM on blocks) at that many rows, instead of the decode products.
-    if let Some(m) = std::env::var("BENCH_PREFILL")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-    {
+    if let Some(m) = common::env_usize("BENCH_PREFILL") {
         use janus_kernels::gemm::gemm;
         use janus_kernels::quant::gemm_q;
         for &(n, k) in &shapes[..3] {
@@ -87,7 +76,7 @@ fn main() -> candle_core::Result<()> {
     }
     // BENCH_N=102400: only the shapes with that many output features (the lm_head shape is
     // the one too large for the last-level cache, so it measures DRAM streaming).
-    let only_n: Option<usize> = std::env::var("BENCH_N").ok().and_then(|s| s.parse().ok());
+    let only_n = common::env_usize("BENCH_N");
     for &(n, k) in shapes.iter().filter(|s| only_n.is_none_or(|o| o == s.0)) {
         let w32: Vec<f32> = (0..n * k)
             .map(|i| (((i * 7919) % 997) as f32 - 498.0) * 1e-4)
